@@ -1,0 +1,32 @@
+# Set-up and entry points. `make run` and `make test` work on a fresh machine with only Python:
+# they create .venv, install torch when it is missing (pinned to 2.13.0, whose CPU wheel is on
+# this project's build machines; elsewhere pip takes the matching wheel from PyPI), then the package.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install install-test run test lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+install: $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e .
+
+install-test: install
+	$(PY) -m pip install --quiet -e ".[test]"
+
+run: install
+	$(VENV)/bin/pyro-ldvae fit -o pbmc68k_ldvae.h5ad --overwrite
+
+test: install-test
+	$(PY) -m pytest -q
+
+lint: install-test
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info

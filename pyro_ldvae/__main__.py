@@ -1,0 +1,7 @@
+"""``python -m pyro_ldvae`` runs the ``pyro-ldvae`` command (also under torchrun)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

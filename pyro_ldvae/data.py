@@ -1,0 +1,221 @@
+"""From AnnData to minibatches: the registry written by ``setup_anndata`` and the cell source.
+
+The registry records which layer holds the counts and which ``obs`` columns are batch, labels
+and covariates, with their category order, so that new AnnData objects (a held-out split, a
+query dataset) are encoded exactly as the training data were. It is stored as a JSON string in
+``adata.uns['_pyro_ldvae_setup']`` so that it survives ``write_h5ad``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+
+from .module import Minibatch
+
+logger = logging.getLogger(__name__)
+
+SETUP_KEY = "_pyro_ldvae_setup"
+
+
+@dataclass
+class Registry:
+    """What ``setup_anndata`` registered: keys, category orders and sizes."""
+
+    layer: str | None = None
+    batch_key: str | None = None
+    labels_key: str | None = None
+    categorical_covariate_keys: list[str] = field(default_factory=list)
+    continuous_covariate_keys: list[str] = field(default_factory=list)
+    batch_categories: list[str] = field(default_factory=lambda: ["0"])
+    label_categories: list[str] = field(default_factory=lambda: ["0"])
+    covariate_categories: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def n_batch(self) -> int:
+        return len(self.batch_categories)
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.label_categories)
+
+    @property
+    def n_cats_per_cov(self) -> list[int]:
+        return [len(self.covariate_categories[k]) for k in self.categorical_covariate_keys]
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, text: str) -> Registry:
+        return cls(**json.loads(text))
+
+
+def _categories(column: pd.Series, key: str) -> list[str]:
+    if column.isna().any():
+        raise ValueError(
+            f"obs[{key!r}] has {int(column.isna().sum())} missing values; fill them (for example with "
+            f"adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)) or drop those cells before setup_anndata."
+        )
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        present = set(column.astype(str))
+        return [str(c) for c in column.cat.categories if str(c) in present]
+    return sorted(set(column.astype(str)))
+
+
+def _obs_column(adata: AnnData, key: str, role: str) -> pd.Series:
+    if key not in adata.obs.columns:
+        raise ValueError(f"{role} {key!r} is not a column of adata.obs; available columns: {list(adata.obs.columns)}.")
+    return adata.obs[key]
+
+
+def register(
+    adata: AnnData,
+    layer: str | None = None,
+    batch_key: str | None = None,
+    labels_key: str | None = None,
+    categorical_covariate_keys: list[str] | None = None,
+    continuous_covariate_keys: list[str] | None = None,
+) -> Registry:
+    """Check the keys, record category orders and write the registry into ``adata.uns``."""
+    if layer is not None and layer not in adata.layers:
+        raise ValueError(f"layer {layer!r} is not in adata.layers; available layers: {list(adata.layers.keys())}.")
+    registry = Registry(
+        layer=layer,
+        batch_key=batch_key,
+        labels_key=labels_key,
+        categorical_covariate_keys=list(categorical_covariate_keys or []),
+        continuous_covariate_keys=list(continuous_covariate_keys or []),
+    )
+    if batch_key is not None:
+        registry.batch_categories = _categories(_obs_column(adata, batch_key, "batch_key"), batch_key)
+    if labels_key is not None:
+        registry.label_categories = _categories(_obs_column(adata, labels_key, "labels_key"), labels_key)
+    for key in registry.categorical_covariate_keys:
+        registry.covariate_categories[key] = _categories(_obs_column(adata, key, "categorical covariate"), key)
+    for key in registry.continuous_covariate_keys:
+        column = _obs_column(adata, key, "continuous covariate")
+        if not pd.api.types.is_numeric_dtype(column):
+            raise ValueError(f"continuous covariate obs[{key!r}] is not numeric (dtype {column.dtype}); pass it as a categorical covariate.")
+        if not np.isfinite(column.to_numpy(dtype=float)).all():
+            raise ValueError(f"continuous covariate obs[{key!r}] has NaN or infinite values; fill or drop them.")
+    adata.uns[SETUP_KEY] = registry.to_json()
+    return registry
+
+
+def get_registry(adata: AnnData) -> Registry:
+    if SETUP_KEY not in adata.uns:
+        raise ValueError("This AnnData is not set up: call LinearSCVI.setup_anndata(adata, ...) first.")
+    return Registry.from_json(adata.uns[SETUP_KEY])
+
+
+def get_counts(adata: AnnData, layer: str | None):
+    """The registered count matrix (X or a layer), as stored: sparse stays sparse."""
+    if layer is None:
+        return adata.X
+    if layer not in adata.layers:
+        raise ValueError(f"layer {layer!r} is not in adata.layers; available layers: {list(adata.layers.keys())}.")
+    return adata.layers[layer]
+
+
+def _codes(adata: AnnData, key: str | None, categories: list[str], role: str) -> np.ndarray:
+    if key is None:
+        return np.zeros(adata.n_obs, dtype=np.int64)
+    column = _obs_column(adata, key, role)
+    if column.isna().any():
+        raise ValueError(f"obs[{key!r}] has missing values; fill or drop those cells.")
+    codes = pd.Categorical(column.astype(str), categories=categories).codes.astype(np.int64)
+    if (codes < 0).any():
+        unseen = sorted(set(column.astype(str)) - set(categories))
+        raise ValueError(
+            f"obs[{key!r}] has categories the model never saw: {unseen[:5]}; the model knows {categories[:10]}."
+        )
+    return codes
+
+
+def _as_float32_rows(matrix) -> sp.csr_matrix | np.ndarray:
+    """CSR float32 for sparse input, C-contiguous float32 for dense; copies only when needed."""
+    if sp.issparse(matrix):
+        matrix = sp.csr_matrix(matrix) if not isinstance(matrix, (sp.csr_matrix, sp.csr_array)) else matrix
+        if matrix.dtype != np.float32:
+            matrix = matrix.astype(np.float32)
+        return matrix
+    return np.ascontiguousarray(np.asarray(matrix), dtype=np.float32)
+
+
+class CellData:
+    """Counts and codes of a set of cells; cuts ``Minibatch`` objects by index.
+
+    Sparse counts stay sparse: each minibatch is cut from the CSR matrix in C (scipy's row
+    fancy-indexing) and only that ``(cells, genes)`` block is densified.
+    """
+
+    def __init__(self, adata: AnnData, registry: Registry):
+        self.registry = registry
+        self.n_obs, self.n_vars = adata.n_obs, adata.n_vars
+        self.X = _as_float32_rows(get_counts(adata, registry.layer))
+        self.batch = _codes(adata, registry.batch_key, registry.batch_categories, "batch_key")
+        self.labels = _codes(adata, registry.labels_key, registry.label_categories, "labels_key")
+        self.cat_covs = (
+            np.stack(
+                [
+                    _codes(adata, k, registry.covariate_categories[k], "categorical covariate")
+                    for k in registry.categorical_covariate_keys
+                ],
+                axis=1,
+            )
+            if registry.categorical_covariate_keys
+            else None
+        )
+        self.cont_covs = (
+            adata.obs[registry.continuous_covariate_keys].to_numpy(dtype=np.float32)
+            if registry.continuous_covariate_keys
+            else None
+        )
+
+    def library_sizes(self) -> np.ndarray:
+        """Total counts per cell, ``(cells,)``."""
+        return np.asarray(self.X.sum(axis=1)).ravel()
+
+    def library_prior(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-batch mean and variance of log total counts, each ``(1, n_batch)`` (scvi-tools' rule)."""
+        n_batch = self.registry.n_batch
+        means, variances = np.zeros(n_batch), np.ones(n_batch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            log_sizes = np.log(self.library_sizes())
+        log_sizes[~np.isfinite(log_sizes)] = 0.0  # empty cells count as log 1, as scvi-tools does
+        for b in np.unique(self.batch):
+            in_batch = log_sizes[self.batch == b]
+            means[b], variances[b] = np.mean(in_batch), np.var(in_batch)
+        return means.reshape(1, -1).astype(np.float32), variances.reshape(1, -1).astype(np.float32)
+
+    def dense_rows(self, idx: np.ndarray) -> np.ndarray:
+        rows = self.X[idx]
+        return rows.toarray() if sp.issparse(rows) else rows
+
+    def minibatch(self, idx: np.ndarray, device: torch.device | str = "cpu", plate_idx: np.ndarray | None = None) -> Minibatch:
+        """The cells ``idx`` as tensors on ``device``; ``plate_idx`` (default ``idx``) indexes the plate."""
+        idx = np.asarray(idx)
+        as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a[idx])).to(device)  # noqa: E731
+        return Minibatch(
+            x=torch.from_numpy(self.dense_rows(idx)).to(device),
+            batch=as_long(self.batch),
+            labels=as_long(self.labels),
+            cat_covs=None if self.cat_covs is None else as_long(self.cat_covs),
+            cont_covs=None if self.cont_covs is None else torch.from_numpy(self.cont_covs[idx]).to(device),
+            idx=torch.from_numpy(np.arange(len(idx)) if plate_idx is None else np.asarray(plate_idx)).to(device),
+        )
+
+    def iter_minibatches(self, indices: np.ndarray, batch_size: int, device: torch.device | str = "cpu"):
+        """Consecutive minibatches over ``indices`` in order (for inference)."""
+        for start in range(0, len(indices), batch_size):
+            yield self.minibatch(indices[start : start + batch_size], device)

@@ -1,0 +1,370 @@
+"""LDVAE as a Pyro program: the generative ``model`` and the amortized ``guide``.
+
+For cell n of batch s (Svensson et al. 2020, eq. 1-4; scVI's notation):
+
+    z_n  ~ Normal(0, I)                                  (n_latent,)
+    l_n  ~ Normal(mu_s, var_s)      or l_n = log sum_g x_ng with use_observed_lib_size
+    r_n  = BN(W [f(z_n) ; c_n] + b)                      (genes,)   f = id, or softmax for 'ln'
+    rho_n = softmax(r_n);  mu_ng = exp(l_n) rho_ng
+    x_ng ~ NB(mu_ng, theta) | ZINB(mu_ng, theta, pi_ng) | Poisson(mu_ng)
+
+c_n holds the one-hot batch (when n_batch > 1), one-hot categorical covariates and continuous
+covariates; W's first n_latent columns are the loadings. The guide is
+q(z_n | x_n) q(l_n | x_n), two MLPs on log1p(x_n).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.nn import PyroModule, PyroParam
+from pyro.nn.module import to_pyro_module_
+from torch.distributions import constraints, kl_divergence
+
+from .distributions import count_likelihood
+from .nn import Encoder, LinearHead
+
+DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
+LIKELIHOODS = ("nb", "zinb", "poisson")
+LATENT_DISTRIBUTIONS = ("normal", "ln")
+
+
+@dataclass
+class Minibatch:
+    """The tensors of one minibatch of cells; what ``model`` and ``guide`` take.
+
+    x: counts ``(cells, genes)`` (None when simulating); batch, labels: ``(cells,)`` int64 codes;
+    cat_covs: ``(cells, n_cat_covs)`` int64 codes; cont_covs: ``(cells, n_cont)`` float;
+    idx: ``(cells,)`` positions of these cells in the dataset the ``cells`` plate ranges over.
+    """
+
+    x: torch.Tensor | None
+    batch: torch.Tensor
+    labels: torch.Tensor
+    cat_covs: torch.Tensor | None = None
+    cont_covs: torch.Tensor | None = None
+    idx: torch.Tensor | None = None
+
+    @property
+    def n_cells(self) -> int:
+        return self.batch.shape[0]
+
+    def with_batch(self, batch_code: int) -> Minibatch:
+        """The same cells, decoded as if they came from batch ``batch_code`` (batch correction)."""
+        return replace(self, batch=torch.full_like(self.batch, batch_code))
+
+
+def _local_params(method: Callable) -> Callable:
+    """Run with module-local Pyro params: two LDVAE objects in one session never share weights.
+
+    Applied to ``__init__`` too, because a PyroModule fixes its param mode when it is built.
+
+    With Pyro's default global param store, a re-created model silently picks up the old
+    model's values of the same name; module-local params avoid that and keep every weight an
+    ``nn.Parameter`` that torch optimizers and DistributedDataParallel see.
+    """
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with pyro.settings.context(module_local_params=True):
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
+def _pyro_method(method: Callable) -> Callable:
+    """Module-local params and an active PyroModule context, so that every param of the
+    module (theta included, not only those of called submodules) is a ``param`` site."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with pyro.settings.context(module_local_params=True), self._pyro_context:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def kl_warmup(kl_weight: float):
+    """Scale the z terms by the KL warm-up weight; a weight of 0 (scvi-tools' first epoch) masks them,
+    since ``poutine.scale`` only takes positive scales."""
+    return poutine.scale(scale=kl_weight) if kl_weight > 0 else poutine.mask(mask=False)
+
+
+class LDVAE(PyroModule):
+    """Linearly decoded VAE (Svensson et al. 2020) as a Pyro model and guide.
+
+    Arguments, names and defaults are those of ``scvi.module.LDVAE``; extras:
+    ``n_cats_per_cov`` and ``n_continuous_cov`` add covariate columns to the linear decoder.
+
+    Parameters
+    ----------
+    n_input
+        Number of genes.
+    n_batch
+        Number of batches; a one-hot batch enters the decoder when ``n_batch > 1``.
+    n_labels
+        Number of labels (needed for ``dispersion='gene-label'``).
+    n_hidden, n_layers_encoder, dropout_rate
+        Encoder width, depth and dropout.
+    n_latent
+        Number of factors.
+    dispersion
+        'gene', 'gene-batch', 'gene-label' or 'gene-cell'.
+    log_variational
+        Encode ``log1p(x)`` instead of ``x``.
+    gene_likelihood
+        'nb', 'zinb' or 'poisson'.
+    use_batch_norm, bias
+        Batch norm and bias in the linear decoder.
+    latent_distribution
+        'normal', or 'ln' (the decoder sees ``softmax(z)``).
+    use_observed_lib_size
+        Use ``log sum_g x_ng`` as the library instead of a latent variable.
+    library_log_means, library_log_vars
+        Per-batch mean and variance of log library size, shape ``(1, n_batch)`` or ``(n_batch,)``;
+        required unless ``use_observed_lib_size``.
+    """
+
+    @_local_params
+    def __init__(
+        self,
+        n_input: int,
+        n_batch: int = 0,
+        n_labels: int = 0,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers_encoder: int = 1,
+        dropout_rate: float = 0.1,
+        dispersion: str = "gene",
+        log_variational: bool = True,
+        gene_likelihood: str = "nb",
+        use_batch_norm: bool = True,
+        bias: bool = False,
+        latent_distribution: str = "normal",
+        use_observed_lib_size: bool = False,
+        library_log_means: np.ndarray | None = None,
+        library_log_vars: np.ndarray | None = None,
+        n_cats_per_cov: list[int] | None = None,
+        n_continuous_cov: int = 0,
+    ):
+        super().__init__()
+        _check_module_args(
+            n_input, n_latent, n_hidden, n_layers_encoder, dropout_rate, dispersion, gene_likelihood, latent_distribution
+        )
+        if dispersion == "gene-label" and n_labels < 1:
+            raise ValueError(
+                "dispersion='gene-label' needs labels: pass n_labels > 0 "
+                "(LinearSCVI does this for you when setup_anndata is given labels_key)."
+            )
+        if dispersion == "gene-batch" and n_batch < 1:
+            n_batch = 1  # one batch: 'gene-batch' is 'gene' with an extra axis of length one
+        self.n_input, self.n_batch, self.n_labels = n_input, n_batch, n_labels
+        self.n_latent, self.n_hidden, self.n_layers_encoder = n_latent, n_hidden, n_layers_encoder
+        self.dropout_rate, self.dispersion, self.gene_likelihood = dropout_rate, dispersion, gene_likelihood
+        self.log_variational, self.use_batch_norm, self.bias = log_variational, use_batch_norm, bias
+        self.latent_distribution = latent_distribution
+        self.use_observed_lib_size = use_observed_lib_size
+        self.n_cats_per_cov = list(n_cats_per_cov or [])
+        self.n_continuous_cov = n_continuous_cov
+        # Categories with one level carry no information and get no column, as in scvi-tools.
+        self.n_covariates = (
+            (n_batch if n_batch > 1 else 0) + sum(n for n in self.n_cats_per_cov if n > 1) + n_continuous_cov
+        )
+
+        if not use_observed_lib_size:
+            if library_log_means is None or library_log_vars is None:
+                raise ValueError(
+                    "A latent library size needs library_log_means and library_log_vars "
+                    "(per-batch mean and variance of log total counts), or use_observed_lib_size=True."
+                )
+            self.register_buffer("library_log_means", torch.as_tensor(np.asarray(library_log_means)).float().reshape(-1))
+            self.register_buffer("library_log_vars", torch.as_tensor(np.asarray(library_log_vars)).float().reshape(-1))
+        else:
+            self.register_buffer("library_log_means", torch.zeros(1))
+            self.register_buffer("library_log_vars", torch.ones(1))
+
+        # Generative parameters: the decoder heads and theta are Pyro params (module-local).
+        decoder_in = n_latent + self.n_covariates
+        decoder = torch.nn.Module()
+        decoder.factor_regressor = LinearHead(decoder_in, n_input, use_batch_norm, bias)  # the loadings W
+        if gene_likelihood == "zinb":
+            decoder.px_dropout_decoder = LinearHead(decoder_in, n_input, use_batch_norm, bias)
+        if dispersion == "gene-cell":
+            decoder.px_r_decoder = LinearHead(decoder_in, n_input, use_batch_norm, bias)
+        to_pyro_module_(decoder)
+        self.decoder = decoder
+        n_theta = {"gene": None, "gene-batch": max(n_batch, 1), "gene-label": n_labels}.get(dispersion)
+        if dispersion != "gene-cell":
+            # log theta ~ N(0, 1) at init, as scvi-tools' px_r; stored as theta, (genes,) or (n_cat, genes).
+            shape = (n_input,) if n_theta is None else (n_theta, n_input)
+            self.theta = PyroParam(torch.randn(shape).exp(), constraint=constraints.positive)
+
+        # Amortized inference networks (guide only).
+        self.z_encoder = Encoder(n_input, n_latent, n_layers_encoder, n_hidden, dropout_rate)
+        if not use_observed_lib_size:
+            self.l_encoder = Encoder(n_input, 1, 1, n_hidden, dropout_rate)
+
+    # ----------------------------------------------------------------------------------------
+    # The generative model and the guide
+    # ----------------------------------------------------------------------------------------
+    @_pyro_method
+    def model(self, mb: Minibatch, n_obs: int | None = None, kl_weight: float = 1.0) -> None:
+        """p(x, z, l) for the cells of ``mb``; the plate scales local terms by ``n_obs / cells``."""
+        with self._cells_plate(mb, n_obs):
+            with kl_warmup(kl_weight):
+                z = pyro.sample("z", dist.Normal(self._zeros(mb), 1.0).to_event(1))  # (cells, n_latent)
+            if self.use_observed_lib_size:
+                library = torch.log(mb.x.sum(-1))  # (cells,)
+            else:
+                library = pyro.sample(
+                    "library",
+                    dist.Normal(self.library_log_means[mb.batch], self.library_log_vars[mb.batch].sqrt()),
+                )
+            decoder_input = torch.cat([self.z_transform(z), self.covariate_design(mb)], dim=-1)
+            rho = F.softmax(self.decoder.factor_regressor(decoder_input), dim=-1)  # (cells, genes)
+            pyro.deterministic("rho", rho, event_dim=1)
+            mu = torch.exp(library).unsqueeze(-1) * rho
+            theta = self.inverse_dispersion(decoder_input, mb)
+            gate_logits = self.decoder.px_dropout_decoder(decoder_input) if self.gene_likelihood == "zinb" else None
+            pyro.sample("x", count_likelihood(self.gene_likelihood, mu, theta, gate_logits).to_event(1), obs=mb.x)
+
+    @_pyro_method
+    def guide(self, mb: Minibatch, n_obs: int | None = None, kl_weight: float = 1.0) -> None:
+        """q(z | x) q(l | x): Normal posteriors from MLPs on log1p(x); batch is not an input."""
+        encoder_input = torch.log1p(mb.x) if self.log_variational else mb.x
+        with self._cells_plate(mb, n_obs):
+            z_loc, z_var = self.z_encoder(encoder_input)
+            with kl_warmup(kl_weight):
+                pyro.sample("z", dist.Normal(z_loc, z_var.sqrt()).to_event(1))
+            if not self.use_observed_lib_size:
+                l_loc, l_var = self.l_encoder(encoder_input)
+                pyro.sample("library", dist.Normal(l_loc.squeeze(-1), l_var.squeeze(-1).sqrt()))
+
+    # ----------------------------------------------------------------------------------------
+    # Pieces of the model, named for what they compute
+    # ----------------------------------------------------------------------------------------
+    def _cells_plate(self, mb: Minibatch, n_obs: int | None) -> pyro.plate:
+        idx = mb.idx if mb.idx is not None else torch.arange(mb.n_cells, device=mb.batch.device)
+        return pyro.plate("cells", size=n_obs or mb.n_cells, subsample=idx, dim=-1)
+
+    def _zeros(self, mb: Minibatch) -> torch.Tensor:
+        return self.library_log_means.new_zeros(mb.n_cells, self.n_latent)
+
+    def z_transform(self, z: torch.Tensor) -> torch.Tensor:
+        """What the decoder sees of z: z itself, or softmax(z) for the logistic normal."""
+        return F.softmax(z, dim=-1) if self.latent_distribution == "ln" else z
+
+    def covariate_design(self, mb: Minibatch) -> torch.Tensor:
+        """Decoder columns after z: one-hot batch, one-hot categorical covariates, continuous ones."""
+        columns = []
+        if self.n_batch > 1:
+            columns.append(F.one_hot(mb.batch, self.n_batch))
+        for i, n_cat in enumerate(self.n_cats_per_cov):
+            if n_cat > 1:
+                columns.append(F.one_hot(mb.cat_covs[:, i], n_cat))
+        if self.n_continuous_cov:
+            columns.append(mb.cont_covs)
+        dtype = self.library_log_means.dtype
+        if not columns:
+            return self.library_log_means.new_zeros(mb.n_cells, 0)
+        return torch.cat([c.to(dtype) for c in columns], dim=-1)
+
+    def inverse_dispersion(self, decoder_input: torch.Tensor, mb: Minibatch) -> torch.Tensor | None:
+        """theta: ``(genes,)`` for 'gene', ``(cells, genes)`` otherwise; None for Poisson."""
+        if self.gene_likelihood == "poisson":
+            return None
+        if self.dispersion == "gene":
+            return self.theta
+        if self.dispersion == "gene-batch":
+            return self.theta[mb.batch]
+        if self.dispersion == "gene-label":
+            return self.theta[mb.labels]
+        return torch.exp(self.decoder.px_r_decoder(decoder_input))
+
+    # ----------------------------------------------------------------------------------------
+    # The ELBO, computed from traces of model and guide
+    # ----------------------------------------------------------------------------------------
+    def elbo(self, mb: Minibatch, n_obs: int | None = None, kl_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean-field ELBO with analytic KL where available, as ``TraceMeanField_ELBO``.
+
+        Returns ``(elbo, per_cell)``: ``elbo`` is the differentiable full-data estimate (local
+        terms scaled by ``n_obs / cells`` and the z term by ``kl_weight``); ``per_cell`` is the
+        unweighted per-cell ELBO ``log p(x|z,l) - KL_z - KL_l``, shape ``(cells,)``.
+        """
+        guide_trace = poutine.trace(self.guide).get_trace(mb, n_obs, kl_weight)
+        model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(mb, n_obs, kl_weight)
+        elbo = 0.0
+        per_cell = 0.0
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample" or site["infer"].get("_deterministic"):
+                continue
+            if site["is_observed"]:
+                term = site["fn"].log_prob(site["value"])
+            else:
+                guide_site = guide_trace.nodes[name]
+                try:
+                    term = -kl_divergence(guide_site["fn"], site["fn"])
+                except NotImplementedError:
+                    term = site["fn"].log_prob(site["value"]) - guide_site["fn"].log_prob(guide_site["value"])
+            elbo = elbo + scale_and_mask(term, site["scale"], site["mask"]).sum()
+            if any(frame.name == "cells" for frame in site["cond_indep_stack"]):
+                per_cell = per_cell + term
+        return elbo, per_cell
+
+    # ----------------------------------------------------------------------------------------
+    # Inference helpers
+    # ----------------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Posterior parameters: ``z_loc``, ``z_var`` ``(cells, n_latent)``; ``l_loc``, ``l_var`` ``(cells,)``."""
+        encoder_input = torch.log1p(x) if self.log_variational else x
+        z_loc, z_var = self.z_encoder(encoder_input)
+        out = {"z_loc": z_loc, "z_var": z_var}
+        if not self.use_observed_lib_size:
+            l_loc, l_var = self.l_encoder(encoder_input)
+            out.update(l_loc=l_loc.squeeze(-1), l_var=l_var.squeeze(-1))
+        return out
+
+    @torch.no_grad()
+    def get_loadings(self) -> np.ndarray:
+        """Loadings ``(genes, n_latent)``: ``diag(gamma / sqrt(running_var + eps)) W``, covariate columns dropped."""
+        return self.decoder.factor_regressor.folded_weight()[:, : self.n_latent].detach().cpu().numpy()
+
+    @property
+    def device(self) -> torch.device:
+        return self.library_log_means.device
+
+
+def _check_module_args(
+    n_input: int,
+    n_latent: int,
+    n_hidden: int,
+    n_layers_encoder: int,
+    dropout_rate: float,
+    dispersion: str,
+    gene_likelihood: str,
+    latent_distribution: str,
+) -> None:
+    """Reject arguments that would fail later or silently train a wrong model."""
+    for name, value in (("n_input", n_input), ("n_latent", n_latent), ("n_hidden", n_hidden)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if int(n_layers_encoder) != n_layers_encoder or n_layers_encoder < 1:
+        raise ValueError(f"n_layers_encoder (n_layers) must be a positive integer, got {n_layers_encoder!r}.")
+    if not 0 <= dropout_rate < 1:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}.")
+    for name, value, allowed in (
+        ("dispersion", dispersion, DISPERSIONS),
+        ("gene_likelihood", gene_likelihood, LIKELIHOODS),
+        ("latent_distribution", latent_distribution, LATENT_DISTRIBUTIONS),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}.")
