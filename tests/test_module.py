@@ -1,0 +1,111 @@
+"""The Pyro module: trace shapes, the ELBO against Pyro's own estimator, and parity with scvi-tools."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import TraceMeanField_ELBO
+
+from pyro_ldvae.module import LDVAE, Minibatch
+
+
+def _minibatch(n_cells: int, n_genes: int, n_batch: int, seed: int = 0) -> Minibatch:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.poisson(torch.rand(n_cells, n_genes, generator=g) * 4)
+    x[:, 0] += 1  # no empty cells
+    batch = torch.arange(n_cells) % max(n_batch, 1)
+    return Minibatch(x=x, batch=batch, labels=torch.arange(n_cells) % 3)
+
+
+def _ldvae(n_genes: int, n_batch: int = 2, **kwargs) -> LDVAE:
+    n = max(n_batch, 1)
+    kwargs = {"n_latent": 4, **kwargs}
+    return LDVAE(
+        n_genes,
+        n_batch=n_batch,
+        n_labels=3,
+        library_log_means=np.full(n, 3.0),
+        library_log_vars=np.full(n, 0.5),
+        **kwargs,
+    )
+
+
+def test_trace_shapes_model_and_guide():
+    module = _ldvae(30, gene_likelihood="zinb")
+    mb = _minibatch(16, 30, 2)
+    guide_trace = poutine.trace(module.guide).get_trace(mb, 100)
+    model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(mb, 100)
+    guide_trace.compute_log_prob()
+    model_trace.compute_log_prob()
+    assert model_trace.nodes["z"]["value"].shape == (16, 4)
+    assert model_trace.nodes["z"]["fn"].event_shape == (4,)
+    assert model_trace.nodes["library"]["value"].shape == (16,)
+    assert model_trace.nodes["x"]["fn"].event_shape == (30,)
+    assert model_trace.nodes["x"]["log_prob"].shape == (16,)
+    assert model_trace.nodes["rho"]["value"].shape == (16, 30)
+    assert torch.allclose(model_trace.nodes["rho"]["value"].sum(-1), torch.ones(16))
+    assert guide_trace.nodes["z"]["log_prob"].shape == (16,)
+    # the cells plate scales local sites by n_obs / cells
+    assert model_trace.nodes["x"]["scale"] == pytest.approx(100 / 16)
+    params = {name for name, site in model_trace.nodes.items() if site["type"] == "param"}
+    assert {"decoder.factor_regressor.linear.weight", "theta"} <= params
+
+
+def test_elbo_matches_pyro_trace_mean_field_elbo():
+    module = _ldvae(25).eval()
+    mb = _minibatch(12, 25, 2)
+    torch.manual_seed(1)
+    pyro_loss = TraceMeanField_ELBO().differentiable_loss(module.model, module.guide, mb, 50, 0.3)
+    torch.manual_seed(1)
+    elbo, per_cell = module.elbo(mb, 50, 0.3)
+    assert torch.allclose(-elbo, pyro_loss, rtol=1e-6)
+    assert per_cell.shape == (12,)
+
+
+def test_kl_weight_zero_masks_the_z_term():
+    module = _ldvae(25).eval()
+    mb = _minibatch(12, 25, 2)
+    torch.manual_seed(2)
+    elbo_zero, per_cell = module.elbo(mb, kl_weight=0.0)
+    torch.manual_seed(2)
+    elbo_one, _ = module.elbo(mb, kl_weight=1.0)
+    q = module.encode(mb.x)
+    kl_z = 0.5 * (q["z_var"] + q["z_loc"] ** 2 - 1 - q["z_var"].log()).sum()
+    assert torch.allclose(elbo_zero - elbo_one, kl_z, rtol=1e-4)
+    # the per-cell ELBO is always unweighted
+    assert torch.allclose(per_cell.sum(), elbo_one, rtol=1e-5)
+
+
+def test_two_modules_do_not_share_parameters():
+    a, b = _ldvae(10), _ldvae(10)
+    with torch.no_grad():
+        a.decoder.factor_regressor.linear.weight.fill_(1.0)
+    mb = _minibatch(4, 10, 2)
+    trace = poutine.trace(b.model).get_trace(mb)
+    assert not torch.equal(
+        trace.nodes["decoder.factor_regressor.linear.weight"]["value"], a.decoder.factor_regressor.linear.weight
+    )
+    assert len(pyro.get_param_store()) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_latent": 0}, "n_latent"),
+        ({"dropout_rate": 1.0}, "dropout_rate"),
+        ({"dispersion": "gene-gene"}, "dispersion"),
+        ({"gene_likelihood": "normal"}, "gene_likelihood"),
+        ({"latent_distribution": "lognormal"}, "latent_distribution"),
+    ],
+)
+def test_bad_arguments_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _ldvae(10, **kwargs)
+
+
+def test_gene_label_dispersion_needs_labels():
+    with pytest.raises(ValueError, match="gene-label"):
+        LDVAE(10, n_labels=0, dispersion="gene-label", use_observed_lib_size=True)
