@@ -8,15 +8,11 @@ import time
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pyro-ldvae", description="Fit LDVAE (linearly decoded VAE) to single-cell counts."
-    )
+    parser = argparse.ArgumentParser(prog="pyro-ldvae", description="Fit LDVAE (linearly decoded VAE) to single-cell counts.")
     sub = parser.add_subparsers(dest="command", required=True)
     fit = sub.add_parser("fit", help="fit LDVAE to an .h5ad file (default: scanpy's bundled PBMC counts)")
     fit.add_argument("input", nargs="?", help="input .h5ad with raw counts; omitted: the embedded PBMC dataset")
-    fit.add_argument(
-        "-o", "--output", required=True, help="output .h5ad with obsm['X_ldvae'] and varm['ldvae_loadings']"
-    )
+    fit.add_argument("-o", "--output", required=True, help="output .h5ad with obsm['X_ldvae'] and varm['ldvae_loadings']")
     fit.add_argument("--layer", default=None, help="layer holding raw counts (default: X)")
     fit.add_argument("--batch-key", default=None, help="obs column of batches")
     fit.add_argument("--labels-key", default=None, help="obs column of labels")
@@ -47,20 +43,13 @@ def run_fit(args: argparse.Namespace) -> None:
         adata, n_latent=args.n_latent, gene_likelihood=args.gene_likelihood, dispersion=args.dispersion, seed=args.seed
     )
     start = time.perf_counter()
-    model.train(
-        max_epochs=args.max_epochs,
-        batch_size=args.batch_size,
-        accelerator=args.accelerator,
-        progress_bar=sys.stderr.isatty(),
-    )
+    model.train(max_epochs=args.max_epochs, batch_size=args.batch_size, accelerator=args.accelerator, progress_bar=sys.stderr.isatty())
     elapsed = time.perf_counter() - start
     adata.obsm["X_ldvae"] = model.get_latent_representation()
     loadings = model.get_loadings()
     adata.varm["ldvae_loadings"] = loadings.to_numpy()
     adata.write_h5ad(args.output)
-    print(
-        f"pyro-ldvae: {adata.n_obs} cells x {adata.n_vars} genes, {len(model.history['elbo_train'])} epochs in {elapsed:.1f} s"
-    )
+    print(f"pyro-ldvae: {adata.n_obs} cells x {adata.n_vars} genes, {len(model.history['elbo_train'])} epochs in {elapsed:.1f} s")
     print(f"ELBO per cell: {model.get_elbo():.2f} (all cells)")
     for column in loadings.columns:
         top = loadings[column].sort_values()

@@ -104,9 +104,7 @@ def register(
     for key in registry.continuous_covariate_keys:
         column = _obs_column(adata, key, "continuous covariate")
         if not pd.api.types.is_numeric_dtype(column):
-            raise ValueError(
-                f"continuous covariate obs[{key!r}] is not numeric (dtype {column.dtype}); pass it as a categorical covariate."
-            )
+            raise ValueError(f"continuous covariate obs[{key!r}] is not numeric (dtype {column.dtype}); pass it as a categorical covariate.")
         if not np.isfinite(column.to_numpy(dtype=float)).all():
             raise ValueError(f"continuous covariate obs[{key!r}] has NaN or infinite values; fill or drop them.")
     adata.uns[SETUP_KEY] = registry.to_json()
@@ -204,9 +202,7 @@ class CellData:
         rows = self.X[idx]
         return rows.toarray() if sp.issparse(rows) else rows
 
-    def minibatch(
-        self, idx: np.ndarray, device: torch.device | str = "cpu", plate_idx: np.ndarray | None = None
-    ) -> Minibatch:
+    def minibatch(self, idx: np.ndarray, device: torch.device | str = "cpu", plate_idx: np.ndarray | None = None) -> Minibatch:
         """The cells ``idx`` as tensors on ``device``; ``plate_idx`` (default ``idx``) indexes the plate."""
         idx = np.asarray(idx)
         as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a[idx])).to(device)  # noqa: E731

@@ -130,7 +130,9 @@ class LinearSCVI:
         categorical_covariate_keys, continuous_covariate_keys
             Extra ``obs`` columns that enter the linear decoder beside the batch.
         """
-        data_mod.register(adata, layer, batch_key, labels_key, categorical_covariate_keys, continuous_covariate_keys)
+        data_mod.register(
+            adata, layer, batch_key, labels_key, categorical_covariate_keys, continuous_covariate_keys
+        )
 
     def __repr__(self) -> str:
         p = self.init_params_

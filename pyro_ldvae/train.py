@@ -162,20 +162,14 @@ def train_svi(
                 f"The ELBO became {row['elbo_train']} in epoch {epoch}; lower the learning rate "
                 "(plan_kwargs={'lr': ...}) or check the input for non-count values."
             )
-        bar.set_postfix(
-            elbo_train=f"{row['elbo_train']:.1f}", elbo_val=f"{row.get('elbo_validation', float('nan')):.1f}"
-        )
+        bar.set_postfix(elbo_train=f"{row['elbo_train']:.1f}", elbo_val=f"{row.get('elbo_validation', float('nan')):.1f}")
         if early_stopping and "elbo_validation" in row:
             if row["elbo_validation"] < best - early_stopping_min_delta:
                 best, epochs_since_best = row["elbo_validation"], 0
             else:
                 epochs_since_best += 1
                 if epochs_since_best >= early_stopping_patience:
-                    logger.info(
-                        "Early stopping in epoch %d: validation ELBO has not improved for %d epochs.",
-                        epoch,
-                        epochs_since_best,
-                    )
+                    logger.info("Early stopping in epoch %d: validation ELBO has not improved for %d epochs.", epoch, epochs_since_best)
                     break
     frame = pd.DataFrame(rows).set_index("epoch")
     return {name: frame[[name]] for name in frame.columns}
