@@ -90,6 +90,8 @@ def register(
 ) -> Registry:
     """Check the keys and the counts (``validate.check_anndata``), record category orders and
     write the registry into ``adata.uns``."""
+    if not isinstance(adata, AnnData):
+        raise ValueError(f"adata must be an AnnData, got {type(adata).__name__}; wrap it: anndata.AnnData(X).")
     if layer is not None and layer not in adata.layers:
         raise ValueError(f"layer {layer!r} is not in adata.layers; available layers: {list(adata.layers.keys())}.")
     for name, keys in (("categorical_covariate_keys", categorical_covariate_keys), ("continuous_covariate_keys", continuous_covariate_keys)):
