@@ -8,8 +8,8 @@ same rows that the command line can express run through ``pyro-ldvae fit`` as we
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import anndata
 import numpy as np
@@ -362,8 +362,7 @@ def test_matrix_formats_give_the_canonical_result(base):
         np.testing.assert_array_equal(model.get_loadings().to_numpy(), ref_loadings, err_msg=name)
         assert model.get_elbo() == ref_elbo, name
     # a view of a larger AnnData is the same as its copy
-    bigger = anndata.concat([base, base[:10]], merge="first")
-    bigger.obs_names_make_unique()
+    bigger = anndata.concat([base, base[:10]], merge="first", index_unique="-")
     view = bigger[: base.n_obs]
     assert view.is_view
     with warnings.catch_warnings():
