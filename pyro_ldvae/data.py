@@ -94,7 +94,10 @@ def register(
         raise ValueError(f"adata must be an AnnData, got {type(adata).__name__}; wrap it: anndata.AnnData(X).")
     if layer is not None and layer not in adata.layers:
         raise ValueError(f"layer {layer!r} is not in adata.layers; available layers: {list(adata.layers.keys())}.")
-    for name, keys in (("categorical_covariate_keys", categorical_covariate_keys), ("continuous_covariate_keys", continuous_covariate_keys)):
+    for name, keys in (
+        ("categorical_covariate_keys", categorical_covariate_keys),
+        ("continuous_covariate_keys", continuous_covariate_keys),
+    ):
         if isinstance(keys, str):
             raise ValueError(f"{name} must be a list of obs columns, got the string {keys!r}; pass [{keys!r}].")
     registry = Registry(

@@ -67,7 +67,8 @@ class LinearSCVI:
         self.adata = adata
         self.registry = data_mod.get_registry(adata)
         validate.check_model_args(
-            n_hidden, n_latent, n_layers, dropout_rate, dispersion, gene_likelihood, latent_distribution, self.registry.labels_key
+            n_hidden, n_latent, n_layers, dropout_rate, dispersion, gene_likelihood, latent_distribution,
+            self.registry.labels_key,
         )
         validate.check_shape(adata)
         self.seed = seed
@@ -149,7 +150,8 @@ class LinearSCVI:
             continuous covariate, an empty AnnData, or counts that are not raw counts.
         """
         data_mod.register(
-            adata, layer, batch_key, labels_key, categorical_covariate_keys, continuous_covariate_keys, check_counts=check_counts
+            adata, layer, batch_key, labels_key, categorical_covariate_keys, continuous_covariate_keys,
+            check_counts=check_counts,
         )
 
     def __repr__(self) -> str:
@@ -244,7 +246,9 @@ class LinearSCVI:
         if max_epochs is None:
             max_epochs = int(min(round(20000 / n_obs * 400), 400))
         seed = self.seed if seed is None else seed
-        validate.check_train_args(max_epochs, batch_size, train_size, validation_size, gradient_clip_val, checkpoint_every)
+        validate.check_train_args(
+            max_epochs, batch_size, train_size, validation_size, gradient_clip_val, checkpoint_every
+        )
         plan = TrainingPlan(**(plan_kwargs or {}))
         train_idx, val_idx = split_indices(n_obs, train_size, validation_size, batch_size, seed, shuffle_set_split)
         validate.check_split(n_obs, train_idx, batch_size)

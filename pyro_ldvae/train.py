@@ -192,10 +192,19 @@ def train_svi(
         best, epochs_since_best = state["best"], state["epochs_since_best"]
         logger.info("Resuming from %s after epoch %d.", ckpt.checkpoint_path(resume_from), start_epoch - 1)
     params = [p for p in module.parameters() if p.requires_grad]
-    snapshot = ckpt.capture(module, optimizer, generator, start_epoch, rows, best, epochs_since_best, train_idx, val_idx)
+    snapshot = ckpt.capture(
+        module, optimizer, generator, start_epoch, rows, best, epochs_since_best, train_idx, val_idx
+    )
     saved_epoch = start_epoch
     stop_reason = "completed"
-    bar = tqdm(range(start_epoch, max_epochs), desc="Training", disable=not progress_bar, unit="epoch", initial=start_epoch, total=max_epochs)
+    bar = tqdm(
+        range(start_epoch, max_epochs),
+        desc="Training",
+        disable=not progress_bar,
+        unit="epoch",
+        initial=start_epoch,
+        total=max_epochs,
+    )
     epoch = start_epoch
     try:
         with ckpt.InterruptGuard() as guard:
@@ -204,21 +213,27 @@ def train_svi(
                 kl_weight = plan.kl_weight(epoch)
                 elbo_sum = torch.zeros((), device=device)
                 loss_sum = torch.zeros((), device=device)  # running NaN/inf flag: NaN or inf once, forever
-                for step, positions in enumerate(_minibatch_indices(train_idx, batch_size, generator)):
-                    mb = data.minibatch(train_idx[positions], device, plate_idx=positions)
-                    optimizer.zero_grad(set_to_none=True)
-                    elbo, per_cell = module.elbo(mb, n_obs=n_train, kl_weight=kl_weight)
-                    loss = -elbo / n_train
-                    loss.backward()
-                    if gradient_clip_val is not None:
-                        torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-                    optimizer.step()
-                    elbo_sum += per_cell.detach().sum()
-                    loss_sum += loss.detach()
-                    if (step + 1) % FAULT_CHECK_EVERY == 0 and not torch.isfinite(loss_sum + elbo_sum):
-                        break
-                    if guard.requested:
-                        raise KeyboardInterrupt
+                try:
+                    for step, positions in enumerate(_minibatch_indices(train_idx, batch_size, generator)):
+                        mb = data.minibatch(train_idx[positions], device, plate_idx=positions)
+                        optimizer.zero_grad(set_to_none=True)
+                        elbo, per_cell = module.elbo(mb, n_obs=n_train, kl_weight=kl_weight)
+                        loss = -elbo / n_train
+                        loss.backward()
+                        if gradient_clip_val is not None:
+                            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+                        optimizer.step()
+                        elbo_sum += per_cell.detach().sum()
+                        loss_sum += loss.detach()
+                        if (step + 1) % FAULT_CHECK_EVERY == 0 and not torch.isfinite(loss_sum + elbo_sum):
+                            break
+                        if guard.requested:
+                            raise KeyboardInterrupt
+                except (ValueError, RuntimeError):
+                    # NaN parameters make the next step fail inside (e.g. a Normal rejects a NaN loc):
+                    # that is the same fault; anything else is a genuine error and propagates.
+                    if _all_finite([loss_sum + elbo_sum, *params, *module.buffers()]):
+                        raise
                 if not _all_finite([loss_sum + elbo_sum, *params, *module.buffers()]):
                     ckpt.restore_parameters(snapshot, module, optimizer)
                     kept = f"epoch {snapshot['epoch'] - 1}" if snapshot["epoch"] else "initialisation"
@@ -244,7 +259,9 @@ def train_svi(
                         if epochs_since_best >= early_stopping_patience:
                             logger.info("Early stopping in epoch %d: validation ELBO has not improved for %d epochs.", epoch, epochs_since_best)
                             stop_reason = "early_stopping"
-                snapshot = ckpt.capture(module, optimizer, generator, epoch + 1, rows, best, epochs_since_best, train_idx, val_idx)
+                snapshot = ckpt.capture(
+                    module, optimizer, generator, epoch + 1, rows, best, epochs_since_best, train_idx, val_idx
+                )
                 last = epoch + 1 == max_epochs or stop_reason != "completed"
                 if checkpoint_dir is not None and ((epoch + 1) % checkpoint_every == 0 or last):
                     ckpt.save(snapshot, checkpoint_dir)
@@ -255,7 +272,7 @@ def train_svi(
         ckpt.restore_parameters(snapshot, module, optimizer)
         rows, stop_reason = snapshot["rows"], "interrupted"
         logger.warning(
-            "Training interrupted in epoch %d; the model keeps the last completed epoch (%d) and can be used and saved.",
+            "Training interrupted in epoch %d; the model keeps the last completed epoch (%d), usable and savable.",
             epoch,
             snapshot["epoch"] - 1,
         )
