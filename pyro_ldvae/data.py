@@ -191,7 +191,7 @@ class CellData:
             else None
         )
         self.cont_covs = (
-            adata.obs[registry.continuous_covariate_keys].to_numpy(dtype=np.float32)
+            validate.continuous_covariates(adata.obs, registry.continuous_covariate_keys)
             if registry.continuous_covariate_keys
             else None
         )

@@ -191,6 +191,22 @@ def check_anndata(adata: AnnData, layer: str | None, check_counts: bool = True) 
     check_totals(matrix, adata.obs_names, adata.var_names)
 
 
+def continuous_covariates(obs: pd.DataFrame, keys: list[str]) -> np.ndarray:
+    """The columns ``keys`` of ``obs`` as ``(cells, len(keys))`` float32, checked: present, numeric, finite."""
+    for key in keys:
+        if key not in obs.columns:
+            raise ValueError(f"continuous covariate {key!r} is not a column of adata.obs; add it or set up without it.")
+        column = obs[key]
+        if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+            raise ValueError(
+                f"continuous covariate obs[{key!r}] is not numeric (dtype {column.dtype}); "
+                "convert it (e.g. pd.to_numeric) or register it as a categorical covariate."
+            )
+        if not np.isfinite(column.to_numpy(dtype=float)).all():
+            raise ValueError(f"continuous covariate obs[{key!r}] has NaN or infinite values; fill or drop them.")
+    return obs[keys].to_numpy(dtype=np.float32)
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 

@@ -73,7 +73,7 @@ class Case:
 
     name: str
     make: Callable[[anndata.AnnData], anndata.AnnData] = lambda a: a
-    setup: dict = field(default_factory=dict)
+    setup: dict | None = field(default_factory=dict)  # None: setup_anndata is not called
     model: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     infer: Callable[[anndata.AnnData], anndata.AnnData] | None = None  # new data at inference time
@@ -233,6 +233,15 @@ BAD_INPUTS = [
     Case("inference: NaN counts", infer=lambda a: _with_value(a, np.nan), stage="infer", words=("adata.X", "NaN")),
     Case("inference: log-normalized", infer=_lognorm, stage="infer", words=("non-integer",)),
     Case("inference: zero cells", infer=lambda a: a[:0].copy(), stage="infer", words=("0 cells",)),
+    Case(
+        "inference: non-numeric covariate",
+        setup={"continuous_covariate_keys": ["age"]},
+        infer=_obs("age", ["old"] * 60),
+        stage="infer",
+        words=("obs['age']", "not numeric"),
+    ),
+    Case("not set up", setup=None, stage="setup", words=("setup_anndata",)),
+    Case("X is None", lambda a: anndata.AnnData(obs=a.obs, var=a.var), words=("adata.X is None", "layer="), cli=[]),
     Case("inference: duplicated genes", infer=lambda a: _duplicate_genes(a), stage="infer", words=("duplicates",)),
 ]
 
@@ -254,7 +263,8 @@ def _attempt(case: Case, base: anndata.AnnData):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            LinearSCVI.setup_anndata(adata, **case.setup)
+            if case.setup is not None:
+                LinearSCVI.setup_anndata(adata, **case.setup)
             model = LinearSCVI(adata, **{"n_latent": 2, "n_hidden": 8, **case.model})
             model.train(**{"max_epochs": 1, "progress_bar": False, **case.train})
             if case.infer is not None:
@@ -391,6 +401,11 @@ def test_value_checks_on_every_matrix_type():
     validate.check_count_values(dense.astype(np.int64) - 0)  # integers need no fraction check
     with pytest.raises(ValueError, match="negative"):
         validate.check_count_values(-np.ones((2, 2), dtype=np.int32))
+
+
+def test_not_an_anndata():
+    with pytest.raises(ValueError, match="must be an AnnData"):
+        LinearSCVI.setup_anndata(np.ones((5, 3)))
 
 
 def test_check_counts_opt_out(base):
