@@ -56,7 +56,7 @@ def run_fit(args: argparse.Namespace) -> int:
         n_done = len(model.history.get("elbo_train", ()))
         if n_done == 0:
             raise KeyboardInterrupt
-        print(f"pyro-ldvae: interrupted; writing the model of the last completed epoch ({n_done})", file=sys.stderr)
+        print(f"pyro-ldvae: interrupted; writing the results of the {n_done} completed epoch(s)", file=sys.stderr)
     adata.obsm["X_ldvae"] = model.get_latent_representation()
     loadings = model.get_loadings()
     adata.varm["ldvae_loadings"] = loadings.to_numpy()

@@ -123,7 +123,7 @@ def check_count_values(matrix, name: str = "adata.X", integers: bool = True) -> 
         raise ValueError(
             f"{name} has {n_fractional} non-integer value(s) (e.g. {example_fraction:g}); LDVAE models raw counts "
             "and this looks normalized or log-transformed (e.g. by scanpy.pp.normalize_total / log1p). "
-            "Point setup_anndata at raw counts with layer= (e.g. layer='counts'), or pass check_counts=False "
+            "Point setup_anndata at raw counts with layer= (e.g. layer='counts'), or pass check_counts=False (--no-check-counts) "
             "if your values are meant to be non-integer."
         )
 
