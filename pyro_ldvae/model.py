@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -111,7 +112,9 @@ class LinearSCVI:
         self.history_: dict[str, pd.DataFrame] = {}
         self.is_trained_ = False
         self.train_indices = self.validation_indices = np.zeros(0, dtype=np.int64)
-        self._data_cache: tuple[int, data_mod.CellData] | None = (id(adata), cells)
+        # Keyed by a weak reference, not id(): a freed AnnData's id is reused by the next one,
+        # which returned another dataset's cells (a silent wrong answer).
+        self._data_cache: tuple[weakref.ref, data_mod.CellData] | None = (weakref.ref(adata), cells)
 
     # ------------------------------------------------------------------------------------
     @classmethod
@@ -175,9 +178,9 @@ class LinearSCVI:
     def _cells(self, adata: AnnData | None) -> data_mod.CellData:
         """The registered cells of ``adata`` (default: the training AnnData), checked against the model."""
         adata = self.adata if adata is None else adata
-        if self._data_cache is not None and self._data_cache[0] == id(adata):
+        if self._data_cache is not None and self._data_cache[0]() is adata:
             return self._data_cache[1]
-        key = id(adata)
+        key = weakref.ref(adata)
         validate.check_shape(adata)
         adata = validate.align_genes(adata, self.var_names)  # reorders when all genes are present
         cells = data_mod.CellData(adata, self.registry)

@@ -459,3 +459,17 @@ def test_tiny_datasets_train(base):
         assert np.isfinite(model.history["elbo_train"].to_numpy()).all(), n_cells
         assert model.get_latent_representation(indices=[0]).shape == (1, 2)
         assert all(torch.isfinite(p).all() for p in model.module.parameters())
+
+
+def test_successive_new_anndatas_are_not_confused(base):
+    """Inference on temporary AnnData objects: a freed object's id is reused by the next one,
+    which must not return the cached cells of the first (a silent wrong answer)."""
+    import gc
+
+    model = _fit(base.copy())
+    expected = model.get_latent_representation(base[30:].copy())
+    for _ in range(20):
+        model.get_latent_representation(base[:30].copy())
+        gc.collect()
+        np.testing.assert_array_equal(model.get_latent_representation(base[30:].copy()), expected)
+        gc.collect()
