@@ -261,10 +261,10 @@ def check_train_args(
 def check_split(n_obs: int, train_idx: np.ndarray, batch_size: int) -> None:
     """Refuse a split whose training set cannot fill one minibatch of 2 cells (batch norm's minimum)."""
     if len(train_idx) < 2:
+        fix = f"pass train_size=1.0 to train on all {n_obs}" if n_obs >= 2 else "use more cells"
         raise ValueError(
             f"Only {len(train_idx)} of {n_obs} cell(s) are left for training (batch norm needs at least 2 per "
-            f"minibatch; a last minibatch of 1-2 cells moves to validation). Use more cells, or pass "
-            f"train_size=1.0 to train on all {n_obs}."
+            f"minibatch; a last minibatch of 1-2 cells moves to validation): {fix}."
         )
 
 

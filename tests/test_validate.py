@@ -461,15 +461,14 @@ def test_tiny_datasets_train(base):
         assert all(torch.isfinite(p).all() for p in model.module.parameters())
 
 
-def test_successive_new_anndatas_are_not_confused(base):
-    """Inference on temporary AnnData objects: a freed object's id is reused by the next one,
-    which must not return the cached cells of the first (a silent wrong answer)."""
-    import gc
+def test_successive_new_anndatas_are_not_confused(base, monkeypatch):
+    """Inference on temporary AnnData objects: a freed object's id() is reused by the next one,
+    which must not get the cached cells of the first (a silent wrong answer). Worst case made
+    deterministic: every object has the same id()."""
+    import pyro_ldvae.model as model_mod
 
     model = _fit(base.copy())
     expected = model.get_latent_representation(base[30:].copy())
-    for _ in range(20):
-        model.get_latent_representation(base[:30].copy())
-        gc.collect()
-        np.testing.assert_array_equal(model.get_latent_representation(base[30:].copy()), expected)
-        gc.collect()
+    monkeypatch.setattr(model_mod, "id", lambda obj: 0, raising=False)
+    model.get_latent_representation(base[:30].copy())
+    np.testing.assert_array_equal(model.get_latent_representation(base[30:].copy()), expected)
