@@ -258,31 +258,26 @@ class LinearSCVI:
         self.train_indices, self.validation_indices = train_idx, val_idx
         if resume_from is not None:
             self.history_ = {}  # the checkpoint carries the history of the epochs it holds
-        try:
-            history = train_svi(
-                self.module,
-                cells,
-                train_idx,
-                val_idx,
-                max_epochs=max_epochs,
-                plan=plan,
-                batch_size=batch_size,
-                device=resolve_device(accelerator, device),
-                seed=seed,
-                early_stopping=early_stopping,
-                early_stopping_patience=early_stopping_patience,
-                early_stopping_min_delta=early_stopping_min_delta,
-                progress_bar=progress_bar,
-                check_val_every_n_epoch=check_val_every_n_epoch,
-                gradient_clip_val=gradient_clip_val,
-                checkpoint_dir=checkpoint_dir,
-                checkpoint_every=checkpoint_every,
-                resume_from=resume_from,
-            )
-        except FloatingPointError as err:  # the module holds the last good epoch; keep its history
-            self.history_ = _append_history(self.history_, dict(getattr(err, "history", {})))
-            self.module.eval()
-            raise
+        history = _keeping_history_on_fault(self, train_svi)(
+            self.module,
+            cells,
+            train_idx,
+            val_idx,
+            max_epochs=max_epochs,
+            plan=plan,
+            batch_size=batch_size,
+            device=resolve_device(accelerator, device),
+            seed=seed,
+            early_stopping=early_stopping,
+            early_stopping_patience=early_stopping_patience,
+            early_stopping_min_delta=early_stopping_min_delta,
+            progress_bar=progress_bar,
+            check_val_every_n_epoch=check_val_every_n_epoch,
+            gradient_clip_val=gradient_clip_val,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            resume_from=resume_from,
+        )
         self.stop_reason_ = getattr(history, "stop_reason", "completed")
         self.history_ = _append_history(self.history_, dict(history))
         self.module.eval()
@@ -344,6 +339,21 @@ class LinearSCVI:
         cells = self._cells(adata)
         per_cell = evaluate_elbo(self.module, cells, self._indices(cells, indices), batch_size or 1024)
         return per_cell.mean().item() if return_mean else per_cell.cpu().numpy()
+
+
+def _keeping_history_on_fault(model: LinearSCVI, train_fn):
+    """``train_fn`` that, when the loss turns NaN (``FloatingPointError``), still records the
+    history of the good epochs the module was rolled back to, then re-raises."""
+
+    def run(*args, **kwargs):
+        try:
+            return train_fn(*args, **kwargs)
+        except FloatingPointError as err:
+            model.history_ = _append_history(model.history_, dict(getattr(err, "history", {})))
+            model.module.eval()
+            raise
+
+    return run
 
 
 def _append_history(old: dict[str, pd.DataFrame], new: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:

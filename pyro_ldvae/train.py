@@ -54,6 +54,20 @@ def _history(rows: list[dict], stop_reason: str = "completed") -> History:
     return out
 
 
+def _fault(epoch: int, snapshot: dict, module: LDVAE, optimizer: torch.optim.Optimizer) -> TrainingFault:
+    """Roll module and optimizer back to ``snapshot`` and describe the fault of ``epoch``."""
+    ckpt.restore_parameters(snapshot, module, optimizer)
+    kept = f"epoch {snapshot['epoch'] - 1}" if snapshot["epoch"] else "initialisation"
+    err = TrainingFault(
+        f"Training stopped: the loss became NaN or infinite in epoch {epoch}. The model keeps the parameters "
+        f"of the last good epoch (those after {kept}). Remedies: lower the learning rate "
+        "(plan_kwargs={'lr': 1e-4}), clip gradients (gradient_clip_val=1.0), and check that the input holds raw "
+        "counts without extreme outliers."
+    )
+    err.history = _history(snapshot["rows"])
+    return err
+
+
 def _all_finite(tensors) -> bool:
     """One device sync: are all ``tensors`` finite?"""
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
@@ -206,68 +220,59 @@ def train_svi(
         total=max_epochs,
     )
     epoch = start_epoch
+    guard = ckpt.InterruptGuard().__enter__()  # first Ctrl-C: stop after the current step
     try:
-        with ckpt.InterruptGuard() as guard:
-            for epoch in bar:
-                start = time.perf_counter()
-                kl_weight = plan.kl_weight(epoch)
-                elbo_sum = torch.zeros((), device=device)
-                loss_sum = torch.zeros((), device=device)  # running NaN/inf flag: NaN or inf once, forever
-                try:
-                    for step, positions in enumerate(_minibatch_indices(train_idx, batch_size, generator)):
-                        mb = data.minibatch(train_idx[positions], device, plate_idx=positions)
-                        optimizer.zero_grad(set_to_none=True)
-                        elbo, per_cell = module.elbo(mb, n_obs=n_train, kl_weight=kl_weight)
-                        loss = -elbo / n_train
-                        loss.backward()
-                        if gradient_clip_val is not None:
-                            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-                        optimizer.step()
-                        elbo_sum += per_cell.detach().sum()
-                        loss_sum += loss.detach()
-                        if (step + 1) % FAULT_CHECK_EVERY == 0 and not torch.isfinite(loss_sum + elbo_sum):
-                            break
-                        if guard.requested:
-                            raise KeyboardInterrupt
-                except (ValueError, RuntimeError):
-                    # NaN parameters make the next step fail inside (e.g. a Normal rejects a NaN loc):
-                    # that is the same fault; anything else is a genuine error and propagates.
-                    if _all_finite([loss_sum + elbo_sum, *params, *module.buffers()]):
-                        raise
-                if not _all_finite([loss_sum + elbo_sum, *params, *module.buffers()]):
-                    ckpt.restore_parameters(snapshot, module, optimizer)
-                    kept = f"epoch {snapshot['epoch'] - 1}" if snapshot["epoch"] else "initialisation"
-                    err = TrainingFault(
-                        f"Training stopped: the loss became NaN or infinite in epoch {epoch}. The model keeps the "
-                        f"parameters of the last good epoch (those after {kept}). Remedies: lower "
-                        "the learning rate (plan_kwargs={'lr': 1e-4}), clip gradients (gradient_clip_val=1.0), and "
-                        "check that the input holds raw counts without extreme outliers."
-                    )
-                    err.history = _history(snapshot["rows"])
-                    raise err
-                row = {"epoch": epoch, "kl_weight": kl_weight, "elbo_train": -(elbo_sum / n_train).item()}
-                row["train_time"] = time.perf_counter() - start
-                if len(val_idx) and (epoch + 1) % check_val_every_n_epoch == 0:
-                    row["elbo_validation"] = -evaluate_elbo(module, data, val_idx).mean().item()
-                rows.append(row)
-                bar.set_postfix(elbo_train=f"{row['elbo_train']:.1f}", elbo_val=f"{row.get('elbo_validation', float('nan')):.1f}")
-                if early_stopping and "elbo_validation" in row:
-                    if row["elbo_validation"] < best - early_stopping_min_delta:
-                        best, epochs_since_best = row["elbo_validation"], 0
-                    else:
-                        epochs_since_best += 1
-                        if epochs_since_best >= early_stopping_patience:
-                            logger.info("Early stopping in epoch %d: validation ELBO has not improved for %d epochs.", epoch, epochs_since_best)
-                            stop_reason = "early_stopping"
-                snapshot = ckpt.capture(
-                    module, optimizer, generator, epoch + 1, rows, best, epochs_since_best, train_idx, val_idx
-                )
-                last = epoch + 1 == max_epochs or stop_reason != "completed"
-                if checkpoint_dir is not None and ((epoch + 1) % checkpoint_every == 0 or last):
-                    ckpt.save(snapshot, checkpoint_dir)
-                    saved_epoch = epoch + 1
-                if stop_reason != "completed":
+        for epoch in bar:
+            start = time.perf_counter()
+            kl_weight = plan.kl_weight(epoch)
+            elbo_sum = torch.zeros((), device=device)
+            loss_sum = torch.zeros((), device=device)  # running NaN/inf flag, read every FAULT_CHECK_EVERY steps
+            for step, positions in enumerate(_minibatch_indices(train_idx, batch_size, generator)):
+                mb = data.minibatch(train_idx[positions], device, plate_idx=positions)
+                optimizer.zero_grad(set_to_none=True)
+                elbo, per_cell = module.elbo(mb, n_obs=n_train, kl_weight=kl_weight)
+                loss = -elbo / n_train
+                loss.backward()
+                if gradient_clip_val is not None:
+                    torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+                optimizer.step()
+                elbo_sum += per_cell.detach().sum()
+                loss_sum += loss.detach()
+                if (step + 1) % FAULT_CHECK_EVERY == 0 and not torch.isfinite(loss_sum + elbo_sum):
                     break
+                if guard.requested:
+                    raise KeyboardInterrupt
+            if not _all_finite([loss_sum + elbo_sum, *params, *module.buffers()]):
+                raise _fault(epoch, snapshot, module, optimizer)
+            row = {"epoch": epoch, "kl_weight": kl_weight, "elbo_train": -(elbo_sum / n_train).item()}
+            row["train_time"] = time.perf_counter() - start
+            if len(val_idx) and (epoch + 1) % check_val_every_n_epoch == 0:
+                row["elbo_validation"] = -evaluate_elbo(module, data, val_idx).mean().item()
+            rows.append(row)
+            bar.set_postfix(elbo_train=f"{row['elbo_train']:.1f}", elbo_val=f"{row.get('elbo_validation', float('nan')):.1f}")
+            if early_stopping and "elbo_validation" in row:
+                if row["elbo_validation"] < best - early_stopping_min_delta:
+                    best, epochs_since_best = row["elbo_validation"], 0
+                else:
+                    epochs_since_best += 1
+                    if epochs_since_best >= early_stopping_patience:
+                        logger.info("Early stopping in epoch %d: validation ELBO has not improved for %d epochs.", epoch, epochs_since_best)
+                        stop_reason = "early_stopping"
+            snapshot = ckpt.capture(
+                module, optimizer, generator, epoch + 1, rows, best, epochs_since_best, train_idx, val_idx
+            )
+            last = epoch + 1 == max_epochs or stop_reason != "completed"
+            if checkpoint_dir is not None and ((epoch + 1) % checkpoint_every == 0 or last):
+                ckpt.save(snapshot, checkpoint_dir)
+                saved_epoch = epoch + 1
+            if stop_reason != "completed":
+                break
+    except (ValueError, RuntimeError):
+        # NaN parameters make the next step fail inside (e.g. a Normal rejects a NaN loc): the same
+        # fault. Anything else is a genuine error and propagates unchanged.
+        if _all_finite([*params, *module.buffers()]):
+            raise
+        raise _fault(epoch, snapshot, module, optimizer) from None
     except KeyboardInterrupt:
         ckpt.restore_parameters(snapshot, module, optimizer)
         rows, stop_reason = snapshot["rows"], "interrupted"
@@ -279,5 +284,6 @@ def train_svi(
         if checkpoint_dir is not None and snapshot["epoch"] > saved_epoch:
             ckpt.save(snapshot, checkpoint_dir)
     finally:
+        guard.__exit__(None, None, None)
         bar.close()
     return _history(rows, stop_reason)
