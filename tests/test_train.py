@@ -121,9 +121,12 @@ def test_training_with_huge_counts_stays_finite(adata, gene_likelihood):
     assert np.isfinite(model.get_elbo())
 
 
-def test_nan_loss_stops_and_restores_last_good_epoch(adata, two_epochs):
+@pytest.mark.parametrize("call", [8, 9], ids=["mid-epoch", "last step"])
+def test_nan_loss_stops_and_restores_last_good_epoch(adata, two_epochs, call):
+    """NaN in epoch 2 (3 steps per epoch): in step 2 the NaN parameters break step 3 from inside; in
+    step 3 the end-of-epoch check finds them. Either way: the error names epoch 2, epoch 1 is kept."""
     model = _model(adata)
-    _fault_at(model, training_call=8, make=lambda elbo, per_cell: (elbo * np.nan, per_cell))  # epoch 2, step 2
+    _fault_at(model, training_call=call, make=lambda elbo, per_cell: (elbo * np.nan, per_cell))
     with pytest.raises(FloatingPointError, match="epoch 2") as info:
         model.train(max_epochs=4, **EPOCH_KW)
     assert "learning rate" in str(info.value) and "gradient_clip_val" in str(info.value)
@@ -142,6 +145,17 @@ def test_nan_in_first_epoch_restores_initial_parameters(adata, monkeypatch):
     assert calls["n"] == 1  # stopped at the first check, not at the end of the epoch
     _assert_same_state(_state(model), initial)
     assert not model.history
+
+
+def test_genuine_errors_are_not_taken_for_faults(adata):
+    def boom(elbo, per_cell):
+        raise ValueError("boom")
+
+    model = _model(adata)
+    _fault_at(model, training_call=5, make=boom)
+    with pytest.raises(ValueError, match="boom"):
+        model.train(max_epochs=3, **EPOCH_KW)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_gradient_clipping_is_applied(adata):
