@@ -58,11 +58,12 @@ def _value_chunks(matrix):
         return
     if not hasattr(matrix, "shape") or not hasattr(matrix, "dtype"):
         matrix = np.asarray(matrix)
-    if matrix.ndim != 2:
+    if len(matrix.shape) != 2:
         raise ValueError(f"the count matrix must be 2-d (cells x genes), got shape {matrix.shape}.")
     rows = max(1, CHUNK_VALUES // max(1, matrix.shape[1]))
     for start in range(0, matrix.shape[0], rows):
-        yield np.asarray(matrix[start : start + rows]).ravel()
+        block = matrix[start : start + rows]  # an on-disk (backed) sparse matrix gives a sparse block
+        yield block.data if sp.issparse(block) else np.asarray(block).ravel()
 
 
 def check_count_values(matrix, name: str = "adata.X", integers: bool = True) -> None:
@@ -136,9 +137,10 @@ def totals(matrix) -> tuple[np.ndarray, np.ndarray]:
     per_gene = np.zeros(matrix.shape[1])
     rows = max(1, CHUNK_VALUES // max(1, matrix.shape[1]))
     for start in range(0, matrix.shape[0], rows):
-        block = np.asarray(matrix[start : start + rows], dtype=np.float64)
-        per_cell[start : start + rows] = block.sum(axis=1)
-        per_gene += block.sum(axis=0)
+        block = matrix[start : start + rows]
+        block = block.astype(np.float64) if sp.issparse(block) else np.asarray(block, dtype=np.float64)
+        per_cell[start : start + rows] = np.asarray(block.sum(axis=1)).ravel()
+        per_gene += np.asarray(block.sum(axis=0)).ravel()
     return per_cell, per_gene
 
 

@@ -381,6 +381,21 @@ def test_matrix_formats_give_the_canonical_result(base):
     np.testing.assert_array_equal(model.get_loadings().to_numpy(), ref_loadings)
 
 
+def test_value_checks_on_backed_matrices(tmp_path):
+    """On-disk (backed) sparse and dense matrices are read in row chunks, never whole."""
+    from pyro_ldvae import validate
+
+    dense = np.ones((40, 6), dtype=np.float32)
+    dense[33, 2] = 0.25
+    for name, matrix in (("sparse", sp.csr_matrix(dense)), ("dense", dense)):
+        anndata.AnnData(matrix).write_h5ad(tmp_path / f"{name}.h5ad")
+        backed = anndata.read_h5ad(tmp_path / f"{name}.h5ad", backed="r")
+        with pytest.raises(ValueError, match="1 non-integer"):
+            validate.check_count_values(backed.X)
+        np.testing.assert_array_equal(validate.totals(backed.X)[0], dense.sum(1))
+        backed.file.close()
+
+
 def test_value_checks_on_every_matrix_type():
     """The checks read sparse matrices' stored values (COO too, which AnnData itself refuses in X)
     and dense ones in row chunks."""
