@@ -112,7 +112,7 @@ def check_count_values(matrix, name: str = "adata.X", integers: bool = True) -> 
     if n_nonfinite:
         raise ValueError(
             f"{name} has {n_nonfinite} NaN or infinite value(s); LDVAE needs finite raw counts. "
-            "Fill or remove them (e.g. adata = adata[:, ~np.isnan(...)]), or register a layer of raw counts with layer=."
+            "Remove the affected cells or genes, or register a layer of raw counts with layer=."
         )
     if n_negative:
         raise ValueError(

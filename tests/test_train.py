@@ -306,3 +306,17 @@ def test_interrupt_guard_second_ctrl_c_raises():
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_resume_keeps_early_stopping_state(adata, tmp_path):
+    """best / epochs-since-best travel in the checkpoint: the resumed run stops where the straight one did."""
+    stop = {"early_stopping": True, "early_stopping_patience": 3, "early_stopping_min_delta": 1e9}
+    straight = _model(adata)
+    straight.train(max_epochs=8, **stop, **EPOCH_KW)
+    assert straight.stop_reason_ == "early_stopping" and len(straight.history["elbo_train"]) == 4
+    first = _model(adata)
+    first.train(max_epochs=2, checkpoint_dir=tmp_path, **stop, **EPOCH_KW)
+    resumed = _model(adata)
+    resumed.train(max_epochs=8, resume_from=tmp_path, **stop, **EPOCH_KW)
+    assert resumed.stop_reason_ == "early_stopping" and len(resumed.history["elbo_train"]) == 4
+    _assert_same_state(_state(resumed), _state(straight))
