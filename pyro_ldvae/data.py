@@ -19,6 +19,7 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
+from . import validate
 from .module import Minibatch
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class Registry:
     batch_categories: list[str] = field(default_factory=lambda: ["0"])
     label_categories: list[str] = field(default_factory=lambda: ["0"])
     covariate_categories: dict[str, list[str]] = field(default_factory=dict)
+    check_counts: bool = True  # False: non-integer values allowed (setup_anndata's opt-out)
 
     @property
     def n_batch(self) -> int:
@@ -84,16 +86,27 @@ def register(
     labels_key: str | None = None,
     categorical_covariate_keys: list[str] | None = None,
     continuous_covariate_keys: list[str] | None = None,
+    check_counts: bool = True,
 ) -> Registry:
-    """Check the keys, record category orders and write the registry into ``adata.uns``."""
+    """Check the keys and the counts (``validate.check_anndata``), record category orders and
+    write the registry into ``adata.uns``."""
+    if not isinstance(adata, AnnData):
+        raise ValueError(f"adata must be an AnnData, got {type(adata).__name__}; wrap it: anndata.AnnData(X).")
     if layer is not None and layer not in adata.layers:
         raise ValueError(f"layer {layer!r} is not in adata.layers; available layers: {list(adata.layers.keys())}.")
+    for name, keys in (
+        ("categorical_covariate_keys", categorical_covariate_keys),
+        ("continuous_covariate_keys", continuous_covariate_keys),
+    ):
+        if isinstance(keys, str):
+            raise ValueError(f"{name} must be a list of obs columns, got the string {keys!r}; pass [{keys!r}].")
     registry = Registry(
         layer=layer,
         batch_key=batch_key,
         labels_key=labels_key,
         categorical_covariate_keys=list(categorical_covariate_keys or []),
         continuous_covariate_keys=list(continuous_covariate_keys or []),
+        check_counts=bool(check_counts),
     )
     if batch_key is not None:
         registry.batch_categories = _categories(_obs_column(adata, batch_key, "batch_key"), batch_key)
@@ -107,6 +120,7 @@ def register(
             raise ValueError(f"continuous covariate obs[{key!r}] is not numeric (dtype {column.dtype}); pass it as a categorical covariate.")
         if not np.isfinite(column.to_numpy(dtype=float)).all():
             raise ValueError(f"continuous covariate obs[{key!r}] has NaN or infinite values; fill or drop them.")
+    validate.check_anndata(adata, layer, check_counts)
     adata.uns[SETUP_KEY] = registry.to_json()
     return registry
 
@@ -162,6 +176,7 @@ class CellData:
         self.registry = registry
         self.n_obs, self.n_vars = adata.n_obs, adata.n_vars
         self.X = _as_float32_rows(get_counts(adata, registry.layer))
+        validate.check_count_values(self.X, validate.matrix_name(registry.layer), integers=registry.check_counts)
         self.batch = _codes(adata, registry.batch_key, registry.batch_categories, "batch_key")
         self.labels = _codes(adata, registry.labels_key, registry.label_categories, "labels_key")
         self.cat_covs = (
@@ -176,7 +191,7 @@ class CellData:
             else None
         )
         self.cont_covs = (
-            adata.obs[registry.continuous_covariate_keys].to_numpy(dtype=np.float32)
+            validate.continuous_covariates(adata.obs, registry.continuous_covariate_keys)
             if registry.continuous_covariate_keys
             else None
         )

@@ -25,10 +25,15 @@ EPS = 1e-8
 # The Gamma-Poisson sampler and the Poisson rate are clamped here: a rate of 1e8 is already far
 # beyond any real UMI count and keeps torch.poisson finite.
 MAX_RATE = 1e8
+# theta is clamped to [THETA_MIN, THETA_MAX] inside the log-densities: theta = 0 (exp underflow)
+# gives lgamma(0) - lgamma(0) = inf - inf and theta = inf gives inf * 0, both NaN. Fitted values lie
+# far inside (about 1e-2 to 1e3), where the clamp changes nothing.
+THETA_MIN, THETA_MAX = 1e-8, 1e8
 
 
 def log_nb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """Negative binomial log-density, elementwise; ``(cells, genes)`` for ``theta`` of ``(genes,)``."""
+    theta = theta.clamp(THETA_MIN, THETA_MAX)
     log_theta_mu = torch.log(theta + mu + eps)
     return (
         theta * (torch.log(theta + eps) - log_theta_mu)
@@ -44,6 +49,7 @@ def log_zinb(
 ) -> torch.Tensor:
     """Zero-inflated NB log-density with dropout gate logits ``gate_logits`` (logit of P(dropout))."""
     # log sigmoid(-pi) = -softplus(pi); written as scvi-tools does to agree bit for bit.
+    theta = theta.clamp(THETA_MIN, THETA_MAX)
     softplus_neg_pi = F.softplus(-gate_logits)
     log_theta_mu = torch.log(theta + mu + eps)
     pi_theta_log = -gate_logits + theta * (torch.log(theta + eps) - log_theta_mu)
@@ -60,8 +66,9 @@ def log_zinb(
 
 
 def log_poisson(x: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
-    """Poisson log-density; ``xlogy`` keeps ``x = 0, rate = 0`` finite."""
-    return torch.xlogy(x, rate) - rate - torch.lgamma(x + 1)
+    """Poisson log-density; ``xlogy`` keeps ``x = 0, rate = 0`` finite, and a rate below ``EPS`` counts
+    as ``EPS`` in the log so that ``x > 0, rate = 0`` is finite too (as in the NB's ``log(mu + eps)``)."""
+    return torch.xlogy(x, rate.clamp_min(EPS)) - rate - torch.lgamma(x + 1)
 
 
 def _sample_gamma_poisson(mu: torch.Tensor, theta: torch.Tensor, sample_shape: torch.Size) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from anndata import AnnData
 
 from . import data as data_mod
+from . import validate
 from .module import LDVAE
 from .train import TrainingPlan, evaluate_elbo, split_indices, train_svi
 
@@ -65,9 +67,15 @@ class LinearSCVI:
     ):
         self.adata = adata
         self.registry = data_mod.get_registry(adata)
+        validate.check_model_args(
+            n_hidden, n_latent, n_layers, dropout_rate, dispersion, gene_likelihood, latent_distribution,
+            self.registry.labels_key,
+        )
+        validate.check_shape(adata)
         self.seed = seed
         self.var_names = pd.Index(adata.var_names)
         cells = data_mod.CellData(adata, self.registry)
+        validate.check_totals(cells.X, adata.obs_names, warn_genes=False)
         library_log_means, library_log_vars = (None, None) if use_observed_lib_size else cells.library_prior()
         self.init_params_ = dict(
             n_hidden=n_hidden,
@@ -104,7 +112,9 @@ class LinearSCVI:
         self.history_: dict[str, pd.DataFrame] = {}
         self.is_trained_ = False
         self.train_indices = self.validation_indices = np.zeros(0, dtype=np.int64)
-        self._data_cache: tuple[int, data_mod.CellData] | None = (id(adata), cells)
+        # Keyed by a weak reference, not id(): a freed AnnData's id is reused by the next one,
+        # which returned another dataset's cells (a silent wrong answer).
+        self._data_cache: tuple[weakref.ref, data_mod.CellData] | None = (weakref.ref(adata), cells)
 
     # ------------------------------------------------------------------------------------
     @classmethod
@@ -116,6 +126,7 @@ class LinearSCVI:
         labels_key: str | None = None,
         categorical_covariate_keys: list[str] | None = None,
         continuous_covariate_keys: list[str] | None = None,
+        check_counts: bool = True,
     ) -> None:
         """Register which layer holds raw counts and which ``obs`` columns are batch, labels, covariates.
 
@@ -129,9 +140,21 @@ class LinearSCVI:
             ``obs`` columns of batches (enter the decoder, library prior, 'gene-batch') and labels.
         categorical_covariate_keys, continuous_covariate_keys
             Extra ``obs`` columns that enter the linear decoder beside the batch.
+        check_counts
+            Refuse non-integer values (the usual sign of normalized or log-transformed data);
+            ``False`` accepts them. NaN, infinite and negative values are always refused, and so
+            are cells with a total count of zero (remove them with
+            ``scanpy.pp.filter_cells(adata, min_counts=1)``).
+
+        Raises
+        ------
+        ValueError
+            For a missing layer or key, missing values in a batch/label column, a non-numeric
+            continuous covariate, an empty AnnData, or counts that are not raw counts.
         """
         data_mod.register(
-            adata, layer, batch_key, labels_key, categorical_covariate_keys, continuous_covariate_keys
+            adata, layer, batch_key, labels_key, categorical_covariate_keys, continuous_covariate_keys,
+            check_counts=check_counts,
         )
 
     def __repr__(self) -> str:
@@ -155,15 +178,13 @@ class LinearSCVI:
     def _cells(self, adata: AnnData | None) -> data_mod.CellData:
         """The registered cells of ``adata`` (default: the training AnnData), checked against the model."""
         adata = self.adata if adata is None else adata
-        if self._data_cache is not None and self._data_cache[0] == id(adata):
+        if self._data_cache is not None and self._data_cache[0]() is adata:
             return self._data_cache[1]
-        if list(adata.var_names) != list(self.var_names):
-            raise ValueError(
-                "adata.var_names differ from the genes the model was trained on; "
-                "subset and order the genes as in model.var_names (adata[:, model.var_names])."
-            )
+        key = weakref.ref(adata)
+        validate.check_shape(adata)
+        adata = validate.align_genes(adata, self.var_names)  # reorders when all genes are present
         cells = data_mod.CellData(adata, self.registry)
-        self._data_cache = (id(adata), cells)
+        self._data_cache = (key, cells)
         return cells
 
     def _indices(self, cells: data_mod.CellData, indices: Sequence[int] | None) -> np.ndarray:
@@ -186,6 +207,10 @@ class LinearSCVI:
         check_val_every_n_epoch: int = 1,
         seed: int | None = None,
         progress_bar: bool = True,
+        gradient_clip_val: float | None = None,
+        checkpoint_dir: str | None = None,
+        checkpoint_every: int = 1,
+        resume_from: str | None = None,
     ) -> LinearSCVI:
         """Train with SVI; arguments as ``scvi.model.LinearSCVI.train``.
 
@@ -205,16 +230,35 @@ class LinearSCVI:
             ``lr``, ``weight_decay``, ``eps``, ``n_epochs_kl_warmup``, ``max_kl_weight``, ``min_kl_weight``.
         seed
             Seed of the split, minibatch order and sampling; default: the model's seed.
+        gradient_clip_val
+            Clip the gradient's total norm to this value (``None``: no clipping).
+        checkpoint_dir, checkpoint_every
+            Write ``checkpoint_dir/last.ckpt`` atomically every ``checkpoint_every`` epochs, at the
+            end and on Ctrl-C: module, optimizer, RNG states, epoch and history.
+        resume_from
+            A ``checkpoint_dir`` (or its ``last.ckpt``) to continue from; use the same data,
+            seed and split arguments. ``max_epochs`` counts the epochs already done, so the
+            resumed run ends bit-identical to an uninterrupted one.
+
+        Ctrl-C stops after the current step; the model keeps the last completed epoch and
+        ``stop_reason_`` is 'interrupted'. If the loss becomes NaN or infinite, a
+        ``FloatingPointError`` names the epoch and the model keeps the last good epoch.
         """
         cells = self._cells(None)
         n_obs = cells.n_obs
         if max_epochs is None:
             max_epochs = int(min(round(20000 / n_obs * 400), 400))
         seed = self.seed if seed is None else seed
+        validate.check_train_args(
+            max_epochs, batch_size, train_size, validation_size, gradient_clip_val, checkpoint_every
+        )
         plan = TrainingPlan(**(plan_kwargs or {}))
         train_idx, val_idx = split_indices(n_obs, train_size, validation_size, batch_size, seed, shuffle_set_split)
+        validate.check_split(n_obs, train_idx, batch_size)
         self.train_indices, self.validation_indices = train_idx, val_idx
-        history = train_svi(
+        if resume_from is not None:
+            self.history_ = {}  # the checkpoint carries the history of the epochs it holds
+        history = _keeping_history_on_fault(self, train_svi)(
             self.module,
             cells,
             train_idx,
@@ -229,8 +273,13 @@ class LinearSCVI:
             early_stopping_min_delta=early_stopping_min_delta,
             progress_bar=progress_bar,
             check_val_every_n_epoch=check_val_every_n_epoch,
+            gradient_clip_val=gradient_clip_val,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            resume_from=resume_from,
         )
-        self.history_ = _append_history(self.history_, history)
+        self.stop_reason_ = getattr(history, "stop_reason", "completed")
+        self.history_ = _append_history(self.history_, dict(history))
         self.module.eval()
         self.is_trained_ = True
         return self
@@ -290,6 +339,21 @@ class LinearSCVI:
         cells = self._cells(adata)
         per_cell = evaluate_elbo(self.module, cells, self._indices(cells, indices), batch_size or 1024)
         return per_cell.mean().item() if return_mean else per_cell.cpu().numpy()
+
+
+def _keeping_history_on_fault(model: LinearSCVI, train_fn):
+    """``train_fn`` that, when the loss turns NaN (``FloatingPointError``), still records the
+    history of the good epochs the module was rolled back to, then re-raises."""
+
+    def run(*args, **kwargs):
+        try:
+            return train_fn(*args, **kwargs)
+        except FloatingPointError as err:
+            model.history_ = _append_history(model.history_, dict(getattr(err, "history", {})))
+            model.module.eval()
+            raise
+
+    return run
 
 
 def _append_history(old: dict[str, pd.DataFrame], new: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:

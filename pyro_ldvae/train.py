@@ -22,10 +22,55 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
+from . import checkpoint as ckpt
 from .data import CellData
 from .module import LDVAE
 
 logger = logging.getLogger(__name__)
+
+# Steps between host-side checks of the running NaN/inf flag (one device sync each).
+FAULT_CHECK_EVERY = 100
+
+
+class History(dict):
+    """The history dict of ``train_svi``; ``stop_reason`` is 'completed', 'early_stopping' or 'interrupted'."""
+
+    stop_reason: str = "completed"
+
+
+class TrainingFault(FloatingPointError):
+    """The loss became NaN or infinite; ``history`` holds the epochs completed before, whose
+    parameters the module was restored to."""
+
+    history: dict = {}
+
+
+def _history(rows: list[dict], stop_reason: str = "completed") -> History:
+    out = History()
+    if rows:
+        frame = pd.DataFrame(rows).set_index("epoch")
+        out.update({name: frame[[name]] for name in frame.columns})
+    out.stop_reason = stop_reason
+    return out
+
+
+def _fault(epoch: int, snapshot: dict, module: LDVAE, optimizer: torch.optim.Optimizer) -> TrainingFault:
+    """Roll module and optimizer back to ``snapshot`` and describe the fault of ``epoch``."""
+    ckpt.restore_parameters(snapshot, module, optimizer)
+    kept = f"epoch {snapshot['epoch'] - 1}" if snapshot["epoch"] else "initialisation"
+    err = TrainingFault(
+        f"Training stopped: the loss became NaN or infinite in epoch {epoch}. The model keeps the parameters "
+        f"of the last good epoch (those after {kept}). Remedies: lower the learning rate "
+        "(plan_kwargs={'lr': 1e-4}), clip gradients (gradient_clip_val=1.0), and check that the input holds raw "
+        "counts without extreme outliers."
+    )
+    err.history = _history(snapshot["rows"])
+    return err
+
+
+def _all_finite(tensors) -> bool:
+    """One device sync: are all ``tensors`` finite?"""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 @dataclass
@@ -123,6 +168,10 @@ def train_svi(
     early_stopping_min_delta: float = 0.0,
     progress_bar: bool = True,
     check_val_every_n_epoch: int = 1,
+    gradient_clip_val: float | None = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 1,
+    resume_from: str | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Fit ``module`` to the cells ``train_idx`` of ``data`` by stochastic variational inference.
 
@@ -130,6 +179,16 @@ def train_svi(
     (``elbo_train``, ``elbo_validation``, ``reconstruction_loss_train``, ``kl_local_train``,
     ``kl_weight``, ``train_loss_epoch``). As in scvi-tools, the ``elbo_*`` entries are the
     mean per-cell *negative* ELBO (lower is better).
+
+    Faults and interruption: the state after every completed epoch is kept in memory. If the
+    loss turns NaN or infinite (checked every ``FAULT_CHECK_EVERY`` steps and at the end of each
+    epoch, without a device sync per step), the module and optimizer go back to that state and
+    ``TrainingFault`` (a ``FloatingPointError``) names the epoch. Ctrl-C stops after the current
+    step and keeps the last completed epoch; the history's ``stop_reason`` is then 'interrupted'.
+    ``gradient_clip_val`` clips the gradient's total norm (as Lightning's ``gradient_clip_val``).
+    ``checkpoint_dir`` receives ``last.ckpt`` (atomically) every ``checkpoint_every`` epochs, at the
+    end and on interruption; ``resume_from`` (that directory or file) continues from it, bit for bit
+    as an uninterrupted run with the same seed; ``max_epochs`` counts the epochs already done.
     """
     plan = plan or TrainingPlan()
     pyro.set_rng_seed(seed)
@@ -139,37 +198,92 @@ def train_svi(
     n_train = len(train_idx)
     rows: list[dict[str, float]] = []
     best, epochs_since_best = math.inf, 0
-    bar = tqdm(range(max_epochs), desc="Training", disable=not progress_bar, unit="epoch")
-    for epoch in bar:
-        start = time.perf_counter()
-        kl_weight = plan.kl_weight(epoch)
-        elbo_sum = torch.zeros((), device=device)
-        for positions in _minibatch_indices(train_idx, batch_size, generator):
-            mb = data.minibatch(train_idx[positions], device, plate_idx=positions)
-            optimizer.zero_grad(set_to_none=True)
-            elbo, per_cell = module.elbo(mb, n_obs=n_train, kl_weight=kl_weight)
-            loss = -elbo / n_train
-            loss.backward()
-            optimizer.step()
-            elbo_sum += per_cell.detach().sum()
-        row = {"epoch": epoch, "kl_weight": kl_weight, "elbo_train": -(elbo_sum / n_train).item()}
-        row["train_time"] = time.perf_counter() - start
-        if len(val_idx) and (epoch + 1) % check_val_every_n_epoch == 0:
-            row["elbo_validation"] = -evaluate_elbo(module, data, val_idx).mean().item()
-        rows.append(row)
-        if not math.isfinite(row["elbo_train"]):
-            raise FloatingPointError(
-                f"The ELBO became {row['elbo_train']} in epoch {epoch}; lower the learning rate "
-                "(plan_kwargs={'lr': ...}) or check the input for non-count values."
-            )
-        bar.set_postfix(elbo_train=f"{row['elbo_train']:.1f}", elbo_val=f"{row.get('elbo_validation', float('nan')):.1f}")
-        if early_stopping and "elbo_validation" in row:
-            if row["elbo_validation"] < best - early_stopping_min_delta:
-                best, epochs_since_best = row["elbo_validation"], 0
-            else:
-                epochs_since_best += 1
-                if epochs_since_best >= early_stopping_patience:
-                    logger.info("Early stopping in epoch %d: validation ELBO has not improved for %d epochs.", epoch, epochs_since_best)
+    start_epoch = 0
+    if resume_from is not None:
+        state = ckpt.load(resume_from)
+        ckpt.restore(state, module, optimizer, generator, train_idx, val_idx, str(ckpt.checkpoint_path(resume_from)))
+        start_epoch, rows = state["epoch"], state["rows"]
+        best, epochs_since_best = state["best"], state["epochs_since_best"]
+        logger.info("Resuming from %s after epoch %d.", ckpt.checkpoint_path(resume_from), start_epoch - 1)
+    params = [p for p in module.parameters() if p.requires_grad]
+    snapshot = ckpt.capture(
+        module, optimizer, generator, start_epoch, rows, best, epochs_since_best, train_idx, val_idx
+    )
+    saved_epoch = start_epoch
+    stop_reason = "completed"
+    bar = tqdm(
+        range(start_epoch, max_epochs),
+        desc="Training",
+        disable=not progress_bar,
+        unit="epoch",
+        initial=start_epoch,
+        total=max_epochs,
+    )
+    epoch = start_epoch
+    guard = ckpt.InterruptGuard().__enter__()  # first Ctrl-C: stop after the current step
+    try:
+        for epoch in bar:
+            start = time.perf_counter()
+            kl_weight = plan.kl_weight(epoch)
+            elbo_sum = torch.zeros((), device=device)
+            loss_sum = torch.zeros((), device=device)  # running NaN/inf flag, read every FAULT_CHECK_EVERY steps
+            for step, positions in enumerate(_minibatch_indices(train_idx, batch_size, generator)):
+                mb = data.minibatch(train_idx[positions], device, plate_idx=positions)
+                optimizer.zero_grad(set_to_none=True)
+                elbo, per_cell = module.elbo(mb, n_obs=n_train, kl_weight=kl_weight)
+                loss = -elbo / n_train
+                loss.backward()
+                if gradient_clip_val is not None:
+                    torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+                optimizer.step()
+                elbo_sum += per_cell.detach().sum()
+                loss_sum += loss.detach()
+                if (step + 1) % FAULT_CHECK_EVERY == 0 and not torch.isfinite(loss_sum + elbo_sum):
                     break
-    frame = pd.DataFrame(rows).set_index("epoch")
-    return {name: frame[[name]] for name in frame.columns}
+                if guard.requested:
+                    raise KeyboardInterrupt
+            if not _all_finite([loss_sum + elbo_sum, *params, *module.buffers()]):
+                raise _fault(epoch, snapshot, module, optimizer)
+            row = {"epoch": epoch, "kl_weight": kl_weight, "elbo_train": -(elbo_sum / n_train).item()}
+            row["train_time"] = time.perf_counter() - start
+            if len(val_idx) and (epoch + 1) % check_val_every_n_epoch == 0:
+                row["elbo_validation"] = -evaluate_elbo(module, data, val_idx).mean().item()
+            rows.append(row)
+            bar.set_postfix(elbo_train=f"{row['elbo_train']:.1f}", elbo_val=f"{row.get('elbo_validation', float('nan')):.1f}")
+            if early_stopping and "elbo_validation" in row:
+                if row["elbo_validation"] < best - early_stopping_min_delta:
+                    best, epochs_since_best = row["elbo_validation"], 0
+                else:
+                    epochs_since_best += 1
+                    if epochs_since_best >= early_stopping_patience:
+                        logger.info("Early stopping in epoch %d: validation ELBO has not improved for %d epochs.", epoch, epochs_since_best)
+                        stop_reason = "early_stopping"
+            snapshot = ckpt.capture(
+                module, optimizer, generator, epoch + 1, rows, best, epochs_since_best, train_idx, val_idx
+            )
+            last = epoch + 1 == max_epochs or stop_reason != "completed"
+            if checkpoint_dir is not None and ((epoch + 1) % checkpoint_every == 0 or last):
+                ckpt.save(snapshot, checkpoint_dir)
+                saved_epoch = epoch + 1
+            if stop_reason != "completed":
+                break
+    except (ValueError, RuntimeError):
+        # NaN parameters make the next step fail inside (e.g. a Normal rejects a NaN loc): the same
+        # fault. Anything else is a genuine error and propagates unchanged.
+        if _all_finite([*params, *module.buffers()]):
+            raise
+        raise _fault(epoch, snapshot, module, optimizer) from None
+    except KeyboardInterrupt:
+        ckpt.restore_parameters(snapshot, module, optimizer)
+        rows, stop_reason = snapshot["rows"], "interrupted"
+        logger.warning(
+            "Training interrupted in epoch %d; the model keeps the last completed epoch (%d), usable and savable.",
+            epoch,
+            snapshot["epoch"] - 1,
+        )
+        if checkpoint_dir is not None and snapshot["epoch"] > saved_epoch:
+            ckpt.save(snapshot, checkpoint_dir)
+    finally:
+        guard.__exit__(None, None, None)
+        bar.close()
+    return _history(rows, stop_reason)
