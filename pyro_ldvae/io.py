@@ -141,6 +141,9 @@ def save(
             handle.write(json.dumps(meta, indent=1))
             handle.flush()
             os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; give the usual permissions
         if target.exists():
             backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(target, backup)
