@@ -9,8 +9,9 @@ model's ``'rho'`` site) from each group, pair them, and estimate per gene
   at a posterior expected false discovery rate ``fdr_target``.
 
 The output has scvi-tools' columns in each mode, one block per comparison, each block sorted by
-``bayes_factor`` (vanilla) or ``proba_de`` (change), with ``comparison``, ``group1`` and
-``group2`` columns.
+``bayes_factor`` (vanilla) or ``proba_de`` (change), ties broken by effect size (the log fold
+change of the mean scales, or ``|lfc_mean|``), with ``comparison``, ``group1`` and ``group2``
+columns.
 """
 
 from __future__ import annotations
@@ -311,7 +312,11 @@ def differential_expression(
         if all_stats:
             columns.update(raw_counts_properties(cells.X, mask1, mask2))
         frame = pd.DataFrame(columns, index=adata.var_names)
-        frame = frame.sort_values("proba_de" if mode == "change" else "bayes_factor", ascending=False)
+        # scvi-tools' order (bayes_factor or proba_de, decreasing); ties, common when probabilities
+        # saturate at 1, are broken by the effect size instead of arbitrarily.
+        primary = frame["proba_de" if mode == "change" else "bayes_factor"].to_numpy()
+        effect = np.abs(frame["lfc_mean"]) if mode == "change" else np.log2(scale1 + EPS) - np.log2(scale2 + EPS)
+        frame = frame.iloc[np.lexsort((-np.asarray(effect), -primary))]
         if mode == "change":
             frame[f"is_de_fdr_{fdr_target}"] = fdr_de_prediction(frame["proba_de"], fdr_target)
         if g1 is not None:
