@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = fit.add_argument_group("data")
     data.add_argument("--layer", default=None, help="layer holding raw counts (default: X)")
     data.add_argument("--batch-key", default=None, help="obs column of batches (enters the decoder)")
+    data.add_argument("--allow-non-integer", action="store_true",
+                      help="accept non-integer values in the counts (default: refuse them, as log-normalized data)")  # fmt: skip
     data.add_argument("--labels-key", default=None, help="obs column of labels (needed for --dispersion gene-label)")
     data.add_argument("--categorical-covariate-keys", type=_keys, default=None, metavar="K1,K2",
                       help="comma-separated obs columns of categorical covariates (enter the decoder)")  # fmt: skip
@@ -130,6 +132,31 @@ def _read_h5ad(path: str):
         raise UserError(f"cannot read {path} as .h5ad ({type(err).__name__}: {err})") from err
 
 
+def _check_counts(adata, layer: str | None, source: str, allow_non_integer: bool) -> None:
+    """Reject inputs that cannot be raw counts before any training time is spent."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from .data import get_counts
+
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise UserError(f"{source} has {adata.n_obs} cells and {adata.n_vars} genes; it needs at least one of each")
+    where = f"{source} layer {layer!r}" if layer else f"{source} X"
+    matrix = get_counts(adata, layer)
+    values = np.asarray(matrix.data if sp.issparse(matrix) else matrix)
+    if not np.issubdtype(values.dtype, np.number):
+        raise UserError(f"{where} is not numeric (dtype {values.dtype}); it must hold raw counts")
+    if not np.isfinite(values).all():
+        raise UserError(f"{where} has NaN or infinite values; it must hold raw counts")
+    if (values < 0).any():
+        raise UserError(f"{where} has negative values; it must hold raw counts (use --layer to point at them)")
+    if not allow_non_integer and not np.array_equal(values, np.round(values)):
+        raise UserError(
+            f"{where} has non-integer values, as log-normalized data do; point --layer at the raw counts, "
+            "or pass --allow-non-integer if the values are meant"
+        )
+
+
 def _write_h5ad_atomic(adata, path: str) -> None:
     """Write to a temporary file in the target's directory, then rename: never a partial file."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -174,6 +201,7 @@ def run_fit(args: argparse.Namespace) -> None:
     if args.save_model:
         _check_output(args.save_model, args.overwrite, "model directory")
     adata = _read_h5ad(args.input) if args.input else datasets.pbmc68k_counts()
+    _check_counts(adata, args.layer, args.input or "the bundled dataset", args.allow_non_integer)
     LinearSCVI.setup_anndata(
         adata,
         layer=args.layer,
@@ -220,6 +248,8 @@ def run_transform(args: argparse.Namespace) -> None:
     if not os.path.isdir(args.model_dir):
         raise UserError(f"model directory {args.model_dir} does not exist")
     adata = _read_h5ad(args.input)
+    if adata.n_obs == 0:
+        raise UserError(f"{args.input} has no cells")
     model = LinearSCVI.load(args.model_dir, adata=adata, accelerator=args.accelerator)
     start = time.perf_counter()
     result = model.adata  # the input, or a copy with the model's genes in its order

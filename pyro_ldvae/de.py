@@ -259,7 +259,8 @@ def differential_expression(
         raise ValueError(f"test_mode must be 'two' or 'three', got {test_mode!r}.")
     adata = model.adata if adata is None else adata
     cells = model._cells(adata)
-    rng = np.random.default_rng(seed)
+    # seed=None draws from numpy's global state, so pyro.set_rng_seed / np.random.seed make it repeatable
+    rng = np.random.default_rng(np.random.randint(2**31) if seed is None else seed)
     registry = model.registry
 
     def codes_for(batchid):
