@@ -384,17 +384,23 @@ class LinearSCVI:
         n_samples: int = 1,
         gene_list: Sequence[str] | None = None,
         batch_size: int | None = None,
+        transform_batch: str | int | None = None,
     ) -> np.ndarray:
         """Counts drawn from the posterior predictive ``p(x_new | x)``: z and l from the guide, then
-        the model's ``'x'`` site sampled instead of observed.
+        the model's ``'x'`` site sampled instead of observed; ``transform_batch`` decodes every
+        cell as if from that batch category.
 
         Returns a dense array ``(cells, genes)``, or ``(cells, genes, n_samples)`` when
         ``n_samples > 1`` (scvi-tools' layout; scvi-tools returns a sparse GCXS array).
         """
         cells = self._cells(adata)
+        codes = self._batch_codes(transform_batch)
+        if len(codes) != 1:
+            raise ValueError("posterior_predictive_sample takes one transform_batch category, not several.")
         draws = tasks.posterior_predictive(
-            self.module, cells, self._indices(cells, indices), n_samples, self._gene_mask(gene_list), batch_size or 128
-        )  # (n_samples, cells, genes)
+            self.module, cells, self._indices(cells, indices), n_samples, self._gene_mask(gene_list), batch_size or 128,
+            codes[0],
+        )  # (n_samples, cells, genes); fmt: skip
         return draws[0] if n_samples == 1 else np.moveaxis(draws, 0, -1)
 
     def get_likelihood_parameters(

@@ -130,14 +130,16 @@ def posterior_predictive(
     n_samples: int = 1,
     gene_mask: np.ndarray | slice = slice(None),
     batch_size: int = 128,
+    batch_code: int | None = None,
 ) -> np.ndarray:
-    """Counts drawn from the posterior predictive, ``(n_samples, cells, genes_selected)``."""
+    """Counts drawn from the posterior predictive, ``(n_samples, cells, genes_selected)``;
+    ``batch_code`` decodes every cell into that batch."""
     module.eval()
     out = []
     for mb in cells.iter_minibatches(indices, batch_size, module.device):
         parts = []
         for n in _chunks(n_samples, samples_per_chunk(module, mb.n_cells, n_samples)):
-            _, trace = posterior_traces(module, mb, n, sample_x=True)
+            _, trace = posterior_traces(module, mb, n, batch_code, sample_x=True)
             parts.append(trace.nodes["x"]["value"].reshape(n, mb.n_cells, -1)[..., gene_mask].cpu())
         out.append(torch.cat(parts, dim=0))
     return torch.cat(out, dim=1).numpy()

@@ -111,6 +111,10 @@ def test_posterior_predictive_sample_is_counts(model):
     assert one.shape == (10, 60) and (one >= 0).all() and np.allclose(one, np.round(one))
     many = model.posterior_predictive_sample(indices=np.arange(10), n_samples=3, gene_list=["gene_0", "gene_2"])
     assert many.shape == (10, 2, 3)
+    moved = model.posterior_predictive_sample(indices=np.arange(10), transform_batch="batch_1")
+    assert moved.shape == (10, 60) and (moved >= 0).all()
+    with pytest.raises(ValueError, match="one transform_batch"):
+        model.posterior_predictive_sample(transform_batch=["batch_0", "batch_1"])
 
 
 def test_posterior_predictive_check_on_held_out_cells():
