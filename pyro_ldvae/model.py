@@ -358,6 +358,8 @@ class LinearSCVI:
         batch_size
             Cells per forward pass.
         """
+        if library_size != "latent" and not isinstance(library_size, (int, float, np.number)):
+            raise ValueError(f"library_size must be a number or 'latent', got {library_size!r}.")
         cells = self._cells(adata)
         adata = self.adata if adata is None else adata
         idx = self._indices(cells, indices)

@@ -69,5 +69,5 @@ def pbmc4k_model():
     pyro_ldvae.LinearSCVI.setup_anndata(train)
     # The latent library is weakly identified in short fits (scvi-tools' too); the observed one is not.
     model = pyro_ldvae.LinearSCVI(train, n_latent=10, seed=0, use_observed_lib_size=True)
-    model.train(max_epochs=12, batch_size=64, progress_bar=False, plan_kwargs={"lr": 2e-2})
+    model.train(max_epochs=25, batch_size=64, progress_bar=False, plan_kwargs={"lr": 2e-2})
     return model, held_out
