@@ -1,87 +1,244 @@
-"""The ``pyro-ldvae`` command: fit LDVAE to an AnnData file and write the results."""
+"""The ``pyro-ldvae`` command: fit LDVAE to an AnnData file, embed new cells with a saved model.
+
+User mistakes (a missing file, an unknown key, an existing output) end with one line on stderr
+and exit status 2, never a traceback, and no output file is left behind: outputs are written to
+a temporary file next to the target and renamed into place at the end.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+EPILOG = """examples:
+  pyro-ldvae fit -o pbmc_ldvae.h5ad                      # the bundled PBMC dataset
+  pyro-ldvae fit counts.h5ad -o out.h5ad --batch-key donor --n-latent 20 --save-model model_dir
+  pyro-ldvae transform model_dir new_cells.h5ad -o new_cells_ldvae.h5ad
+
+results: obsm['X_ldvae'] (cells x factors), varm['ldvae_loadings'] (genes x factors),
+uns['ldvae'] (settings, training history, variance explained per factor)."""
+
+
+class UserError(Exception):
+    """A mistake in the command's arguments or inputs: reported in one line, no traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _keys(text: str) -> list[str]:
+    return [k.strip() for k in text.split(",") if k.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyro-ldvae", description="Fit LDVAE (linearly decoded VAE) to single-cell counts.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    fit = sub.add_parser("fit", help="fit LDVAE to an .h5ad file (default: scanpy's bundled PBMC counts)")
-    fit.add_argument("input", nargs="?", help="input .h5ad with raw counts; omitted: the embedded PBMC dataset")
-    fit.add_argument("-o", "--output", required=True, help="output .h5ad with obsm['X_ldvae'] and varm['ldvae_loadings']")
-    fit.add_argument("--layer", default=None, help="layer holding raw counts (default: X)")
-    fit.add_argument("--batch-key", default=None, help="obs column of batches")
-    fit.add_argument("--labels-key", default=None, help="obs column of labels")
-    fit.add_argument("--n-latent", type=int, default=10, help="number of factors (default 10)")
-    fit.add_argument("--gene-likelihood", choices=["nb", "zinb", "poisson"], default="nb")
-    fit.add_argument("--dispersion", choices=["gene", "gene-batch", "gene-label", "gene-cell"], default="gene")
-    fit.add_argument("--max-epochs", type=int, default=None, help="default: scvi-tools' heuristic")
-    fit.add_argument("--batch-size", type=int, default=128)
-    fit.add_argument("--accelerator", choices=["auto", "cpu", "cuda"], default="auto")
-    fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    fit.add_argument(
-        "--no-check-counts", action="store_true", help="accept non-integer values (default: refuse them)"
+    parser = _Parser(
+        prog="pyro-ldvae",
+        description="LDVAE (linearly decoded variational autoencoder) for single-cell RNA-seq counts, in Pyro.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"pyro-ldvae {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,transform}", parser_class=_Parser)
+
+    fit = sub.add_parser(
+        "fit",
+        help="fit LDVAE to an .h5ad file of raw counts (default: the bundled PBMC dataset)",
+        description="Fit LDVAE to raw counts and write an .h5ad with the factors, loadings and training history.",
+    )
+    fit.add_argument("input", nargs="?", help="input .h5ad with raw counts; omitted: scanpy's bundled PBMC (700 cells)")
+    fit.add_argument("-o", "--output", required=True, help="output .h5ad (input plus obsm/varm/uns results)")
+    data = fit.add_argument_group("data")
+    data.add_argument("--layer", default=None, help="layer holding raw counts (default: X)")
+    data.add_argument("--batch-key", default=None, help="obs column of batches (enters the decoder)")
+    data.add_argument("--allow-non-integer", "--no-check-counts", dest="allow_non_integer", action="store_true",
+                      help="accept non-integer values in the counts (default: refuse them, as log-normalized data)")  # fmt: skip
+    data.add_argument("--labels-key", default=None, help="obs column of labels (needed for --dispersion gene-label)")
+    data.add_argument("--categorical-covariate-keys", type=_keys, default=None, metavar="K1,K2",
+                      help="comma-separated obs columns of categorical covariates (enter the decoder)")  # fmt: skip
+    data.add_argument("--continuous-covariate-keys", type=_keys, default=None, metavar="K1,K2",
+                      help="comma-separated numeric obs columns of continuous covariates")  # fmt: skip
+    model = fit.add_argument_group("model")
+    model.add_argument("--n-latent", type=_positive_int, default=10, help="number of factors (default 10)")
+    model.add_argument("--n-hidden", type=_positive_int, default=128, help="encoder width (default 128)")
+    model.add_argument("--n-layers", type=_positive_int, default=1, help="encoder depth (default 1)")
+    model.add_argument("--dropout-rate", type=float, default=0.1, help="encoder dropout (default 0.1)")
+    model.add_argument("--gene-likelihood", choices=["nb", "zinb", "poisson"], default="nb", help="default nb")
+    model.add_argument("--dispersion", choices=["gene", "gene-batch", "gene-label", "gene-cell"], default="gene",
+                       help="default gene")  # fmt: skip
+    model.add_argument("--latent-distribution", choices=["normal", "ln"], default="normal", help="default normal")
+    train = fit.add_argument_group("training")
+    train.add_argument("--max-epochs", type=_positive_int, default=None,
+                       help="default: scvi-tools' rule min(round(20000 / n_cells * 400), 400)")  # fmt: skip
+    train.add_argument("--batch-size", type=_positive_int, default=128, help="cells per minibatch (default 128)")
+    train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    train.add_argument("--early-stopping", action="store_true", help="stop when the validation ELBO stalls")
+    train.add_argument("--accelerator", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
+    train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    out = fit.add_argument_group("output")
+    out.add_argument("--save-model", metavar="DIR", default=None, help="also save the fitted model to DIR")
+    out.add_argument("--n-top-genes", type=int, default=5, help="genes per factor in the summary (default 5)")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing output file or model directory")
+
+    transform = sub.add_parser(
+        "transform",
+        help="embed new cells with a saved model",
+        description="Embed the cells of INPUT with the model saved in MODEL_DIR (pyro-ldvae fit --save-model or "
+        "LinearSCVI.save); INPUT needs the model's genes (reordered if needed) and its obs keys.",
+    )
+    transform.add_argument("model_dir", metavar="MODEL_DIR", help="directory of a saved model")
+    transform.add_argument("input", metavar="INPUT", help="input .h5ad with raw counts")
+    transform.add_argument("-o", "--output", required=True, help="output .h5ad with obsm['X_ldvae'] and the loadings")
+    transform.add_argument("--batch-size", type=_positive_int, default=1024, help="cells per pass (default 1024)")
+    transform.add_argument("--accelerator", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
+    transform.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return parser
 
 
-def run_fit(args: argparse.Namespace) -> int:
-    import os
+# ----------------------------------------------------------------------------------------
+def _check_output(path: str, overwrite: bool, what: str = "output") -> None:
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"{what} {path} exists; pass --overwrite to replace it")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError(f"the directory of {what} {path} does not exist")
 
+
+def _read_h5ad(path: str):
+    import anndata
+
+    if not os.path.exists(path):
+        raise UserError(f"input {path} does not exist")
+    try:
+        return anndata.read_h5ad(path)
+    except Exception as err:  # h5py/anndata raise many types for unreadable files
+        raise UserError(f"cannot read {path} as .h5ad ({type(err).__name__}: {err})") from err
+
+
+def _write_h5ad_atomic(adata, path: str) -> None:
+    """Write to a temporary file in the target's directory, then rename: never a partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp.h5ad", dir=directory)
+    os.close(handle)
+    try:
+        adata.write_h5ad(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _summary(model, adata, elapsed: float, n_top: int) -> None:
+    history = model.history
+    epochs = len(history["elbo_train"]) if "elbo_train" in history else 0
+    print(f"pyro-ldvae: {adata.n_obs} cells x {adata.n_vars} genes, {epochs} epochs in {elapsed:.1f} s")
+    line = f"final negative ELBO per cell: train {history['elbo_train'].iloc[-1, 0]:.2f}" if epochs else ""
+    if "elbo_validation" in history and history["elbo_validation"].notna().any().item():
+        line += f", validation {history['elbo_validation'].dropna().iloc[-1, 0]:.2f}"
+    if line:
+        print(line)
+    variance = model.get_factor_variance_explained(sort=True)
+    loadings = model.get_loadings()
+    print(f"factors by variance explained in the decoder logits (top {n_top} genes, + and -):")
+    for name, row in variance.iterrows():
+        ordered = loadings[name].sort_values()
+        plus = ", ".join(ordered.index[::-1][:n_top])
+        minus = ", ".join(ordered.index[:n_top])
+        print(f"  {name} ({100 * row['fraction']:.1f}%): + {plus} | - {minus}")
+
+
+def run_fit(args: argparse.Namespace) -> int:
     from . import datasets
     from .model import LinearSCVI
 
-    if os.path.exists(args.output) and not args.overwrite:
-        raise ValueError(f"{args.output} exists; pass --overwrite to replace it.")
-    adata = _read(args.input) if args.input else datasets.pbmc68k_counts()
-    LinearSCVI.setup_anndata(
+    _check_output(args.output, args.overwrite)
+    if args.save_model:
+        _check_output(args.save_model, args.overwrite, "model directory")
+    adata = _read_h5ad(args.input) if args.input else datasets.pbmc68k_counts()
+    LinearSCVI.setup_anndata(  # validates the counts (validate.py) before any training time is spent
         adata,
         layer=args.layer,
         batch_key=args.batch_key,
         labels_key=args.labels_key,
-        check_counts=not getattr(args, "no_check_counts", False),
+        categorical_covariate_keys=args.categorical_covariate_keys,
+        continuous_covariate_keys=args.continuous_covariate_keys,
+        check_counts=not args.allow_non_integer,
     )
     model = LinearSCVI(
-        adata, n_latent=args.n_latent, gene_likelihood=args.gene_likelihood, dispersion=args.dispersion, seed=args.seed
+        adata,
+        n_hidden=args.n_hidden,
+        n_latent=args.n_latent,
+        n_layers=args.n_layers,
+        dropout_rate=args.dropout_rate,
+        dispersion=args.dispersion,
+        gene_likelihood=args.gene_likelihood,
+        latent_distribution=args.latent_distribution,
+        seed=args.seed,
     )
     start = time.perf_counter()
-    model.train(max_epochs=args.max_epochs, batch_size=args.batch_size, accelerator=args.accelerator, progress_bar=sys.stderr.isatty())
+    model.train(
+        max_epochs=args.max_epochs,
+        batch_size=args.batch_size,
+        accelerator=args.accelerator,
+        early_stopping=args.early_stopping,
+        plan_kwargs={"lr": args.lr},
+        progress_bar=sys.stderr.isatty(),
+    )
     elapsed = time.perf_counter() - start
-    if getattr(model, "stop_reason_", "completed") == "interrupted":
+    interrupted = getattr(model, "stop_reason_", "completed") == "interrupted"
+    if interrupted:
         n_done = len(model.history.get("elbo_train", ()))
         if n_done == 0:
             raise KeyboardInterrupt
         print(f"pyro-ldvae: interrupted; writing the results of the {n_done} completed epoch(s)", file=sys.stderr)
-    adata.obsm["X_ldvae"] = model.get_latent_representation()
-    loadings = model.get_loadings()
-    adata.varm["ldvae_loadings"] = loadings.to_numpy()
-    adata.write_h5ad(args.output)
-    print(f"pyro-ldvae: {adata.n_obs} cells x {adata.n_vars} genes, {len(model.history['elbo_train'])} epochs in {elapsed:.1f} s")
-    print(f"ELBO per cell: {model.get_elbo():.2f} (all cells)")
-    for column in loadings.columns:
-        top = loadings[column].sort_values()
-        print(f"  {column}: + {', '.join(top.index[::-1][:5])} | - {', '.join(top.index[:5])}")
+    model.to_adata(adata)
+    if args.save_model:
+        model.save(args.save_model, overwrite=args.overwrite)
+    _write_h5ad_atomic(adata, args.output)
+    _summary(model, adata, elapsed, args.n_top_genes)
+    if args.save_model:
+        print(f"saved model to {args.save_model}")
     print(f"wrote {args.output}")
-    return 130 if getattr(model, "stop_reason_", "completed") == "interrupted" else 0
+    return 130 if interrupted else 0
 
 
-def _read(path: str):
-    """Read an .h5ad; any failure becomes a one-line ValueError naming the file."""
-    import os
+def run_transform(args: argparse.Namespace) -> None:
+    from .model import LinearSCVI
 
-    import anndata
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"input file {path} does not exist.")
-    try:
-        return anndata.read_h5ad(path)
-    except Exception as err:  # h5py/anndata raise many types for a bad file
-        raise ValueError(f"cannot read {path} as .h5ad: {type(err).__name__}: {err}") from None
+    _check_output(args.output, args.overwrite)
+    if not os.path.isdir(args.model_dir):
+        raise UserError(f"model directory {args.model_dir} does not exist")
+    adata = _read_h5ad(args.input)
+    if adata.n_obs == 0:
+        raise UserError(f"{args.input} has no cells")
+    model = LinearSCVI.load(args.model_dir, adata=adata, accelerator=args.accelerator)
+    start = time.perf_counter()
+    result = model.adata  # the input, or a copy with the model's genes in its order
+    model.to_adata(result)
+    _write_h5ad_atomic(result, args.output)
+    print(f"pyro-ldvae: embedded {result.n_obs} cells x {result.n_vars} genes in {time.perf_counter() - start:.1f} s")
+    print(f"wrote {args.output}")
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -89,7 +246,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; errors become one line on stderr and a non-zero exit status, no traceback."""
+    """Entry point of the ``pyro-ldvae`` console script; returns the exit status."""
     import warnings
 
     args = build_parser().parse_args(argv)
@@ -98,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.command == "fit":
                 return run_fit(args)
-        except (ValueError, OSError, FloatingPointError) as err:
-            message = " ".join(str(err).split())  # one line, whatever the message
+            if args.command == "transform":
+                run_transform(args)
+        except (UserError, ValueError, OSError, FloatingPointError) as err:
+            message = " ".join(str(err).split())  # one line
             print(f"pyro-ldvae: error: {message}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:

@@ -12,7 +12,7 @@ import torch
 from anndata import AnnData
 
 from . import data as data_mod
-from . import validate
+from . import tasks, validate
 from .module import LDVAE
 from .train import TrainingPlan, evaluate_elbo, split_indices, train_svi
 
@@ -339,6 +339,297 @@ class LinearSCVI:
         cells = self._cells(adata)
         per_cell = evaluate_elbo(self.module, cells, self._indices(cells, indices), batch_size or 1024)
         return per_cell.mean().item() if return_mean else per_cell.cpu().numpy()
+
+
+    # ------------------------------------------------------------------------------------
+    # scVI tasks, computed from the Pyro model (see tasks.py and de.py)
+    # ------------------------------------------------------------------------------------
+    def _batch_codes(self, transform_batch) -> list[int | None]:
+        """Batch codes to decode into: None (each cell's own batch), one category, or several."""
+        if transform_batch is None:
+            return [None]
+        values = [transform_batch] if isinstance(transform_batch, (str, int, np.integer)) else list(transform_batch)
+        categories = self.registry.batch_categories
+        codes = []
+        for value in values:
+            if str(value) in categories:
+                codes.append(categories.index(str(value)))
+            elif isinstance(value, (int, np.integer)) and 0 <= value < len(categories):
+                codes.append(int(value))
+            else:
+                raise ValueError(f"transform_batch {value!r} is not a batch category; the model knows {categories}.")
+        return codes
+
+    def _gene_mask(self, gene_list: Sequence[str] | None) -> np.ndarray | slice:
+        if gene_list is None:
+            return slice(None)
+        missing = sorted(set(gene_list) - set(self.var_names))
+        if missing:
+            raise ValueError(f"gene_list has genes the model does not know: {missing[:10]}.")
+        return np.asarray(self.var_names.isin(gene_list))
+
+    def get_normalized_expression(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        transform_batch: str | int | Sequence[str | int] | None = None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float | str = 1,
+        n_samples: int = 1,
+        n_samples_overall: int | None = None,
+        return_mean: bool = True,
+        return_numpy: bool | None = None,
+        batch_size: int | None = None,
+    ) -> pd.DataFrame | np.ndarray:
+        """Denoised expression: the model's ``rho`` (cells x genes, rows sum to one) times ``library_size``.
+
+        Parameters
+        ----------
+        adata, indices
+            Cells to use (default: all cells of the training AnnData).
+        transform_batch
+            Decode every cell as if from this batch category; several categories are averaged.
+            This is the batch-corrected expression. None: each cell's observed batch.
+        gene_list
+            Return only these genes.
+        library_size
+            Scale to this library size; ``'latent'`` returns the expected counts ``exp(l) rho``.
+        n_samples
+            Posterior samples per cell; averaged when ``return_mean``.
+        n_samples_overall
+            Instead of per-cell output, draw this many samples ``(n_samples_overall, genes)`` from
+            the group of cells (used by differential expression).
+        return_mean, return_numpy
+            With ``return_mean=False`` and ``n_samples > 1`` the result is a numpy array
+            ``(n_samples, cells, genes)``; otherwise a DataFrame (cells x genes) unless
+            ``return_numpy``.
+        batch_size
+            Cells per forward pass.
+        """
+        if library_size != "latent" and not isinstance(library_size, (int, float, np.number)):
+            raise ValueError(f"library_size must be a number or 'latent', got {library_size!r}.")
+        cells = self._cells(adata)
+        adata = self.adata if adata is None else adata
+        idx = self._indices(cells, indices)
+        if n_samples_overall is not None:
+            n_samples = n_samples_overall // len(idx) + 1
+        mask = self._gene_mask(gene_list)
+        exprs = tasks.normalized_expression(
+            self.module, cells, idx, self._batch_codes(transform_batch), mask, library_size, n_samples, batch_size or 128
+        )  # (n_samples, cells, genes)
+        if n_samples_overall is not None:
+            flat = exprs.reshape(-1, exprs.shape[-1])
+            return flat[np.random.choice(len(flat), n_samples_overall, replace=True)]
+        if n_samples > 1 and not return_mean:
+            return exprs
+        exprs = exprs.mean(0)
+        if return_numpy:
+            return exprs
+        return pd.DataFrame(exprs, index=adata.obs_names[idx], columns=self.var_names[mask])
+
+    def posterior_predictive_sample(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        n_samples: int = 1,
+        gene_list: Sequence[str] | None = None,
+        batch_size: int | None = None,
+        transform_batch: str | int | None = None,
+    ) -> np.ndarray:
+        """Counts drawn from the posterior predictive ``p(x_new | x)``: z and l from the guide, then
+        the model's ``'x'`` site sampled instead of observed; ``transform_batch`` decodes every
+        cell as if from that batch category.
+
+        Returns a dense array ``(cells, genes)``, or ``(cells, genes, n_samples)`` when
+        ``n_samples > 1`` (scvi-tools' layout; scvi-tools returns a sparse GCXS array).
+        """
+        cells = self._cells(adata)
+        codes = self._batch_codes(transform_batch)
+        if len(codes) != 1:
+            raise ValueError("posterior_predictive_sample takes one transform_batch category, not several.")
+        draws = tasks.posterior_predictive(
+            self.module, cells, self._indices(cells, indices), n_samples, self._gene_mask(gene_list), batch_size or 128,
+            codes[0],
+        )  # (n_samples, cells, genes); fmt: skip
+        return draws[0] if n_samples == 1 else np.moveaxis(draws, 0, -1)
+
+    def get_likelihood_parameters(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        n_samples: int = 1,
+        give_mean: bool = False,
+        batch_size: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Parameters of the count likelihood per cell and gene.
+
+        Returns a dict with ``mean`` (the NB mean ``exp(l) rho``), ``dispersions`` (theta; not for
+        Poisson) and ``dropout`` (zero-inflation probability; ZINB only), each ``(cells, genes)``,
+        or ``(n_samples, cells, genes)`` when ``n_samples > 1`` and not ``give_mean``.
+        """
+        cells = self._cells(adata)
+        params = tasks.likelihood_parameters(self.module, cells, self._indices(cells, indices), n_samples, batch_size or 128)
+        if n_samples == 1 or give_mean:
+            return {key: value.mean(0) for key, value in params.items()}
+        return params
+
+    def get_latent_library_size(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Library size ``exp(l)`` per cell, ``(cells, 1)``: posterior mean (log-normal), or one draw."""
+        cells = self._cells(adata)
+        return tasks.latent_library_size(self.module, cells, self._indices(cells, indices), give_mean, batch_size or 128)
+
+    def differential_expression(
+        self,
+        adata: AnnData | None = None,
+        groupby: str | None = None,
+        group1: str | Sequence[str] | None = None,
+        group2: str | None = None,
+        idx1: Sequence[int] | Sequence[bool] | str | None = None,
+        idx2: Sequence[int] | Sequence[bool] | str | None = None,
+        mode: str = "vanilla",
+        delta: float | None = 0.25,
+        batch_size: int | None = None,
+        all_stats: bool = True,
+        batch_correction: bool = False,
+        batchid1: Sequence[str] | None = None,
+        batchid2: Sequence[str] | None = None,
+        fdr_target: float = 0.05,
+        silent: bool = False,
+        filter_outlier_cells: bool = False,
+        **kwargs,
+    ) -> pd.DataFrame:
+        """scVI's Bayesian differential expression, with scvi-tools' arguments and output columns.
+
+        Parameters
+        ----------
+        adata
+            AnnData (default: the training data).
+        groupby, group1, group2
+            ``obs`` column and its groups; ``group1=None`` compares every group with the rest,
+            ``group2=None`` compares against all other cells ('Rest').
+        idx1, idx2
+            Instead of groups: masks, positions or ``obs.query`` strings of the two populations.
+        mode
+            'vanilla' (``P(rho1 > rho2)``) or 'change' (``P(|LFC| >= delta)``, LFC summaries, FDR calls).
+        delta
+            LFC threshold of 'change' mode; None estimates it from the data.
+        batch_correction, batchid1, batchid2
+            Decode both groups into the same batches (all, or those listed) and pair samples
+            within a batch, so that batch effects cancel.
+        fdr_target
+            Posterior expected FDR for the ``is_de_fdr_<target>`` column ('change' mode).
+        all_stats
+            Add observed means, non-zero fractions and normalized means per group.
+        filter_outlier_cells
+            Drop latent-space outliers of each group first.
+        **kwargs
+            ``n_samples_overall`` (5000), ``use_permutation`` (False), ``m_permutation`` (10000),
+            ``pseudocounts`` (None: estimated), ``threshold_counts``, ``test_mode`` ('three'), ``seed``.
+
+        Returns
+        -------
+        DataFrame indexed by gene; one block per comparison sorted by ``bayes_factor`` (vanilla)
+        or ``proba_de`` (change), with ``comparison``, ``group1`` and ``group2`` columns.
+        """
+        from .de import differential_expression
+
+        return differential_expression(
+            self, adata, groupby, group1, group2, idx1, idx2, mode, delta, batch_size, all_stats,
+            batch_correction, batchid1, batchid2, fdr_target, silent, filter_outlier_cells, **kwargs,
+        )  # fmt: skip
+
+    def get_reconstruction_error(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+    ) -> dict[str, float | np.ndarray]:
+        """``{'reconstruction_loss': -log p(x | z, l)}`` at a posterior draw: the mean per cell
+        (scvi-tools' form) or, with ``return_mean=False``, per cell ``(cells,)``. Lower is better."""
+        cells = self._cells(adata)
+        nll = tasks.reconstruction_nll(self.module, cells, self._indices(cells, indices), batch_size or 128)
+        return {"reconstruction_loss": float(nll.mean()) if return_mean else nll}
+
+    def get_marginal_ll(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        n_mc_samples: int = 1000,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+    ) -> float | np.ndarray:
+        """Importance-sampled ``log p(x)`` with the guide as proposal (higher is better): the mean
+        over cells, or per cell ``(cells,)`` with ``return_mean=False``."""
+        cells = self._cells(adata)
+        ll = tasks.marginal_ll(self.module, cells, self._indices(cells, indices), n_mc_samples, batch_size or 128)
+        return float(ll.mean()) if return_mean else ll
+
+    def get_factor_variance_explained(
+        self, adata: AnnData | None = None, indices: Sequence[int] | None = None, sort: bool = False
+    ) -> pd.DataFrame:
+        """Per factor, the variance of the decoder logits it explains across cells.
+
+        Returns a DataFrame indexed by factor (``Z_k``) with ``variance``, ``fraction`` (of the
+        total logit variance, covariates included) and ``rank``; ``sort=True`` orders the rows by
+        decreasing variance (LDVAE's factors are otherwise unordered), so
+        ``model.get_loadings()[frame.index]`` gives loadings ordered by importance.
+        """
+        cells = self._cells(adata)
+        frame = tasks.factor_variance_explained(self.module, cells, self._indices(cells, indices))
+        return frame.sort_values("variance", ascending=False) if sort else frame
+
+    def get_top_genes(
+        self, n_top: int = 10, factors: Sequence[str] | None = None, order_by_variance: bool = False
+    ) -> pd.DataFrame:
+        """Tidy table of the top positive and negative genes of each factor.
+
+        Columns ``factor``, ``direction``, ``rank``, ``gene``, ``loading``; ``order_by_variance``
+        lists factors by decreasing explained variance.
+        """
+        if factors is None and order_by_variance:
+            factors = list(self.get_factor_variance_explained(sort=True).index)
+        return tasks.top_genes(self.get_loadings(), n_top, factors)
+
+    # ------------------------------------------------------------------------------------
+    # Results into AnnData, persistence and import (see io.py)
+    # ------------------------------------------------------------------------------------
+    def to_adata(self, adata: AnnData | None = None, key: str = "ldvae") -> AnnData:
+        """Write ``obsm['X_<key>']``, ``varm['<key>_loadings']`` and ``uns['<key>']`` (settings, history,
+        variance explained) into ``adata`` (default: the training data) and return it."""
+        from .io import write_results
+
+        return write_results(self, self.adata if adata is None else adata, key)
+
+    def save(self, dir_path: str, overwrite: bool = False, save_anndata: bool = False, prefix: str | None = None) -> None:
+        """Save weights, setup and history to ``dir_path`` atomically; see :func:`pyro_ldvae.io.save`."""
+        from .io import save
+
+        save(self, dir_path, overwrite=overwrite, save_anndata=save_anndata, prefix=prefix)
+
+    @classmethod
+    def load(
+        cls, dir_path: str, adata: AnnData | None = None, accelerator: str = "auto", device: str | int = "auto",
+        prefix: str | None = None,
+    ) -> LinearSCVI:  # fmt: skip
+        """Load a model saved by :meth:`save` (never unpickles code); see :func:`pyro_ldvae.io.load`."""
+        from .io import load
+
+        return load(dir_path, adata=adata, accelerator=accelerator, device=device, prefix=prefix)
+
+    @classmethod
+    def from_scvi(cls, scvi_model, adata: AnnData | None = None) -> LinearSCVI:
+        """Import a trained ``scvi.model.LinearSCVI`` (weights, setup, history); see
+        :func:`pyro_ldvae.io.from_scvi`."""
+        from .io import from_scvi
+
+        return from_scvi(scvi_model, adata)
 
 
 def _keeping_history_on_fault(model: LinearSCVI, train_fn):

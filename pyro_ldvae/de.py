@@ -1,0 +1,328 @@
+"""scVI's Bayesian differential expression (Lopez et al. 2018; Boyeau et al. 2019).
+
+For two groups of cells, draw posterior samples of the normalized expression ``rho`` (the
+model's ``'rho'`` site) from each group, pair them, and estimate per gene
+
+* ``'vanilla'``: ``P(rho1 > rho2)`` and the Bayes factor ``log P / (1 - P)``;
+* ``'change'``: the distribution of ``LFC = log2(rho1 + c) - log2(rho2 + c)``, the probability
+  that ``|LFC| >= delta`` (``proba_de``), its mean/median/std/min/max, and the genes called DE
+  at a posterior expected false discovery rate ``fdr_target``.
+
+The output has scvi-tools' columns in each mode, one block per comparison, each block sorted by
+``bayes_factor`` (vanilla) or ``proba_de`` (change), ties broken by effect size (the log fold
+change of the mean scales, or ``|lfc_mean|``), with ``comparison``, ``group1`` and ``group2``
+columns.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from .tasks import normalized_expression
+
+if TYPE_CHECKING:
+    from .model import LinearSCVI
+
+logger = logging.getLogger(__name__)
+
+EPS = 1e-8
+
+
+def _mask(selection, adata: AnnData, name: str) -> np.ndarray:
+    """A boolean cell mask from a mask, a list of positions, or an ``adata.obs.query`` string."""
+    if isinstance(selection, str):
+        mask = adata.obs_names.isin(adata.obs.query(selection).index)
+    else:
+        selection = np.asarray(selection).ravel()
+        if selection.dtype == bool:
+            if len(selection) != adata.n_obs:
+                raise ValueError(f"{name} is a boolean mask of length {len(selection)}; adata has {adata.n_obs} cells.")
+            mask = selection
+        else:
+            mask = np.zeros(adata.n_obs, dtype=bool)
+            mask[selection.astype(np.int64)] = True
+    if not mask.any():
+        raise ValueError(f"{name} selects no cells.")
+    return mask
+
+
+def _comparisons(
+    adata: AnnData, groupby: str | None, group1, group2, idx1, idx2
+) -> list[tuple[np.ndarray, np.ndarray, str | None, str | None]]:
+    """``(mask1, mask2, group1 name, group2 name)`` per comparison; names are None for idx1/idx2."""
+    if idx1 is not None:
+        mask1 = _mask(idx1, adata, "idx1")
+        mask2 = ~mask1 if idx2 is None else _mask(idx2, adata, "idx2")
+        if not mask2.any():
+            raise ValueError("The second group is empty (idx1 selects every cell); pass idx2.")
+        return [(mask1, mask2, None, None)]
+    if groupby is None:
+        raise ValueError("Pass groupby (an adata.obs column) with group1/group2, or idx1 (and optionally idx2).")
+    if groupby not in adata.obs.columns:
+        raise ValueError(f"groupby {groupby!r} is not a column of adata.obs; available: {list(adata.obs.columns)}.")
+    column = adata.obs[groupby].astype(str)
+    categories = list(adata.obs[groupby].astype("category").cat.categories.astype(str))
+    if group1 is None:
+        if len(categories) < 2:
+            raise ValueError(f"obs[{groupby!r}] has a single group; differential expression needs two.")
+        group1 = categories
+    elif isinstance(group1, str) or not isinstance(group1, Sequence):
+        group1 = [group1]
+    out = []
+    for g1 in map(str, group1):
+        if g1 not in categories:
+            raise ValueError(f"group1 {g1!r} is not a value of obs[{groupby!r}]; values: {categories[:20]}.")
+        mask1 = (column == g1).to_numpy()
+        if group2 is None:
+            mask2, g2 = ~mask1, "Rest"
+        else:
+            g2 = str(group2)
+            if g2 not in categories:
+                raise ValueError(f"group2 {g2!r} is not a value of obs[{groupby!r}]; values: {categories[:20]}.")
+            mask2 = (column == g2).to_numpy()
+        if not mask2.any():
+            raise ValueError(f"No cells to compare {g1!r} against.")
+        out.append((mask1, mask2, g1, g2))
+    return out
+
+
+def _filter_outliers(model: LinearSCVI, adata: AnnData, positions: np.ndarray) -> np.ndarray:
+    """Drop cells that are outliers of the group's latent representation (robust covariance)."""
+    from sklearn.covariance import EllipticEnvelope
+
+    latent = model.get_latent_representation(adata, indices=positions)
+    try:
+        keep = EllipticEnvelope().fit_predict(latent) == 1
+    except ValueError:
+        warnings.warn("Could not estimate the covariance for outlier filtering; using all cells.", stacklevel=3)
+        return positions
+    return positions[keep]
+
+
+def sample_scales(
+    model: LinearSCVI,
+    adata: AnnData,
+    positions: np.ndarray,
+    batch_codes: Sequence[int | None],
+    n_samples_overall: int,
+    batch_size: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior samples of ``rho`` for a group: ``(n_samples, genes)`` and their batch codes.
+
+    ``n_samples_overall`` is split evenly over ``batch_codes`` (None: each cell's own batch); each
+    cell gets enough draws and ``n`` rows are picked uniformly with replacement.
+    """
+    cells = model._cells(adata)
+    per_code = max(2, int(n_samples_overall / len(batch_codes)))
+    scales, codes = [], []
+    for code in batch_codes:
+        per_cell = per_code // len(positions) + 1
+        draws = normalized_expression(
+            model.module, cells, positions, [code], n_samples=per_cell, batch_size=batch_size
+        ).reshape(-1, cells.n_vars)
+        scales.append(draws[rng.choice(len(draws), size=per_code, replace=True)])
+        codes.append(np.full(per_code, -1 if code is None else code))
+    return np.concatenate(scales), np.concatenate(codes)
+
+
+def _pairs(a: np.ndarray, b: np.ndarray, use_permutation: bool, m: int, rng: np.random.Generator):
+    if not use_permutation:
+        n = min(len(a), len(b))
+        return a[:n], b[:n]
+    return a[rng.choice(len(a), size=m)], b[rng.choice(len(b), size=m)]
+
+
+def estimate_pseudocounts(
+    scales1: np.ndarray, scales2: np.ndarray, zero1: np.ndarray, zero2: np.ndarray, quantile: float = 0.9
+) -> float:
+    """scvi-tools' pseudocount rule: a high quantile of the largest sampled scale among genes with
+    (almost) no observed counts in a group, divided by the number of genes; at least 1e-10."""
+    offsets = []
+    for scales, zero in ((scales1, zero1), (scales2, zero2)):
+        offsets.append(np.quantile(scales.max(0)[zero], quantile) if zero.any() else 1e-10)
+    return float(max(1e-10, max(offsets) / scales1.shape[1]))
+
+
+def estimate_delta(lfc_means: np.ndarray, coef: float = 0.6, min_threshold: float = 0.1) -> float:
+    """LFC threshold from a 3-component Gaussian mixture of the per-gene mean LFCs (for ``delta=None``)."""
+    from sklearn.mixture import GaussianMixture
+
+    means = np.sort(GaussianMixture(n_components=3, random_state=0).fit(lfc_means[:, None]).means_.ravel())
+    return float(max(min_threshold, coef * np.abs(means[[0, -1]]).mean()))
+
+
+def bayes_factors(
+    scales1: np.ndarray,
+    scales2: np.ndarray,
+    mode: str,
+    delta: float | None,
+    pseudocounts: float,
+    test_mode: str = "three",
+) -> dict[str, np.ndarray]:
+    """Per-gene DE statistics from paired posterior samples ``(n_pairs, genes)`` of both groups."""
+    if mode == "vanilla":
+        proba_m1 = np.mean(scales1 > scales2, axis=0)
+        proba_m2 = 1.0 - proba_m1
+        return {
+            "proba_m1": proba_m1,
+            "proba_m2": proba_m2,
+            "bayes_factor": np.log(proba_m1 + EPS) - np.log(proba_m2 + EPS),
+        }
+    lfc = np.log2(scales1 + pseudocounts) - np.log2(scales2 + pseudocounts)
+    delta = estimate_delta(lfc.mean(0)) if delta is None else delta
+    up, down = np.mean(lfc >= delta, axis=0), np.mean(lfc < -delta, axis=0)
+    proba_de = up + down if test_mode == "two" else np.maximum(up, down)
+    # LFC summaries with a thousand times smaller pseudocount, as scvi-tools reports them.
+    lfc_small = np.log2(scales1 + 1e-3 * pseudocounts) - np.log2(scales2 + 1e-3 * pseudocounts)
+    return {
+        "proba_de": proba_de,
+        "proba_not_de": 1.0 - proba_de,
+        "bayes_factor": np.log(proba_de + EPS) - np.log(1.0 - proba_de + EPS),
+        "pseudocounts": np.full(scales1.shape[1], pseudocounts),
+        "delta": np.full(scales1.shape[1], delta),
+        "lfc_mean": lfc_small.mean(0),
+        "lfc_median": np.median(lfc_small, 0),
+        "lfc_std": lfc_small.std(0),
+        "lfc_min": lfc_small.min(0),
+        "lfc_max": lfc_small.max(0),
+    }
+
+
+def raw_counts_properties(counts, mask1: np.ndarray, mask2: np.ndarray) -> dict[str, np.ndarray]:
+    """Observed means, non-zero fractions and library-normalized (1e4) means per group."""
+    size = np.asarray(counts.sum(axis=1)).ravel()
+    with np.errstate(divide="ignore"):
+        scaling = np.where(size > 0, 1e4 / size, 0.0)[:, None]
+    blocks = {i: counts[mask] for i, mask in ((1, mask1), (2, mask2))}
+    norms = {
+        i: blocks[i].multiply(scaling[mask]) if sp.issparse(blocks[i]) else blocks[i] * scaling[mask]
+        for i, mask in ((1, mask1), (2, mask2))
+    }
+    out = {}
+    for i in (1, 2):
+        out[f"raw_mean{i}"] = np.asarray(blocks[i].mean(axis=0)).ravel()
+    for i in (1, 2):
+        out[f"non_zeros_proportion{i}"] = np.asarray((blocks[i] != 0).mean(axis=0)).ravel()
+    for i in (1, 2):
+        out[f"raw_normalized_mean{i}"] = np.asarray(norms[i].mean(axis=0)).ravel()
+    return out
+
+
+def fdr_de_prediction(proba_de: pd.Series, fdr: float = 0.05) -> pd.Series:
+    """Call the largest set of genes whose posterior expected FDR is at most ``fdr``."""
+    ordered = proba_de.sort_values(ascending=False)
+    expected_fdr = (1.0 - ordered).cumsum() / np.arange(1, len(ordered) + 1)
+    called = pd.Series(False, index=ordered.index)
+    called.iloc[: int((expected_fdr <= fdr).sum())] = True
+    return called.loc[proba_de.index]
+
+
+def differential_expression(
+    model: LinearSCVI,
+    adata: AnnData | None = None,
+    groupby: str | None = None,
+    group1: str | Sequence[str] | None = None,
+    group2: str | None = None,
+    idx1=None,
+    idx2=None,
+    mode: str = "vanilla",
+    delta: float | None = 0.25,
+    batch_size: int | None = None,
+    all_stats: bool = True,
+    batch_correction: bool = False,
+    batchid1: Sequence[str] | None = None,
+    batchid2: Sequence[str] | None = None,
+    fdr_target: float = 0.05,
+    silent: bool = True,
+    filter_outlier_cells: bool = False,
+    n_samples_overall: int = 5000,
+    use_permutation: bool = False,
+    m_permutation: int = 10000,
+    pseudocounts: float | None = None,
+    threshold_counts: float = 0.01,
+    test_mode: str = "three",
+    seed: int | None = None,
+) -> pd.DataFrame:
+    """See :meth:`pyro_ldvae.LinearSCVI.differential_expression`."""
+    if mode not in ("vanilla", "change"):
+        raise ValueError(f"mode must be 'vanilla' or 'change', got {mode!r}.")
+    if test_mode not in ("two", "three"):
+        raise ValueError(f"test_mode must be 'two' or 'three', got {test_mode!r}.")
+    adata = model.adata if adata is None else adata
+    cells = model._cells(adata)
+    # seed=None draws from numpy's global state, so pyro.set_rng_seed / np.random.seed make it repeatable
+    rng = np.random.default_rng(np.random.randint(2**31) if seed is None else seed)
+    registry = model.registry
+
+    def codes_for(batchid):
+        if not batch_correction:
+            if batchid is not None:
+                raise ValueError("batchid1/batchid2 apply only with batch_correction=True.")
+            return [None]
+        names = registry.batch_categories if batchid is None else [str(b) for b in batchid]
+        unknown = sorted(set(names) - set(registry.batch_categories))
+        if unknown:
+            raise ValueError(f"Unknown batch categories {unknown}; the model knows {registry.batch_categories}.")
+        return [registry.batch_categories.index(b) for b in names]
+
+    codes1, codes2 = codes_for(batchid1), codes_for(batchid2)
+    batch_size = batch_size or 128
+    results = []
+    for mask1, mask2, g1, g2 in _comparisons(adata, groupby, group1, group2, idx1, idx2):
+        if not silent:
+            logger.info("DE: %s vs %s", g1, g2)
+        pos1, pos2 = np.flatnonzero(mask1), np.flatnonzero(mask2)
+        if filter_outlier_cells:
+            pos1, pos2 = _filter_outliers(model, adata, pos1), _filter_outliers(model, adata, pos2)
+        s1, b1 = sample_scales(model, adata, pos1, codes1, n_samples_overall, batch_size, rng)
+        s2, b2 = sample_scales(model, adata, pos2, codes2, n_samples_overall, batch_size, rng)
+        scale1, scale2 = s1.mean(0), s2.mean(0)
+        if batch_correction and set(codes1) == set(codes2):
+            # Pair samples decoded into the same batch, so the batch effect cancels.
+            per_batch = m_permutation // len(codes1)
+            pairs = [_pairs(s1[b1 == c], s2[b2 == c], use_permutation, per_batch, rng) for c in codes1]
+            s1, s2 = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+        else:
+            if batch_correction and set(codes1) & set(codes2):
+                warnings.warn(
+                    "batchid1 and batchid2 differ but overlap; batch correction is not trustworthy.", stacklevel=2
+                )
+            s1, s2 = _pairs(s1, s2, use_permutation, m_permutation, rng)
+        if mode == "change" and pseudocounts is None:
+            pc = estimate_pseudocounts(
+                s1,
+                s2,
+                np.asarray(cells.X[pos1].mean(0)).ravel() < threshold_counts,
+                np.asarray(cells.X[pos2].mean(0)).ravel() < threshold_counts,
+            )
+        else:
+            pc = pseudocounts or 0.0
+        stats = bayes_factors(s1, s2, mode, delta, pc, test_mode)
+        columns = dict(list(stats.items())[:3])
+        columns.update(scale1=scale1, scale2=scale2)
+        columns.update(dict(list(stats.items())[3:]))
+        if all_stats:
+            columns.update(raw_counts_properties(cells.X, mask1, mask2))
+        frame = pd.DataFrame(columns, index=adata.var_names)
+        # scvi-tools' order (bayes_factor or proba_de, decreasing); ties, common when probabilities
+        # saturate at 1, are broken by the effect size instead of arbitrarily.
+        primary = frame["proba_de" if mode == "change" else "bayes_factor"].to_numpy()
+        effect = np.abs(frame["lfc_mean"]) if mode == "change" else np.log2(scale1 + EPS) - np.log2(scale2 + EPS)
+        frame = frame.iloc[np.lexsort((-np.asarray(effect), -primary))]
+        if mode == "change":
+            frame[f"is_de_fdr_{fdr_target}"] = fdr_de_prediction(frame["proba_de"], fdr_target)
+        if g1 is not None:
+            frame["comparison"] = f"{g1} vs {g2}"
+            frame["group1"] = g1
+            frame["group2"] = g2
+        results.append(frame)
+    return pd.concat(results, axis=0)

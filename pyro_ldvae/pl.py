@@ -1,0 +1,195 @@
+"""Plots, scanpy style: the training curve, factor loadings with their top genes, a factor on
+an embedding. Each function returns the matplotlib Axes (a list for several panels), takes
+``ax=`` to draw into an existing figure, ``show=True`` to call ``plt.show()`` (and return None)
+and ``save='file.png'`` (or ``True`` for ``figures/<name>.png``) to write the figure.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+    from .model import LinearSCVI
+
+
+def _finish(fig, axes, name: str, show: bool | None, save: str | bool | None):
+    import matplotlib.pyplot as plt
+
+    if save:
+        path = os.path.join("figures", f"{name}.png") if save is True else str(save)
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        fig.savefig(path, bbox_inches="tight", dpi=120)
+    if show:
+        plt.show()
+        return None
+    return axes
+
+
+def _history(source, key: str) -> dict[str, pd.Series]:
+    """Per-epoch series from a model, an AnnData with ``uns[key]['history']``, or a history dict."""
+    if isinstance(source, AnnData):
+        if key not in source.uns or "history" not in source.uns[key]:
+            raise ValueError(f"adata.uns[{key!r}]['history'] is missing; store results with model.to_adata(adata).")
+        stored = source.uns[key]
+        epochs = np.asarray(stored.get("history_epochs", []))
+        out = {}
+        for name, values in stored["history"].items():
+            values = np.asarray(values, dtype=float)
+            index = epochs if len(epochs) == len(values) else np.arange(len(values))
+            out[name] = pd.Series(values, index=index)
+        return out
+    history = source.history if hasattr(source, "history") else source
+    return {
+        name: frame.iloc[:, 0] if isinstance(frame, pd.DataFrame) else pd.Series(frame)
+        for name, frame in history.items()
+    }
+
+
+def training_curve(
+    source: LinearSCVI | AnnData | dict,
+    keys: Sequence[str] = ("elbo_train", "elbo_validation"),
+    key: str = "ldvae",
+    ax: Axes | None = None,
+    show: bool | None = None,
+    save: str | bool | None = None,
+) -> Axes | None:
+    """Train and validation negative ELBO per epoch (lower is better).
+
+    ``source``: a trained model, an AnnData with stored results, or a history dict.
+    """
+    import matplotlib.pyplot as plt
+
+    history = _history(source, key)
+    present = [k for k in keys if k in history and history[k].notna().any()]
+    if not present:
+        raise ValueError(f"None of {list(keys)} is in the training history (keys: {sorted(history)}); train first.")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = ax.figure
+    for name in present:
+        series = history[name].dropna()
+        ax.plot(series.index, series.to_numpy(), marker="." if len(series) < 30 else None, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("negative ELBO per cell")
+    ax.set_title("LDVAE training")
+    ax.legend(frameon=False)
+    return _finish(fig, ax, "ldvae_training_curve", show, save)
+
+
+def _loadings_frame(source, key: str) -> pd.DataFrame:
+    if isinstance(source, AnnData):
+        name = f"{key}_loadings"
+        if name not in source.varm:
+            raise ValueError(f"adata.varm[{name!r}] is missing; store results with model.to_adata(adata).")
+        values = np.asarray(source.varm[name])
+        names = source.uns.get(key, {}).get("factor_names", [f"Z_{k}" for k in range(values.shape[1])])
+        return pd.DataFrame(values, index=source.var_names, columns=list(names))
+    return source.get_loadings()
+
+
+def loadings(
+    source: LinearSCVI | AnnData,
+    factors: Sequence[str | int] | None = None,
+    n_top: int = 5,
+    key: str = "ldvae",
+    ncols: int = 3,
+    show: bool | None = None,
+    save: str | bool | None = None,
+) -> list[Axes] | None:
+    """Each chosen factor's loadings sorted across genes, with the ``n_top`` most positive and most
+    negative genes labelled (the figure of the LDVAE paper).
+
+    ``factors``: names ('Z_3') or positions; default: all factors, ordered by explained variance
+    when that is stored (``uns[key]['factor_order']``) or computable from a model.
+    """
+    import matplotlib.pyplot as plt
+
+    frame = _loadings_frame(source, key)
+    if factors is None:
+        if isinstance(source, AnnData) and "factor_order" in source.uns.get(key, {}):
+            factors = list(source.uns[key]["factor_order"])
+        elif not isinstance(source, AnnData):
+            factors = list(source.get_factor_variance_explained(sort=True).index)
+        else:
+            factors = list(frame.columns)
+    names = [frame.columns[f] if isinstance(f, (int, np.integer)) else str(f) for f in factors]
+    unknown = [n for n in names if n not in frame.columns]
+    if unknown:
+        raise ValueError(f"Unknown factors {unknown}; factors are {list(frame.columns)}.")
+    ncols = max(1, min(ncols, len(names)))
+    nrows = int(np.ceil(len(names) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
+    flat = list(axes.ravel())
+    for ax, name in zip(flat, names):
+        ordered = frame[name].sort_values()
+        ranks = np.arange(len(ordered))
+        ax.scatter(ranks, ordered.to_numpy(), s=4, color="0.6", linewidths=0)
+        ax.axhline(0.0, color="0.8", lw=0.8)
+        top = list(range(max(0, len(ordered) - n_top), len(ordered)))
+        bottom = list(range(min(n_top, len(ordered))))
+        for positions, color, va in ((top, "tab:red", "bottom"), (bottom, "tab:blue", "top")):
+            ax.scatter(ranks[positions], ordered.to_numpy()[positions], s=10, color=color)
+            for i in positions:
+                ax.annotate(ordered.index[i], (ranks[i], ordered.iloc[i]), fontsize=7, ha="center", va=va,
+                            rotation=60, xytext=(0, 3 if va == "bottom" else -3), textcoords="offset points")  # fmt: skip
+        ax.set_title(name)
+        ax.set_xlabel("gene rank")
+        ax.set_ylabel("loading")
+    for ax in flat[len(names) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return _finish(fig, flat[: len(names)], "ldvae_loadings", show, save)
+
+
+def factor_embedding(
+    adata: AnnData,
+    factor: str | int,
+    basis: str = "umap",
+    key: str = "ldvae",
+    cmap: str = "RdBu_r",
+    point_size: float | None = None,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    save: str | bool | None = None,
+) -> Axes | None:
+    """A factor's value per cell (``obsm['X_<key>']``) coloured on ``obsm['X_<basis>']``, with a
+    colour scale centred on zero."""
+    import matplotlib.pyplot as plt
+
+    rep = f"X_{key}"
+    if rep not in adata.obsm:
+        raise ValueError(f"adata.obsm[{rep!r}] is missing; store results with model.to_adata(adata).")
+    coords_key = basis if basis in adata.obsm else f"X_{basis}"
+    if coords_key not in adata.obsm:
+        raise ValueError(f"adata.obsm has no {basis!r} embedding; compute it first (e.g. sc.tl.umap(adata)).")
+    latent = np.asarray(adata.obsm[rep])
+    names = list(adata.uns.get(key, {}).get("factor_names", [f"Z_{k}" for k in range(latent.shape[1])]))
+    column = int(factor) if isinstance(factor, (int, np.integer)) else names.index(factor) if factor in names else -1
+    if not 0 <= column < latent.shape[1]:
+        raise ValueError(f"Unknown factor {factor!r}; factors are {names}.")
+    values = latent[:, column]
+    coords = np.asarray(adata.obsm[coords_key])[:, :2]
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+    fig = ax.figure
+    limit = float(np.abs(values).max()) or 1.0
+    order = np.argsort(np.abs(values))  # strongest values drawn on top
+    size = point_size or max(1.0, 120000 / max(len(values), 1) ** 1.3)
+    points = ax.scatter(coords[order, 0], coords[order, 1], c=values[order], cmap=cmap, vmin=-limit, vmax=limit,
+                        s=size, linewidths=0)  # fmt: skip
+    fig.colorbar(points, ax=ax, shrink=0.8)
+    ax.set_title(f"{names[column]} on {basis}")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel(f"{basis}1")
+    ax.set_ylabel(f"{basis}2")
+    return _finish(fig, ax, f"ldvae_{names[column]}_{basis}", show, save)

@@ -1,0 +1,295 @@
+"""The scVI tasks computed from the Pyro model itself: posterior traces, denoised expression,
+posterior predictive counts, likelihood parameters, marginal likelihood, factor interpretation.
+
+Every quantity here comes from running the guide and then the model *replayed* on the guide's
+draws (``poutine.replay``), so the generative process is written once, in ``LDVAE.model``:
+the deterministic site ``'rho'`` is the normalized expression, the ``'x'`` site's distribution
+holds the likelihood parameters, and ``poutine.uncondition`` turns the observed ``'x'`` into a
+draw from the posterior predictive.
+
+Monte Carlo samples are taken by stacking ``n_samples`` copies of a minibatch along the cell
+axis (the module is in eval mode, so batch norm uses running statistics and copies do not
+interact); results are reshaped to ``(n_samples, cells, ...)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from pyro import poutine
+
+from .data import CellData
+from .module import LDVAE, Minibatch
+
+# At most this many (cell x sample) rows times genes are materialized at once.
+MAX_ELEMENTS = 20_000_000
+
+
+def repeat_minibatch(mb: Minibatch, n: int) -> Minibatch:
+    """``n`` stacked copies of ``mb``: ``(n * cells, ...)``, sample-major."""
+    if n == 1:
+        return mb
+    rep = lambda t: None if t is None else t.repeat(n, *([1] * (t.dim() - 1)))  # noqa: E731
+    return Minibatch(
+        x=rep(mb.x),
+        batch=rep(mb.batch),
+        labels=rep(mb.labels),
+        cat_covs=rep(mb.cat_covs),
+        cont_covs=rep(mb.cont_covs),
+        idx=torch.arange(n * mb.n_cells, device=mb.batch.device),
+    )
+
+
+@torch.no_grad()
+def posterior_traces(
+    module: LDVAE,
+    mb: Minibatch,
+    n_samples: int = 1,
+    batch_code: int | None = None,
+    sample_x: bool = False,
+):
+    """Traces of the guide and of the model replayed on the guide's draws.
+
+    Cells are stacked ``n_samples`` times (site values are ``(n_samples * cells, ...)``).
+    ``batch_code`` decodes every cell as if from that batch (the guide does not see the batch);
+    ``sample_x`` un-conditions ``'x'`` so that its value is a posterior predictive draw.
+    """
+    rep = repeat_minibatch(mb, n_samples)
+    guide_trace = poutine.trace(module.guide).get_trace(rep)
+    model_mb = rep if batch_code is None else rep.with_batch(batch_code)
+    model = poutine.replay(module.model, trace=guide_trace)
+    if sample_x:
+        model = poutine.uncondition(model)
+    model_trace = poutine.trace(model).get_trace(model_mb)
+    return guide_trace, model_trace
+
+
+def likelihood_of(model_trace) -> torch.distributions.Distribution:
+    """The per-entry count distribution of the ``'x'`` site (the ``to_event`` wrapper removed)."""
+    fn = model_trace.nodes["x"]["fn"]
+    while isinstance(fn, torch.distributions.Independent):
+        fn = fn.base_dist
+    return fn
+
+
+def samples_per_chunk(module: LDVAE, n_cells: int, n_samples: int) -> int:
+    """Samples stacked per forward pass so that ``samples * cells * genes`` stays below MAX_ELEMENTS."""
+    return max(1, min(n_samples, MAX_ELEMENTS // max(1, n_cells * module.n_input)))
+
+
+def _chunks(total: int, size: int):
+    for start in range(0, total, size):
+        yield min(size, total - start)
+
+
+@torch.no_grad()
+def normalized_expression(
+    module: LDVAE,
+    cells: CellData,
+    indices: np.ndarray,
+    batch_codes: Sequence[int | None] = (None,),
+    gene_mask: np.ndarray | slice = slice(None),
+    library_size: float | str = 1.0,
+    n_samples: int = 1,
+    batch_size: int = 128,
+) -> np.ndarray:
+    """Denoised expression ``(n_samples, cells, genes_selected)``, averaged over ``batch_codes``.
+
+    ``library_size='latent'`` returns the expected counts ``exp(library) * rho`` (the NB mean);
+    a number scales ``rho`` (which sums to one per cell) to that library size.
+    """
+    module.eval()
+    out = []
+    for mb in cells.iter_minibatches(indices, batch_size, module.device):
+        per_chunk = []
+        for n in _chunks(n_samples, samples_per_chunk(module, mb.n_cells, n_samples)):
+            total = 0.0
+            for code in batch_codes:
+                _, trace = posterior_traces(module, mb, n, code)
+                if library_size == "latent":
+                    value = likelihood_of(trace).mu
+                else:
+                    value = trace.nodes["rho"]["value"] * float(library_size)
+                total = total + value.reshape(n, mb.n_cells, -1)[..., gene_mask]
+            per_chunk.append((total / len(batch_codes)).cpu())
+        out.append(torch.cat(per_chunk, dim=0))
+    if not out:
+        return np.zeros((n_samples, 0, module.n_input), dtype=np.float32)
+    return torch.cat(out, dim=1).numpy()
+
+
+@torch.no_grad()
+def posterior_predictive(
+    module: LDVAE,
+    cells: CellData,
+    indices: np.ndarray,
+    n_samples: int = 1,
+    gene_mask: np.ndarray | slice = slice(None),
+    batch_size: int = 128,
+    batch_code: int | None = None,
+) -> np.ndarray:
+    """Counts drawn from the posterior predictive, ``(n_samples, cells, genes_selected)``;
+    ``batch_code`` decodes every cell into that batch."""
+    module.eval()
+    out = []
+    for mb in cells.iter_minibatches(indices, batch_size, module.device):
+        parts = []
+        for n in _chunks(n_samples, samples_per_chunk(module, mb.n_cells, n_samples)):
+            _, trace = posterior_traces(module, mb, n, batch_code, sample_x=True)
+            parts.append(trace.nodes["x"]["value"].reshape(n, mb.n_cells, -1)[..., gene_mask].cpu())
+        out.append(torch.cat(parts, dim=0))
+    return torch.cat(out, dim=1).numpy()
+
+
+@torch.no_grad()
+def likelihood_parameters(
+    module: LDVAE,
+    cells: CellData,
+    indices: np.ndarray,
+    n_samples: int = 1,
+    batch_size: int = 128,
+) -> dict[str, np.ndarray]:
+    """``mean`` (NB mean ``mu``), ``dispersions`` (theta) and ``dropout`` (ZINB gate probability),
+    each ``(n_samples, cells, genes)``; ``dispersions`` is absent for Poisson."""
+    module.eval()
+    parts: dict[str, list[torch.Tensor]] = {"mean": [], "dispersions": [], "dropout": []}
+    for mb in cells.iter_minibatches(indices, batch_size, module.device):
+        chunk: dict[str, list[torch.Tensor]] = {k: [] for k in parts}
+        for n in _chunks(n_samples, samples_per_chunk(module, mb.n_cells, n_samples)):
+            _, trace = posterior_traces(module, mb, n)
+            fn = likelihood_of(trace)
+            shape = (n, mb.n_cells, module.n_input)
+            chunk["mean"].append(fn.mu.expand(-1, module.n_input).reshape(shape).cpu())
+            if module.gene_likelihood != "poisson":
+                chunk["dispersions"].append(fn.theta.expand(n * mb.n_cells, -1).reshape(shape).cpu())
+            if module.gene_likelihood == "zinb":
+                chunk["dropout"].append(torch.sigmoid(fn.gate_logits).reshape(shape).cpu())
+        for key, values in chunk.items():
+            if values:
+                parts[key].append(torch.cat(values, dim=0))
+    return {key: torch.cat(values, dim=1).numpy() for key, values in parts.items() if values}
+
+
+@torch.no_grad()
+def log_weights(module: LDVAE, mb: Minibatch, n_samples: int) -> torch.Tensor:
+    """Importance log-weights ``log p(x, z, l) - log q(z, l | x)``, ``(n_samples, cells)``."""
+    guide_trace, model_trace = posterior_traces(module, mb, n_samples)
+    total = 0.0
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or site["infer"].get("_deterministic"):
+            continue
+        total = total + site["fn"].log_prob(site["value"])
+        if not site["is_observed"]:
+            guide_site = guide_trace.nodes[name]
+            total = total - guide_site["fn"].log_prob(guide_site["value"])
+    return total.reshape(n_samples, mb.n_cells)
+
+
+@torch.no_grad()
+def marginal_ll(
+    module: LDVAE, cells: CellData, indices: np.ndarray, n_mc_samples: int = 1000, batch_size: int = 128
+) -> np.ndarray:
+    """Importance-sampled ``log p(x)`` per cell ``(cells,)``, the guide as proposal."""
+    module.eval()
+    out = []
+    for mb in cells.iter_minibatches(indices, batch_size, module.device):
+        weights = [
+            log_weights(module, mb, n)
+            for n in _chunks(n_mc_samples, samples_per_chunk(module, mb.n_cells, n_mc_samples))
+        ]
+        out.append((torch.logsumexp(torch.cat(weights), dim=0) - math.log(n_mc_samples)).cpu())
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def reconstruction_nll(module: LDVAE, cells: CellData, indices: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """``-log p(x | z, l)`` per cell ``(cells,)`` at one draw of ``z, l`` from the guide."""
+    module.eval()
+    out = []
+    for mb in cells.iter_minibatches(indices, batch_size, module.device):
+        _, trace = posterior_traces(module, mb)
+        site = trace.nodes["x"]
+        out.append(-site["fn"].log_prob(site["value"]).cpu())
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def latent_library_size(
+    module: LDVAE, cells: CellData, indices: np.ndarray, give_mean: bool = True, batch_size: int = 128
+) -> np.ndarray:
+    """Library size ``exp(l)`` per cell, ``(cells, 1)``: the log-normal posterior mean, or one draw;
+    the observed total count with ``use_observed_lib_size``."""
+    module.eval()
+    out = []
+    for mb in cells.iter_minibatches(indices, batch_size, module.device):
+        if module.use_observed_lib_size:
+            out.append(mb.x.sum(-1).cpu())
+            continue
+        q = module.encode(mb.x)
+        if give_mean:
+            out.append(torch.exp(q["l_loc"] + 0.5 * q["l_var"]).cpu())
+        else:
+            out.append(torch.exp(torch.distributions.Normal(q["l_loc"], q["l_var"].sqrt()).sample()).cpu())
+    return torch.cat(out).numpy()[:, None]
+
+
+# ----------------------------------------------------------------------------------------
+# Factor interpretation
+# ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def factor_variance_explained(
+    module: LDVAE, cells: CellData, indices: np.ndarray, batch_size: int = 1024
+) -> pd.DataFrame:
+    """Share of the across-cell variance of the decoder logits explained by each factor.
+
+    In eval mode the decoder logits are affine in ``[f(z) ; covariates]``:
+    ``r_ng = sum_k L_gk f(z)_nk + (covariate and bias terms)`` with ``L`` the folded loadings.
+    For factor ``k``, ``variance = sum_g Var_n(L_gk f(z)_nk)`` at the posterior mean of ``z``
+    and ``fraction = variance / sum_g Var_n(r_ng)`` (the total includes the covariate columns).
+    Factors can be correlated, so fractions need not sum to the explained total.
+
+    Returns a DataFrame indexed by factor name with columns ``variance``, ``fraction``, ``rank``
+    (1 = most variance).
+    """
+    module.eval()
+    head = module.decoder.factor_regressor
+    loadings = head.folded_weight()  # (genes, n_latent + n_covariates)
+    codes, logits = [], []
+    for mb in cells.iter_minibatches(indices, batch_size, module.device):
+        z = module.z_transform(module.encode(mb.x)["z_loc"])  # (cells, n_latent)
+        codes.append(z.cpu())
+        logits.append((torch.cat([z, module.covariate_design(mb)], dim=-1) @ loadings.T).cpu())
+    z = torch.cat(codes).double()  # (cells, n_latent)
+    r = torch.cat(logits).double()  # (cells, genes)
+    weights = loadings[:, : module.n_latent].cpu().double()  # (genes, n_latent)
+    variance = z.var(0, unbiased=False) * (weights**2).sum(0)  # (n_latent,)
+    total = r.var(0, unbiased=False).sum()
+    frame = pd.DataFrame(
+        {"variance": variance.numpy(), "fraction": (variance / total).numpy()},
+        index=[f"Z_{k}" for k in range(module.n_latent)],
+    )
+    frame["rank"] = frame["variance"].rank(ascending=False, method="first").astype(int)
+    return frame
+
+
+def top_genes(loadings: pd.DataFrame, n_top: int = 10, factors: Sequence[str] | None = None) -> pd.DataFrame:
+    """Tidy table of the genes with the largest positive and negative loadings per factor.
+
+    Columns: ``factor``, ``direction`` ('positive' or 'negative'), ``rank`` (1 = strongest),
+    ``gene``, ``loading``.
+    """
+    rows = []
+    for factor in factors if factors is not None else loadings.columns:
+        if factor not in loadings.columns:
+            raise ValueError(f"Unknown factor {factor!r}; factors are {list(loadings.columns)}.")
+        ordered = loadings[factor].sort_values()
+        for direction, genes in (("positive", ordered[::-1][:n_top]), ("negative", ordered[:n_top])):
+            for rank, (gene, value) in enumerate(genes.items(), start=1):
+                rows.append(
+                    {"factor": factor, "direction": direction, "rank": rank, "gene": gene, "loading": float(value)}
+                )
+    return pd.DataFrame(rows, columns=["factor", "direction", "rank", "gene", "loading"])

@@ -1,0 +1,208 @@
+"""The pyro-ldvae command end to end: fit (with and without INPUT), transform, help, errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pytest
+
+import pyro_ldvae
+from pyro_ldvae.cli import main
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def counts_file(tmp_path_factory):
+    adata = pyro_ldvae.simulate(n_cells=200, n_genes=30, n_latent=3, n_batch=2, seed=0)
+    path = tmp_path_factory.mktemp("data") / "counts.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+def _one_line(text: str) -> bool:
+    return len(text.strip().splitlines()) == 1 and "Traceback" not in text
+
+
+def test_help_is_complete(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "fit" in text and "transform" in text and "examples" in text
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--output", "--layer", "--batch-key", "--labels-key", "--n-latent", "--gene-likelihood",
+                   "--dispersion", "--max-epochs", "--batch-size", "--accelerator", "--seed", "--save-model",
+                   "--overwrite"):  # fmt: skip
+        assert option in text, option
+    with pytest.raises(SystemExit):
+        main(["transform", "--help"])
+    assert "MODEL_DIR" in capsys.readouterr().out
+
+
+def test_fit_save_model_and_transform(counts_file, tmp_path, capsys):
+    out, model_dir = tmp_path / "out.h5ad", tmp_path / "model"
+    argv = ["fit", str(counts_file), "-o", str(out), "--batch-key", "batch", "--n-latent", "3", "--n-hidden", "16",
+            "--max-epochs", "2", "--accelerator", "cpu", "--save-model", str(model_dir)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "200 cells x 30 genes, 2 epochs" in printed and "Z_0" in printed and f"wrote {out}" in printed
+    result = anndata.read_h5ad(out)
+    assert result.obsm["X_ldvae"].shape == (200, 3) and result.varm["ldvae_loadings"].shape == (30, 3)
+    assert len(result.uns["ldvae"]["history"]["elbo_train"]) == 2
+    assert sorted(os.listdir(model_dir)) == ["model.json", "model.pt"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary files left
+
+    # embed some of the same cells, genes in another order: same factors as the fit wrote
+    new = anndata.read_h5ad(counts_file)[:50]
+    new = new[:, new.var_names[::-1]].copy()
+    new_path, embedded = tmp_path / "new.h5ad", tmp_path / "embedded.h5ad"
+    new.write_h5ad(new_path)
+    assert main(["transform", str(model_dir), str(new_path), "-o", str(embedded), "--accelerator", "cpu"]) == 0
+    again = anndata.read_h5ad(embedded)
+    assert np.allclose(again.obsm["X_ldvae"], result.obsm["X_ldvae"][:50], atol=1e-5)
+
+
+def test_fit_without_input_uses_bundled_pbmc(tmp_path, capsys):
+    out = tmp_path / "pbmc.h5ad"
+    assert main(["fit", "-o", str(out), "--max-epochs", "1", "--n-latent", "2", "--n-hidden", "16"]) == 0
+    assert "700 cells x 765 genes" in capsys.readouterr().out
+    assert anndata.read_h5ad(out).obsm["X_ldvae"].shape == (700, 2)
+
+
+def test_user_errors_are_one_line_and_write_nothing(counts_file, tmp_path, capsys):
+    out = tmp_path / "out.h5ad"
+    with pytest.raises(SystemExit) as exit_info:  # argparse: bad value
+        main(["fit", str(counts_file), "-o", str(out), "--n-latent", "0"])
+    assert exit_info.value.code == 2 and _one_line(capsys.readouterr().err)
+    cases = [
+        ["fit", str(tmp_path / "missing.h5ad"), "-o", str(out)],
+        ["fit", str(counts_file), "-o", str(out), "--batch-key", "nope", "--max-epochs", "1"],
+        ["fit", str(counts_file), "-o", str(tmp_path / "no_dir" / "out.h5ad")],
+        ["transform", str(tmp_path / "no_model"), str(counts_file), "-o", str(out)],
+    ]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert _one_line(err) and err.startswith("pyro-ldvae: error:"), err
+    assert os.listdir(tmp_path) == []
+
+
+def test_never_overwrites_without_flag(counts_file, tmp_path, capsys):
+    out = tmp_path / "out.h5ad"
+    out.write_text("precious")
+    argv = ["fit", str(counts_file), "-o", str(out), "--max-epochs", "1", "--n-latent", "2", "--n-hidden", "8"]
+    assert main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_text() == "precious"
+    assert main([*argv, "--overwrite"]) == 0
+    assert anndata.read_h5ad(out).obsm["X_ldvae"].shape == (200, 2)
+
+
+def test_transform_rejects_other_genes(counts_file, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    fit = ["fit", str(counts_file), "-o", str(tmp_path / "fit.h5ad"), "--max-epochs", "1", "--n-latent", "2",
+           "--n-hidden", "8", "--batch-key", "batch", "--save-model", str(model_dir)]  # fmt: skip
+    assert main(fit) == 0
+    capsys.readouterr()
+    fewer = anndata.read_h5ad(counts_file)[:, :20].copy()
+    fewer.write_h5ad(tmp_path / "fewer.h5ad")
+    assert main(["transform", str(model_dir), str(tmp_path / "fewer.h5ad"), "-o", str(tmp_path / "x.h5ad")]) == 2
+    err = capsys.readouterr().err
+    assert _one_line(err) and "lacks 10 of the 30 genes" in err
+    assert not (tmp_path / "x.h5ad").exists()
+
+
+def test_console_entry_reports_errors_without_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pyro_ldvae", "fit", str(tmp_path / "absent.h5ad"), "-o", str(tmp_path / "o.h5ad")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 2 and _one_line(done.stderr) and "absent.h5ad does not exist" in done.stderr
+    assert not (tmp_path / "o.h5ad").exists()
+
+
+def _bad_inputs(tmp_path, counts_file):
+    """(name, argv, text the one-line message must contain) for each bad input."""
+    base = anndata.read_h5ad(counts_file)
+    base.obs["site"] = "s"
+
+    def write(name, adata):
+        path = tmp_path / f"{name}.h5ad"
+        adata.write_h5ad(path)
+        return str(path)
+
+    def altered(fn):
+        adata = base.copy()
+        adata.X = adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X.copy()
+        fn(adata)
+        return adata
+
+    def set_value(value):
+        return lambda a: a.X.__setitem__((0, 0), value)
+
+    def nan_batch(adata):
+        adata.obs["batch"] = adata.obs["batch"].astype(object)
+        adata.obs.iloc[0, adata.obs.columns.get_loc("batch")] = np.nan
+
+    normalized = altered(lambda a: a.X.__setitem__(slice(None), np.log1p(a.X)))
+    files = {
+        "negative": write("negative", altered(set_value(-1.0))),
+        "nan": write("nan", altered(set_value(np.nan))),
+        "infinite": write("infinite", altered(set_value(np.inf))),
+        "lognormalized": write("lognormalized", normalized),
+        "zero_cells": write("zero_cells", base[:0].copy()),
+        "zero_genes": write("zero_genes", base[:, :0].copy()),
+        "nan_batch": write("nan_batch", altered(nan_batch)),
+        "ok": write("ok", base),
+    }
+    ok = files["ok"]
+    return [
+        ("negative values", [files["negative"]], "negative values"),
+        ("NaN values", [files["nan"]], "NaN or infinite"),
+        ("infinite values", [files["infinite"]], "NaN or infinite"),
+        ("log-normalized values", [files["lognormalized"]], "non-integer values"),
+        ("zero cells", [files["zero_cells"]], "0 cells"),
+        ("zero genes", [files["zero_genes"]], "0 genes"),
+        ("missing layer", [ok, "--layer", "counts"], "'counts'"),
+        ("missing batch key", [ok, "--batch-key", "donor"], "'donor'"),
+        ("missing labels key", [ok, "--labels-key", "cell_type"], "'cell_type'"),
+        ("missing covariate key", [ok, "--categorical-covariate-keys", "site,lane"], "'lane'"),
+        ("batch column with NaN", [files["nan_batch"], "--batch-key", "batch"], "missing values"),
+        ("non-numeric continuous covariate", [ok, "--continuous-covariate-keys", "site"], "not numeric"),
+        ("dropout rate out of range", [ok, "--dropout-rate", "1.5"], "dropout_rate"),
+        ("unreadable input", [str(counts_file.parent)], "cannot read"),
+        ("missing input", [str(tmp_path / "absent.h5ad")], "does not exist"),
+    ]
+
+
+def test_bad_inputs_table(counts_file, tmp_path, capsys):
+    """Every bad input: exit status 2, one line naming the problem, no output file."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    cases = _bad_inputs(inputs, counts_file)
+    rejected = 0
+    for name, args, needle in cases:
+        code = main(["fit", *args, "-o", str(outputs / "out.h5ad"), "--max-epochs", "1", "--n-hidden", "8"])
+        err = capsys.readouterr().err
+        assert code == 2, name
+        assert _one_line(err) and needle in err, (name, err)
+        assert os.listdir(outputs) == [], name
+        rejected += 1
+    print(f"{len(cases)} bad inputs tried, {rejected} rejected cleanly")
+    # the opt-out for non-integer values
+    out = outputs / "ok.h5ad"
+    argv = ["fit", cases[3][1][0], "-o", str(out), "--max-epochs", "1", "--n-hidden", "8", "--allow-non-integer"]
+    assert main(argv) == 0 and out.exists()

@@ -1,0 +1,162 @@
+"""Differential expression: scvi-tools' columns and semantics, known answers, real markers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyro
+import pytest
+import scipy.sparse as sp
+from anndata import AnnData
+from shared_models import pancreas_model, pbmc4k_model, shared_data
+
+import pyro_ldvae
+from pyro_ldvae.de import bayes_factors, fdr_de_prediction
+
+VANILLA = [
+    "proba_m1", "proba_m2", "bayes_factor", "scale1", "scale2", "raw_mean1", "raw_mean2",
+    "non_zeros_proportion1", "non_zeros_proportion2", "raw_normalized_mean1", "raw_normalized_mean2",
+    "comparison", "group1", "group2",
+]  # fmt: skip
+CHANGE = [
+    "proba_de", "proba_not_de", "bayes_factor", "scale1", "scale2", "pseudocounts", "delta", "lfc_mean",
+    "lfc_median", "lfc_std", "lfc_min", "lfc_max", "raw_mean1", "raw_mean2", "non_zeros_proportion1",
+    "non_zeros_proportion2", "raw_normalized_mean1", "raw_normalized_mean2", "is_de_fdr_0.05",
+    "comparison", "group1", "group2",
+]  # fmt: skip
+
+
+def two_groups(n_cells: int = 600, n_genes: int = 40, n_up: int = 5, seed: int = 0) -> AnnData:
+    """NB counts of two cell groups; group 'a' has genes 0..n_up-1 at eight times the expression."""
+    rng = np.random.default_rng(seed)
+    base = rng.lognormal(0.0, 0.5, size=n_genes)
+    group = np.where(np.arange(n_cells) < n_cells // 2, "a", "b")
+    rate = np.tile(base, (n_cells, 1))
+    rate[group == "a", :n_up] *= 8.0
+    rate *= rng.lognormal(np.log(20), 0.2, size=(n_cells, 1))
+    counts = rng.poisson(rng.gamma(5.0, rate / 5.0)).astype(np.float32)
+    batch = np.where(rng.random(n_cells) < 0.5, "b0", "b1")
+    adata = AnnData(
+        sp.csr_matrix(counts),
+        obs=pd.DataFrame({"group": group, "batch": batch}, index=[f"c{i}" for i in range(n_cells)]),
+    )
+    adata.var_names = [f"g{i}" for i in range(n_genes)]
+    return adata
+
+
+@pytest.fixture(scope="module")
+def model():
+    adata = two_groups()
+    pyro_ldvae.LinearSCVI.setup_anndata(adata, batch_key="batch")
+    # The observed library keeps this short fit (40 epochs) well conditioned.
+    model = pyro_ldvae.LinearSCVI(adata, n_latent=3, n_hidden=32, seed=0, use_observed_lib_size=True)
+    model.train(max_epochs=40, batch_size=64, progress_bar=False, plan_kwargs={"lr": 1e-2})
+    return model
+
+
+def test_vanilla_finds_planted_genes_with_scvi_columns(model):
+    pyro.set_rng_seed(0)
+    de = model.differential_expression(groupby="group", group1="a")
+    assert list(de.columns) == VANILLA
+    assert set(de.index[:5]) == {f"g{i}" for i in range(5)}
+    assert (de["comparison"] == "a vs Rest").all() and (de["group2"] == "Rest").all()
+    assert np.allclose(de["proba_m1"] + de["proba_m2"], 1.0)
+    assert (de["bayes_factor"].diff().dropna() <= 1e-12).all()  # sorted by decreasing Bayes factor
+    assert (de.loc["g0", "scale1"] > 2 * de.loc["g0", "scale2"]) and de.loc["g0", "raw_mean1"] > de.loc[
+        "g0", "raw_mean2"
+    ]
+
+
+def test_change_mode_calls_planted_genes_at_fdr(model):
+    pyro.set_rng_seed(0)
+    de = model.differential_expression(groupby="group", group1="a", group2="b", mode="change", delta=0.5)
+    assert list(de.columns) == CHANGE
+    called = set(de.index[de["is_de_fdr_0.05"]])
+    assert {f"g{i}" for i in range(5)} <= called
+    assert de.loc["g0", "lfc_mean"] > 1.5  # planted log2 fold change is 3
+    assert (de["proba_de"].diff().dropna() <= 1e-12).all()
+    assert (de["comparison"] == "a vs b").all()
+
+
+def test_each_group_against_rest_and_idx_selection(model):
+    pyro.set_rng_seed(0)
+    de = model.differential_expression(groupby="group", n_samples_overall=500)
+    assert sorted(de["comparison"].unique()) == ["a vs Rest", "b vs Rest"]
+    assert len(de) == 2 * model.adata.n_vars
+    mask = (model.adata.obs["group"] == "a").to_numpy()
+    by_mask = model.differential_expression(idx1=mask, n_samples_overall=500)
+    by_query = model.differential_expression(idx1="group == 'a'", idx2="group == 'b'", n_samples_overall=500)
+    by_position = model.differential_expression(idx1=np.flatnonzero(mask), n_samples_overall=500)
+    for frame in (by_mask, by_query, by_position):
+        assert "comparison" not in frame.columns and len(frame) == model.adata.n_vars
+        assert set(frame.index[:5]) == {f"g{i}" for i in range(5)}
+
+
+def test_batch_correction_and_argument_errors(model):
+    pyro.set_rng_seed(0)
+    de = model.differential_expression(groupby="group", group1="a", batch_correction=True, n_samples_overall=1000)
+    assert list(de.columns) == VANILLA and set(de.index[:5]) == {f"g{i}" for i in range(5)}
+    with pytest.raises(ValueError, match="Unknown batch categories"):
+        model.differential_expression(groupby="group", group1="a", batch_correction=True, batchid1=["zz"])
+    with pytest.raises(ValueError, match="not a value"):
+        model.differential_expression(groupby="group", group1="zz")
+    with pytest.raises(ValueError, match="not a column"):
+        model.differential_expression(groupby="nope")
+    with pytest.raises(ValueError, match="mode"):
+        model.differential_expression(groupby="group", mode="other")
+
+
+def test_bayes_factors_known_answers():
+    rng = np.random.default_rng(0)
+    s2 = rng.uniform(0.01, 0.02, size=(1000, 3))
+    s1 = s2 * np.array([2.0, 1.0, 0.25])  # log2 fold changes 1, 0, -2
+    vanilla = bayes_factors(s1, s2, "vanilla", 0.25, 0.0)
+    assert np.allclose(vanilla["proba_m1"], [1.0, 0.0, 0.0])
+    change = bayes_factors(s1, s2, "change", 0.25, 0.0)
+    assert np.allclose(change["lfc_mean"], [1.0, 0.0, -2.0], atol=1e-6)
+    assert np.allclose(change["proba_de"], [1.0, 0.0, 1.0])
+    assert np.allclose(change["proba_not_de"], [0.0, 1.0, 0.0])
+
+
+def test_fdr_prediction_known_answer():
+    probas = pd.Series([0.99, 0.5, 0.97, 0.9, 0.2], index=list("abcde"))
+    # sorted 0.99, 0.97, 0.9, 0.5: expected FDR 0.01, 0.02, 0.0467, 0.16 -> the first three
+    called = fdr_de_prediction(probas, fdr=0.05)
+    assert list(called.index) == list("abcde")
+    assert called.to_dict() == {"a": True, "b": False, "c": True, "d": True, "e": False}
+
+
+def test_columns_match_scvi_tools():
+    scvi = pytest.importorskip("scvi")
+    adata = two_groups(n_cells=120, n_genes=20)
+    scvi.model.LinearSCVI.setup_anndata(adata)
+    reference = scvi.model.LinearSCVI(adata, n_latent=2)
+    pyro_ldvae.LinearSCVI.setup_anndata(adata)
+    ours = pyro_ldvae.LinearSCVI(adata, n_latent=2)
+    for mode in ("vanilla", "change"):
+        kwargs = dict(groupby="group", group1="a", mode=mode, silent=True)
+        theirs = reference.differential_expression(**kwargs)
+        mine = ours.differential_expression(**kwargs, n_samples_overall=300)
+        assert list(mine.columns) == list(theirs.columns)
+
+
+# ----------------------------------------------------------------------------------------
+# Real data (../shared/data)
+# ----------------------------------------------------------------------------------------
+@shared_data
+def test_pancreas_beta_cells_rank_ins_and_alpha_cells_gcg():
+    model = pancreas_model()
+    pyro.set_rng_seed(0)
+    beta = model.differential_expression(groupby="cell_type1", group1="beta")
+    assert "INS" in list(beta.index[:10]), list(beta.index[:10])
+    alpha = model.differential_expression(groupby="cell_type1", group1="alpha", mode="change")
+    assert "GCG" in list(alpha.index[:10]), list(alpha.index[:10])
+    assert bool(alpha.loc["GCG", "is_de_fdr_0.05"]) and alpha.loc["GCG", "lfc_mean"] > 1
+
+
+@shared_data
+def test_pbmc4k_b_cells_rank_ms4a1_or_cd79a():
+    model, _ = pbmc4k_model()
+    pyro.set_rng_seed(0)
+    de = model.differential_expression(adata=model.adata, groupby="cell_type", group1="B")
+    assert {"MS4A1", "CD79A"} & set(de.index[:10]), list(de.index[:10])
