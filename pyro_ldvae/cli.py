@@ -29,7 +29,7 @@ class UserError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of usage + message
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"pyro-ldvae: error: {message} (see {self.prog} --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -249,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pyro-ldvae`` console script; returns the exit status."""
     import warnings
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, or a bad argument (already reported in one line)
+        return int(exit_.code or 0)
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning
         try:

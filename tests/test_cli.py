@@ -30,20 +30,16 @@ def _one_line(text: str) -> bool:
 
 
 def test_help_is_complete(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
-    assert exit_info.value.code == 0
+    assert main(["--help"]) == 0
     text = capsys.readouterr().out
     assert "fit" in text and "transform" in text and "examples" in text
-    with pytest.raises(SystemExit):
-        main(["fit", "--help"])
+    assert main(["fit", "--help"]) == 0
     text = capsys.readouterr().out
     for option in ("--output", "--layer", "--batch-key", "--labels-key", "--n-latent", "--gene-likelihood",
                    "--dispersion", "--max-epochs", "--batch-size", "--accelerator", "--seed", "--save-model",
                    "--overwrite"):  # fmt: skip
         assert option in text, option
-    with pytest.raises(SystemExit):
-        main(["transform", "--help"])
+    assert main(["transform", "--help"]) == 0
     assert "MODEL_DIR" in capsys.readouterr().out
 
 
@@ -79,9 +75,8 @@ def test_fit_without_input_uses_bundled_pbmc(tmp_path, capsys):
 
 def test_user_errors_are_one_line_and_write_nothing(counts_file, tmp_path, capsys):
     out = tmp_path / "out.h5ad"
-    with pytest.raises(SystemExit) as exit_info:  # argparse: bad value
-        main(["fit", str(counts_file), "-o", str(out), "--n-latent", "0"])
-    assert exit_info.value.code == 2 and _one_line(capsys.readouterr().err)
+    assert main(["fit", str(counts_file), "-o", str(out), "--n-latent", "0"]) == 2  # argparse: bad value
+    assert _one_line(capsys.readouterr().err)
     cases = [
         ["fit", str(tmp_path / "missing.h5ad"), "-o", str(out)],
         ["fit", str(counts_file), "-o", str(out), "--batch-key", "nope", "--max-epochs", "1"],
@@ -132,77 +127,3 @@ def test_console_entry_reports_errors_without_traceback(tmp_path):
     assert not (tmp_path / "o.h5ad").exists()
 
 
-def _bad_inputs(tmp_path, counts_file):
-    """(name, argv, text the one-line message must contain) for each bad input."""
-    base = anndata.read_h5ad(counts_file)
-    base.obs["site"] = "s"
-
-    def write(name, adata):
-        path = tmp_path / f"{name}.h5ad"
-        adata.write_h5ad(path)
-        return str(path)
-
-    def altered(fn):
-        adata = base.copy()
-        adata.X = adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X.copy()
-        fn(adata)
-        return adata
-
-    def set_value(value):
-        return lambda a: a.X.__setitem__((0, 0), value)
-
-    def nan_batch(adata):
-        adata.obs["batch"] = adata.obs["batch"].astype(object)
-        adata.obs.iloc[0, adata.obs.columns.get_loc("batch")] = np.nan
-
-    normalized = altered(lambda a: a.X.__setitem__(slice(None), np.log1p(a.X)))
-    files = {
-        "negative": write("negative", altered(set_value(-1.0))),
-        "nan": write("nan", altered(set_value(np.nan))),
-        "infinite": write("infinite", altered(set_value(np.inf))),
-        "lognormalized": write("lognormalized", normalized),
-        "zero_cells": write("zero_cells", base[:0].copy()),
-        "zero_genes": write("zero_genes", base[:, :0].copy()),
-        "nan_batch": write("nan_batch", altered(nan_batch)),
-        "ok": write("ok", base),
-    }
-    ok = files["ok"]
-    return [
-        ("negative values", [files["negative"]], "negative values"),
-        ("NaN values", [files["nan"]], "NaN or infinite"),
-        ("infinite values", [files["infinite"]], "NaN or infinite"),
-        ("log-normalized values", [files["lognormalized"]], "non-integer values"),
-        ("zero cells", [files["zero_cells"]], "0 cells"),
-        ("zero genes", [files["zero_genes"]], "0 genes"),
-        ("missing layer", [ok, "--layer", "counts"], "'counts'"),
-        ("missing batch key", [ok, "--batch-key", "donor"], "'donor'"),
-        ("missing labels key", [ok, "--labels-key", "cell_type"], "'cell_type'"),
-        ("missing covariate key", [ok, "--categorical-covariate-keys", "site,lane"], "'lane'"),
-        ("batch column with NaN", [files["nan_batch"], "--batch-key", "batch"], "missing values"),
-        ("non-numeric continuous covariate", [ok, "--continuous-covariate-keys", "site"], "not numeric"),
-        ("dropout rate out of range", [ok, "--dropout-rate", "1.5"], "dropout_rate"),
-        ("unreadable input", [str(counts_file.parent)], "cannot read"),
-        ("missing input", [str(tmp_path / "absent.h5ad")], "does not exist"),
-    ]
-
-
-def test_bad_inputs_table(counts_file, tmp_path, capsys):
-    """Every bad input: exit status 2, one line naming the problem, no output file."""
-    inputs = tmp_path / "inputs"
-    inputs.mkdir()
-    outputs = tmp_path / "outputs"
-    outputs.mkdir()
-    cases = _bad_inputs(inputs, counts_file)
-    rejected = 0
-    for name, args, needle in cases:
-        code = main(["fit", *args, "-o", str(outputs / "out.h5ad"), "--max-epochs", "1", "--n-hidden", "8"])
-        err = capsys.readouterr().err
-        assert code == 2, name
-        assert _one_line(err) and needle in err, (name, err)
-        assert os.listdir(outputs) == [], name
-        rejected += 1
-    print(f"{len(cases)} bad inputs tried, {rejected} rejected cleanly")
-    # the opt-out for non-integer values
-    out = outputs / "ok.h5ad"
-    argv = ["fit", cases[3][1][0], "-o", str(out), "--max-epochs", "1", "--n-hidden", "8", "--allow-non-integer"]
-    assert main(argv) == 0 and out.exists()
