@@ -130,9 +130,10 @@ class Horseshoe:
         c2 = pyro.sample(
             "loadings_slab", dist.InverseGamma(half_df * ones, half_df * self.slab_scale**2 * ones).to_event(1)
         )  # (n_latent,)
-        lam_tilde = torch.sqrt(c2 * lam**2 / (c2 + tau**2 * lam**2))  # (genes, n_latent)
+        # tau * lambda~ = (1 / (tau lambda)^2 + 1 / c2)^(-1/2): the same, finite when lambda overflows
+        scale = torch.rsqrt((tau * lam).pow(-2) + c2.reciprocal())  # (genes, n_latent)
         raw = pyro.sample("loadings_raw", dist.Normal(torch.zeros(n_genes, n_latent), 1.0).to_event(2))
-        return pyro.deterministic("loadings", tau * lam_tilde * raw, event_dim=2)  # (genes, n_latent)
+        return pyro.deterministic("loadings", scale * raw, event_dim=2)  # (genes, n_latent)
 
     def __repr__(self) -> str:
         return f"Horseshoe(global_scale={self.global_scale}, slab_scale={self.slab_scale}, slab_df={self.slab_df})"
@@ -261,7 +262,7 @@ class GlobalNormalGuide(AutoNormal):
     ``nn.Parameter`` s of the ``LDVAE`` that holds it (build it under module-local params).
     """
 
-    def __init__(self, model: Callable, init_scale: float = 0.1):
+    def __init__(self, model: Callable, init_scale: float = 0.01):
         super().__init__(model, init_loc_fn=init_to_median(num_samples=15), init_scale=init_scale)
 
     def site_distribution(self, name: str) -> dist.Distribution:
