@@ -35,8 +35,8 @@ Shapes: loadings ``(genes, n_latent)``; per-factor scales ``(n_latent,)``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import ExitStack
-from typing import Callable, Union
 
 import pyro
 import pyro.distributions as dist
@@ -167,7 +167,7 @@ class ARD:
 
 
 def resolve_loadings_prior(
-    prior: Union[str, LoadingsPrior, None], scale: float | None = None, **kwargs
+    prior: str | LoadingsPrior | None, scale: float | None = None, **kwargs
 ) -> LoadingsPrior | None:
     """Turn ``loadings_prior=`` into a callable ``prior(n_genes, n_latent) -> (genes, n_latent)``.
 
@@ -199,7 +199,9 @@ def resolve_loadings_prior(
     if scale is not None:
         kwargs["slab_scale" if prior == "horseshoe" else "scale"] = scale
         if prior == "ard":
-            raise ValueError("The 'ard' prior learns its scale per factor; pass loadings_prior_kwargs=dict(concentration, rate).")
+            raise ValueError(
+                "The 'ard' prior learns its scale per factor; pass loadings_prior_kwargs=dict(concentration, rate)."
+            )
     cls = {"normal": NormalLoadings, "laplace": LaplaceLoadings, "horseshoe": Horseshoe, "ard": ARD}[prior]
     return cls(**kwargs)
 
