@@ -105,7 +105,7 @@ def test_ard_selects_factors():
 def test_normal_prior_intervals_are_calibrated():
     # Few cells: posterior std (~0.07) well above the bias left by a short amortised fit (~0.05).
     adata = simulate(n_cells=150, n_genes=200, n_latent=5, seed=2, loadings_scale=0.5)
-    model = fit(adata, 300, n_latent=5, batch_size=50, loadings_prior="normal", loadings_prior_scale=0.5)
+    model = fit(adata, 600, n_latent=5, batch_size=50, loadings_prior="normal", loadings_prior_scale=0.5)
     mean, std = model.module.get_loadings(return_std=True)
     coverage = interval_coverage(mean, std, adata.varm["true_loadings"])
     print(f"coverage of the 90% posterior intervals: {coverage:.3f}")
