@@ -23,6 +23,13 @@ Built-ins, chosen by name in ``loadings_prior=``:
   per factor, non-centred (:class:`Horseshoe`);
 - ``'ard'``: automatic relevance determination, one precision per factor (:class:`ARD`).
 
+Batch norm: with a loadings prior the decoder has no batch norm and a per-gene intercept instead
+(``LDVAE`` sets ``use_batch_norm=False``, ``bias=True`` and rejects ``use_batch_norm=True``). Batch
+norm divides each gene's logits by their spread over the minibatch, so in training the likelihood
+does not change when a gene's row of W is scaled: a prior on W could shrink it freely while batch
+norm scales it back, and neither its scale nor sparsity or factor selection read off W would mean
+anything. Without batch norm the prior is on exactly the loadings that ``get_loadings`` reports.
+
 A **z prior** is a callable ``z_prior(n_latent) -> Distribution`` with event shape
 ``(n_latent,)``; ``LDVAE.model`` calls it outside the ``cells`` plate (so it too may sample global
 sites) and draws every cell's z from it inside the plate, which broadcasts it over cells. The
