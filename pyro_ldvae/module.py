@@ -149,6 +149,9 @@ class LDVAE(PyroModule):
         'normal', 'laplace', 'horseshoe', 'ard' or a callable ``prior(n_genes, n_latent) -> (genes,
         n_latent)`` that may contain ``pyro.sample`` sites: the factor columns of W become a global
         latent variable with a mean-field Normal guide; covariate columns stay point estimates.
+        Global sites sit outside the cells plate, so in ``elbo`` their KL enters once, unscaled and
+        not annealed by the KL warm-up, while local terms are scaled by ``n_obs / cells``: the
+        minibatch ELBO stays an unbiased estimate of the full-data ELBO.
     loadings_prior_scale, loadings_prior_kwargs
         Scale of 'normal' / 'laplace' (slab scale of 'horseshoe'); other arguments of the named
         prior's class in :mod:`pyro_ldvae.priors`.
