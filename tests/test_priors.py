@@ -61,6 +61,15 @@ def matched(loadings: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small models step fastest on one thread, and do not slow down when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------------------
 # Fits shared by several tests
 # ------------------------------------------------------------------------------------------
