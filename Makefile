@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-test run test lint clean
+.PHONY: install install-test run test lint notebooks clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ run: install
 
 test: install-test
 	$(PY) -m pytest -q
+
+# Re-execute notebooks/*.ipynb in place, refreshing their stored outputs.
+notebooks: install-test
+	$(PY) notebooks/run_all.py
 
 lint: install-test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -49,6 +49,13 @@ class LinearSCVI:
     >>> model.train(max_epochs=50)
     >>> adata.obsm["X_ldvae"] = model.get_latent_representation()
     >>> loadings = model.get_loadings()  # DataFrame genes x Z_0..Z_9
+
+    Priors (``model_kwargs`` go to :class:`~pyro_ldvae.module.LDVAE`): Bayesian, sparse loadings and
+    factor selection, with posterior uncertainty:
+
+    >>> model = pyro_ldvae.LinearSCVI(adata, n_latent=10, loadings_prior="horseshoe")
+    >>> model.train(max_epochs=50)
+    >>> mean, std = model.get_loadings(return_std=True)
     """
 
     def __init__(
@@ -322,9 +329,17 @@ class LinearSCVI:
             return torch.cat(locs).numpy(), torch.cat(variances).numpy()
         return torch.cat(outs).numpy()
 
-    def get_loadings(self) -> pd.DataFrame:
-        """Per-gene loadings ``(genes, n_latent)`` with the decoder batch norm folded in (scvi-tools' definition)."""
+    def get_loadings(self, return_std: bool = False) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
+        """Per-gene loadings ``(genes, n_latent)`` with the decoder batch norm folded in (scvi-tools' definition).
+
+        With a ``loadings_prior`` the posterior mean; ``return_std=True`` also returns the
+        posterior standard deviation, as a second DataFrame (an error without a prior).
+        """
         columns = [f"Z_{i}" for i in range(self.n_latent)]
+        if return_std:
+            mean, std = self.module.get_loadings(return_std=True)
+            frame = lambda a: pd.DataFrame(a, index=self.var_names, columns=columns)  # noqa: E731
+            return frame(mean), frame(std)
         return pd.DataFrame(self.module.get_loadings(), index=self.var_names, columns=columns)
 
     @torch.no_grad()

@@ -11,6 +11,10 @@ For cell n of batch s (Svensson et al. 2020, eq. 1-4; scVI's notation):
 c_n holds the one-hot batch (when n_batch > 1), one-hot categorical covariates and continuous
 covariates; W's first n_latent columns are the loadings. The guide is
 q(z_n | x_n) q(l_n | x_n), two MLPs on log1p(x_n).
+
+With ``loadings_prior`` (see :mod:`pyro_ldvae.priors`) the loadings become a global latent
+variable W ~ p(W), sampled once per step outside the cells plate, and the guide adds a mean-field
+Normal q(W) (and q of every hyper-parameter of the prior); ``z_prior`` replaces Normal(0, I).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from torch.distributions import constraints, kl_divergence
 
 from .distributions import count_likelihood
 from .nn import Encoder, LinearHead
+from .priors import GlobalNormalGuide, LoadingsPrior, ZPrior, resolve_loadings_prior
 
 DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
 LIKELIHOODS = ("nb", "zinb", "poisson")
@@ -103,7 +108,8 @@ class LDVAE(PyroModule):
     """Linearly decoded VAE (Svensson et al. 2020) as a Pyro model and guide.
 
     Arguments, names and defaults are those of ``scvi.module.LDVAE``; extras:
-    ``n_cats_per_cov`` and ``n_continuous_cov`` add covariate columns to the linear decoder.
+    ``n_cats_per_cov`` and ``n_continuous_cov`` add covariate columns to the linear decoder,
+    ``loadings_prior`` and ``z_prior`` make the model Bayesian (see :mod:`pyro_ldvae.priors`).
 
     Parameters
     ----------
@@ -124,7 +130,13 @@ class LDVAE(PyroModule):
     gene_likelihood
         'nb', 'zinb' or 'poisson'.
     use_batch_norm, bias
-        Batch norm and bias in the linear decoder.
+        Batch norm and bias in the linear decoder. ``use_batch_norm=None`` (default) means True
+        without a loadings prior (scvi-tools' LDVAE) and False with one. With a loadings prior the
+        decoder has no batch norm and always a per-gene intercept (``bias``): batch norm divides
+        each gene's logits by their spread over the minibatch, so the likelihood does not change
+        when a gene's loadings are scaled and a prior on W would only shrink them towards 0 while
+        batch norm rescales them back; the prior's scale would mean nothing and sparsity or factor
+        selection would be read off a rescaled W. ``use_batch_norm=True`` with a prior is an error.
     latent_distribution
         'normal', or 'ln' (the decoder sees ``softmax(z)``).
     use_observed_lib_size
@@ -132,6 +144,20 @@ class LDVAE(PyroModule):
     library_log_means, library_log_vars
         Per-batch mean and variance of log library size, shape ``(1, n_batch)`` or ``(n_batch,)``;
         required unless ``use_observed_lib_size``.
+    loadings_prior
+        None (default): the loadings are point estimates, a Pyro param, exactly scvi-tools' LDVAE.
+        'normal', 'laplace', 'horseshoe', 'ard' or a callable ``prior(n_genes, n_latent) -> (genes,
+        n_latent)`` that may contain ``pyro.sample`` sites: the factor columns of W become a global
+        latent variable with a mean-field Normal guide; covariate columns stay point estimates.
+        Global sites sit outside the cells plate, so in ``elbo`` their KL enters once, unscaled and
+        not annealed by the KL warm-up, while local terms are scaled by ``n_obs / cells``: the
+        minibatch ELBO stays an unbiased estimate of the full-data ELBO.
+    loadings_prior_scale, loadings_prior_kwargs
+        Scale of 'normal' / 'laplace' (slab scale of 'horseshoe'); other arguments of the named
+        prior's class in :mod:`pyro_ldvae.priors`.
+    z_prior
+        None (default): ``z ~ Normal(0, I)``. A callable ``z_prior(n_latent) -> Distribution`` with
+        event shape ``(n_latent,)``, e.g. :class:`pyro_ldvae.priors.GaussianMixture`.
     """
 
     @_local_params
@@ -147,7 +173,7 @@ class LDVAE(PyroModule):
         dispersion: str = "gene",
         log_variational: bool = True,
         gene_likelihood: str = "nb",
-        use_batch_norm: bool = True,
+        use_batch_norm: bool | None = None,
         bias: bool = False,
         latent_distribution: str = "normal",
         use_observed_lib_size: bool = False,
@@ -155,8 +181,21 @@ class LDVAE(PyroModule):
         library_log_vars: np.ndarray | None = None,
         n_cats_per_cov: list[int] | None = None,
         n_continuous_cov: int = 0,
+        loadings_prior: str | LoadingsPrior | None = None,
+        loadings_prior_scale: float | None = None,
+        loadings_prior_kwargs: dict | None = None,
+        z_prior: ZPrior | None = None,
     ):
         super().__init__()
+        loadings_prior = resolve_loadings_prior(loadings_prior, loadings_prior_scale, **(loadings_prior_kwargs or {}))
+        if loadings_prior is not None and use_batch_norm:
+            raise ValueError(
+                "use_batch_norm=True cannot be combined with a loadings prior: batch norm rescales each gene's "
+                "logits, which makes the scale of W, and so the prior, meaningless. Leave use_batch_norm=None."
+            )
+        if use_batch_norm is None:
+            use_batch_norm = loadings_prior is None
+        bias = bias or loadings_prior is not None  # without batch norm, the intercept is the bias
         _check_module_args(
             n_input, n_latent, n_hidden, n_layers_encoder, dropout_rate, dispersion, gene_likelihood, latent_distribution
         )
@@ -213,15 +252,26 @@ class LDVAE(PyroModule):
         if not use_observed_lib_size:
             self.l_encoder = Encoder(n_input, 1, 1, n_hidden, dropout_rate)
 
+        # Priors (pyro_ldvae.priors): nn.Modules among them are submodules, so their weights train.
+        self.loadings_prior, self.z_prior, self.global_guide = loadings_prior, z_prior, None
+        if loadings_prior is not None or z_prior is not None:
+            with torch.no_grad():
+                guide = GlobalNormalGuide(self.global_latents)
+                guide._setup_prototype()  # now, so that the optimizer sees its params
+            if any(True for _ in guide.prototype_trace.iter_stochastic_nodes()):
+                self.global_guide = guide
+
     # ----------------------------------------------------------------------------------------
     # The generative model and the guide
     # ----------------------------------------------------------------------------------------
     @_pyro_method
     def model(self, mb: Minibatch, n_obs: int | None = None, kl_weight: float = 1.0) -> None:
         """p(x, z, l) for the cells of ``mb``; the plate scales local terms by ``n_obs / cells``."""
+        loadings, z_prior = self.global_latents()  # None, None without priors: the default model
         with self._cells_plate(mb, n_obs):
             with kl_warmup(kl_weight):
-                z = pyro.sample("z", dist.Normal(self._zeros(mb), 1.0).to_event(1))  # (cells, n_latent)
+                z_prior = dist.Normal(self._zeros(mb), 1.0).to_event(1) if z_prior is None else z_prior
+                z = pyro.sample("z", z_prior)  # (cells, n_latent)
             if self.use_observed_lib_size:
                 library = torch.log(mb.x.sum(-1))  # (cells,)
             else:
@@ -230,7 +280,7 @@ class LDVAE(PyroModule):
                     dist.Normal(self.library_log_means[mb.batch], self.library_log_vars[mb.batch].sqrt()),
                 )
             decoder_input = torch.cat([self.z_transform(z), self.covariate_design(mb)], dim=-1)
-            rho = F.softmax(self.decoder.factor_regressor(decoder_input), dim=-1)  # (cells, genes)
+            rho = F.softmax(self.factor_logits(decoder_input, loadings), dim=-1)  # (cells, genes)
             pyro.deterministic("rho", rho, event_dim=1)
             mu = torch.exp(library).unsqueeze(-1) * rho
             theta = self.inverse_dispersion(decoder_input, mb)
@@ -239,7 +289,11 @@ class LDVAE(PyroModule):
 
     @_pyro_method
     def guide(self, mb: Minibatch, n_obs: int | None = None, kl_weight: float = 1.0) -> None:
-        """q(z | x) q(l | x): Normal posteriors from MLPs on log1p(x); batch is not an input."""
+        """q(z | x) q(l | x): Normal posteriors from MLPs on log1p(x); batch is not an input.
+
+        With priors, also q of the global sites (mean-field Normal, :class:`GlobalNormalGuide`)."""
+        if self.global_guide is not None:
+            self.global_guide()
         encoder_input = torch.log1p(mb.x) if self.log_variational else mb.x
         with self._cells_plate(mb, n_obs):
             z_loc, z_var = self.z_encoder(encoder_input)
@@ -252,6 +306,28 @@ class LDVAE(PyroModule):
     # ----------------------------------------------------------------------------------------
     # Pieces of the model, named for what they compute
     # ----------------------------------------------------------------------------------------
+    def global_latents(self) -> tuple[torch.Tensor | None, dist.Distribution | None]:
+        """Run the priors (outside the cells plate): loadings ``(genes, n_latent)`` and z's prior.
+
+        Each is None when the model has no such prior. The priors run with the module's device as
+        torch's default device, so a user's prior may create tensors without naming a device.
+        """
+        if self.loadings_prior is None and self.z_prior is None:
+            return None, None
+        with self.device:
+            loadings = None if self.loadings_prior is None else self.loadings_prior(self.n_input, self.n_latent)
+            z_prior = None if self.z_prior is None else self.z_prior(self.n_latent)
+        return loadings, z_prior
+
+    def factor_logits(self, decoder_input: torch.Tensor, loadings: torch.Tensor | None) -> torch.Tensor:
+        """``BN(W [z ; c] + b)`` ``(cells, genes)``; with a prior the factor columns of W are ``loadings``."""
+        head = self.decoder.factor_regressor
+        if loadings is None:
+            return head(decoder_input)
+        weight = torch.cat([loadings, head.linear.weight[:, self.n_latent :]], dim=-1)  # (genes, n_latent + n_cov)
+        logits = F.linear(decoder_input, weight, head.linear.bias)
+        return logits if head.batch_norm is None else head.batch_norm(logits)
+
     def _cells_plate(self, mb: Minibatch, n_obs: int | None) -> pyro.plate:
         idx = mb.idx if mb.idx is not None else torch.arange(mb.n_cells, device=mb.batch.device)
         return pyro.plate("cells", size=n_obs or mb.n_cells, subsample=idx, dim=-1)
@@ -334,9 +410,37 @@ class LDVAE(PyroModule):
         return out
 
     @torch.no_grad()
-    def get_loadings(self) -> np.ndarray:
-        """Loadings ``(genes, n_latent)``: ``diag(gamma / sqrt(running_var + eps)) W``, covariate columns dropped."""
-        return self.decoder.factor_regressor.folded_weight()[:, : self.n_latent].detach().cpu().numpy()
+    def get_loadings(
+        self, return_std: bool = False, num_samples: int = 500
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Loadings ``(genes, n_latent)``: ``diag(gamma / sqrt(running_var + eps)) W``, covariate columns dropped.
+
+        With a loadings prior (no batch norm, so nothing to fold): the posterior mean of W, a Monte
+        Carlo average over ``num_samples`` draws of the guide; ``return_std=True`` returns
+        ``(mean, std)``, the std being the posterior standard deviation of each entry.
+        """
+        if self.loadings_prior is None:
+            if return_std:
+                raise ValueError(
+                    "The loadings are point estimates (loadings_prior=None) and have no posterior std; "
+                    "build the model with a loadings_prior (e.g. 'normal') to get one."
+                )
+            return self.decoder.factor_regressor.folded_weight()[:, : self.n_latent].detach().cpu().numpy()
+        draws = self.sample_loadings(num_samples)  # (num_samples, genes, n_latent)
+        mean = draws.mean(0).cpu().numpy()
+        return (mean, draws.std(0).cpu().numpy()) if return_std else mean
+
+    @torch.no_grad()
+    @_pyro_method
+    def sample_loadings(self, num_samples: int = 500) -> torch.Tensor:
+        """Draws of the loadings from the guide, ``(num_samples, genes, n_latent)`` (requires a loadings prior)."""
+        if self.loadings_prior is None:
+            raise ValueError("sample_loadings needs a model with a loadings_prior; use get_loadings() instead.")
+        draws = []
+        for _ in range(num_samples):
+            guide_trace = poutine.trace(self.global_guide).get_trace()
+            draws.append(poutine.replay(self.global_latents, trace=guide_trace)()[0])
+        return torch.stack(draws)
 
     @property
     def device(self) -> torch.device:

@@ -8,7 +8,7 @@ import pyro
 import pytest
 import scipy.sparse as sp
 from anndata import AnnData
-from shared_models import pancreas_model, pbmc4k_model, shared_data
+from .shared_models import pancreas_model, pbmc4k_model, shared_data
 
 import pyro_ldvae
 from pyro_ldvae.de import bayes_factors, fdr_de_prediction
