@@ -426,7 +426,12 @@ class LDVAE(PyroModule):
                     "build the model with a loadings_prior (e.g. 'normal') to get one."
                 )
             return self.decoder.factor_regressor.folded_weight()[:, : self.n_latent].detach().cpu().numpy()
-        draws = self.sample_loadings(num_samples)  # (num_samples, genes, n_latent)
+        # A fixed seed makes the Monte Carlo summary a function of the parameters alone: the same
+        # model gives the same loadings every time (and after save/load), without touching the
+        # caller's random state.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            draws = self.sample_loadings(num_samples)  # (num_samples, genes, n_latent)
         mean = draws.mean(0).cpu().numpy()
         return (mean, draws.std(0).cpu().numpy()) if return_std else mean
 
