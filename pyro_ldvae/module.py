@@ -30,7 +30,7 @@ from pyro.nn import PyroModule, PyroParam
 from pyro.nn.module import to_pyro_module_
 from torch.distributions import constraints, kl_divergence
 
-from .distributions import count_likelihood
+from .distributions import count_likelihood, total_counts
 from .nn import Encoder, LinearHead
 
 DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
@@ -223,7 +223,7 @@ class LDVAE(PyroModule):
             with kl_warmup(kl_weight):
                 z = pyro.sample("z", dist.Normal(self._zeros(mb), 1.0).to_event(1))  # (cells, n_latent)
             if self.use_observed_lib_size:
-                library = torch.log(mb.x.sum(-1))  # (cells,)
+                library = torch.log(total_counts(mb.x))  # (cells,)
             else:
                 library = pyro.sample(
                     "library",

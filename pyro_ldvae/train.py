@@ -14,6 +14,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,8 +23,8 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from .data import CellData
-from .module import LDVAE
+from .data import CellData, DeviceCells
+from .module import LDVAE, Minibatch
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def evaluate_elbo(module: LDVAE, data: CellData, indices: np.ndarray, batch_size
     was_training = module.training
     module.eval()
     try:
-        parts = [module.elbo(mb)[1] for mb in data.iter_minibatches(indices, batch_size, module.device)]
+        parts = [module.elbo(mb)[1] for mb in data.iter_minibatches(indices, batch_size, module.device, sparse=True)]
     finally:
         module.train(was_training)
     return torch.cat(parts) if parts else torch.zeros(0)
@@ -106,6 +107,52 @@ def _minibatch_indices(train_idx: np.ndarray, batch_size: int, generator: torch.
         positions = order[start : start + batch_size]
         if len(positions) > 1:
             yield positions
+
+
+def make_optimizer(module: torch.nn.Module, plan: TrainingPlan) -> torch.optim.Optimizer:
+    """Adam with scvi-tools' settings; one fused kernel over all parameters where torch has one."""
+    params = list(module.parameters())
+    try:
+        return torch.optim.Adam(params, lr=plan.lr, eps=plan.eps, weight_decay=plan.weight_decay, fused=True)
+    except (RuntimeError, TypeError):  # a device or dtype without a fused Adam
+        return torch.optim.Adam(params, lr=plan.lr, eps=plan.eps, weight_decay=plan.weight_decay, foreach=True)
+
+
+def minibatch_source(
+    data: CellData,
+    train_idx: np.ndarray,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    data_on_device: bool | None = None,
+) -> Callable[[torch.Generator], Iterator[Minibatch]]:
+    """A function of the epoch's generator that yields that epoch's shuffled training minibatches.
+
+    In-memory data are cut per step from CSR (sparse ``x``); with ``data_on_device`` (default:
+    on CUDA when the counts fit) the matrix lives on ``device`` and each epoch's permutation is
+    copied there once. Data with their own epoch iterator (on-disk data) use it. Every path
+    draws the permutation from the same generator, so they visit cells in the same order.
+    """
+    device = torch.device(device)
+    if hasattr(data, "iter_epoch"):
+        return lambda generator: data.iter_epoch(train_idx, batch_size, generator, device)
+    if data_on_device is None:
+        data_on_device = device.type == "cuda" and DeviceCells.fits(data, device)
+    if not data_on_device:
+        return lambda generator: (
+            data.minibatch(train_idx[positions], device, plate_idx=positions, sparse=True)
+            for positions in _minibatch_indices(train_idx, batch_size, generator)
+        )
+    resident = DeviceCells(data, device)
+    train_cells = torch.from_numpy(np.asarray(train_idx, dtype=np.int64)).to(device)
+
+    def epoch(generator: torch.Generator) -> Iterator[Minibatch]:
+        order = torch.randperm(len(train_idx), generator=generator).to(device)  # one copy per epoch
+        for start in range(0, len(order), batch_size):
+            positions = order[start : start + batch_size]
+            if len(positions) > 1:
+                yield resident.minibatch(train_cells[positions], plate_idx=positions)
+
+    return epoch
 
 
 def train_svi(
@@ -123,8 +170,12 @@ def train_svi(
     early_stopping_min_delta: float = 0.0,
     progress_bar: bool = True,
     check_val_every_n_epoch: int = 1,
+    data_on_device: bool | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Fit ``module`` to the cells ``train_idx`` of ``data`` by stochastic variational inference.
+
+    ``data_on_device`` keeps the whole count matrix on ``device`` and cuts minibatches there
+    (default: on CUDA when the counts fit in half the free GPU memory); see ``minibatch_source``.
 
     Returns the history, scvi-tools style: a dict of one-column DataFrames indexed by epoch
     (``elbo_train``, ``elbo_validation``, ``reconstruction_loss_train``, ``kl_local_train``,
@@ -135,7 +186,8 @@ def train_svi(
     pyro.set_rng_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     module.to(device).train()
-    optimizer = torch.optim.Adam(module.parameters(), lr=plan.lr, eps=plan.eps, weight_decay=plan.weight_decay)
+    optimizer = make_optimizer(module, plan)
+    epoch_minibatches = minibatch_source(data, train_idx, batch_size, device, data_on_device)
     n_train = len(train_idx)
     rows: list[dict[str, float]] = []
     best, epochs_since_best = math.inf, 0
@@ -144,8 +196,7 @@ def train_svi(
         start = time.perf_counter()
         kl_weight = plan.kl_weight(epoch)
         elbo_sum = torch.zeros((), device=device)
-        for positions in _minibatch_indices(train_idx, batch_size, generator):
-            mb = data.minibatch(train_idx[positions], device, plate_idx=positions)
+        for mb in epoch_minibatches(generator):
             optimizer.zero_grad(set_to_none=True)
             elbo, per_cell = module.elbo(mb, n_obs=n_train, kl_weight=kl_weight)
             loss = -elbo / n_train
