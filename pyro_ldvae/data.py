@@ -249,6 +249,16 @@ class CellData:
             yield self.minibatch(indices[start : start + batch_size], device, sparse=sparse)
 
 
+def cell_data(adata: AnnData, registry: Registry) -> CellData:
+    """The cells of ``adata``: in memory, or streamed from disk when the counts are on disk
+    (``anndata.read_h5ad(path, backed='r')`` or a ``.zarr`` store, see ``data_backed``)."""
+    from .data_backed import BackedCellData, is_on_disk
+
+    if is_on_disk(get_counts(adata, registry.layer)):
+        return BackedCellData(adata, registry)
+    return CellData(adata, registry)
+
+
 class DeviceCells:
     """The counts and codes of a ``CellData``, resident on ``device``; minibatches are cut there.
 

@@ -67,7 +67,7 @@ class LinearSCVI:
         self.registry = data_mod.get_registry(adata)
         self.seed = seed
         self.var_names = pd.Index(adata.var_names)
-        cells = data_mod.CellData(adata, self.registry)
+        cells = data_mod.cell_data(adata, self.registry)
         library_log_means, library_log_vars = (None, None) if use_observed_lib_size else cells.library_prior()
         self.init_params_ = dict(
             n_hidden=n_hidden,
@@ -162,7 +162,7 @@ class LinearSCVI:
                 "adata.var_names differ from the genes the model was trained on; "
                 "subset and order the genes as in model.var_names (adata[:, model.var_names])."
             )
-        cells = data_mod.CellData(adata, self.registry)
+        cells = data_mod.cell_data(adata, self.registry)
         self._data_cache = (id(adata), cells)
         return cells
 

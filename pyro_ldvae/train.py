@@ -93,11 +93,17 @@ def evaluate_elbo(module: LDVAE, data: CellData, indices: np.ndarray, batch_size
     """Per-cell ELBO ``(cells,)`` in eval mode (running batch-norm statistics, no dropout)."""
     was_training = module.training
     module.eval()
+    indices = np.asarray(indices)
+    order = np.argsort(indices, kind="stable")  # cells in file order: sequential reads for on-disk data
     try:
-        parts = [module.elbo(mb)[1] for mb in data.iter_minibatches(indices, batch_size, module.device, sparse=True)]
+        parts = [module.elbo(mb)[1] for mb in data.iter_minibatches(indices[order], batch_size, module.device, sparse=True)]
     finally:
         module.train(was_training)
-    return torch.cat(parts) if parts else torch.zeros(0)
+    if not parts:
+        return torch.zeros(0)
+    per_cell = torch.empty(len(indices), device=parts[0].device)
+    per_cell[torch.from_numpy(order).to(per_cell.device)] = torch.cat(parts)
+    return per_cell
 
 
 def _minibatch_indices(train_idx: np.ndarray, batch_size: int, generator: torch.Generator):
