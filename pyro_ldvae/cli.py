@@ -33,7 +33,10 @@ def run_fit(args: argparse.Namespace) -> None:
     import anndata
 
     from . import datasets
+    from .distributed import init_from_env, is_main_process
     from .model import LinearSCVI
+
+    init_from_env(args.accelerator)  # under torchrun: join the process group (DDP training)
 
     if os.path.exists(args.output) and not args.overwrite:
         raise ValueError(f"{args.output} exists; pass --overwrite to replace it.")
@@ -45,6 +48,8 @@ def run_fit(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     model.train(max_epochs=args.max_epochs, batch_size=args.batch_size, accelerator=args.accelerator, progress_bar=sys.stderr.isatty())
     elapsed = time.perf_counter() - start
+    if not is_main_process():
+        return  # only rank 0 writes results
     adata.obsm["X_ldvae"] = model.get_latent_representation()
     loadings = model.get_loadings()
     adata.varm["ldvae_loadings"] = loadings.to_numpy()

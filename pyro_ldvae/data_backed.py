@@ -184,12 +184,19 @@ class BackedCellData(CellData):
                 return
 
     def iter_epoch(
-        self, train_idx: np.ndarray, batch_size: int, generator: torch.Generator, device: torch.device | str = "cpu"
+        self,
+        train_idx: np.ndarray,
+        batch_size: int,
+        generator: torch.Generator,
+        device: torch.device | str = "cpu",
+        ddp=None,
     ) -> Iterator[Minibatch]:
         """One training epoch: blocks in random order, cells shuffled within a buffer of blocks.
 
         Each cell of ``train_idx`` is visited once; the plate index of a cell is its position in
-        ``train_idx``. A final minibatch of one cell is dropped (batch norm needs two).
+        ``train_idx``. A final minibatch of one cell is dropped (batch norm needs two). Under
+        DDP (``ddp`` a ``DistributedContext``) every rank reads the same buffers and keeps its
+        strided share of each, so all ranks take the same number of steps.
         """
         train_idx = np.asarray(train_idx, dtype=np.int64)
         position = np.full(self.n_obs, -1, dtype=np.int64)  # (cells,) position in train_idx or -1
@@ -198,16 +205,23 @@ class BackedCellData(CellData):
         order = torch.randperm(len(blocks), generator=generator).numpy()
         carry_rows, carry_cells = None, np.zeros(0, dtype=np.int64)
         for first in range(0, len(order), self.buffer_blocks):
-            parts, cells = [] if carry_rows is None else [carry_rows], [carry_cells]
+            parts, cells = [], []
             for b in order[first : first + self.buffer_blocks]:
                 start, stop = blocks[b]
                 local = np.flatnonzero(position[start:stop] >= 0)
                 if len(local):
                     parts.append(self.read_rows(start, stop)[local])
                     cells.append(start + local)
-            if len(parts) == 0 or sum(p.shape[0] for p in parts) == 0:
+            if parts:
+                fresh_rows, fresh_cells = _stack(parts), np.concatenate(cells)
+                if ddp is not None:  # every rank read the same blocks; each keeps its share
+                    mine = ddp.shard(np.arange(len(fresh_cells)))
+                    fresh_rows, fresh_cells = fresh_rows[mine], fresh_cells[mine]
+                rows, cells = _stack([carry_rows, fresh_rows]), np.concatenate([carry_cells, fresh_cells])
+            else:
+                rows, cells = carry_rows, carry_cells
+            if len(cells) == 0:
                 continue
-            rows, cells = _stack(parts), np.concatenate(cells)
             shuffle = torch.randperm(len(cells), generator=generator).numpy()
             rows, cells = rows[shuffle], cells[shuffle]
             last_buffer = first + self.buffer_blocks >= len(order)

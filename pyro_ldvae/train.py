@@ -23,6 +23,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import CellData, DeviceCells
 from .module import LDVAE, Minibatch
 
@@ -106,9 +107,12 @@ def evaluate_elbo(module: LDVAE, data: CellData, indices: np.ndarray, batch_size
     return per_cell
 
 
-def _minibatch_indices(train_idx: np.ndarray, batch_size: int, generator: torch.Generator):
-    """Shuffled minibatches of positions into ``train_idx``; a last minibatch of one cell is dropped."""
+def _minibatch_indices(train_idx: np.ndarray, batch_size: int, generator: torch.Generator, ddp=None):
+    """Shuffled minibatches of positions into ``train_idx``; a last minibatch of one cell is dropped.
+    Under DDP, this rank's strided share of the (shared) permutation."""
     order = torch.randperm(len(train_idx), generator=generator).numpy()
+    if ddp is not None:
+        order = ddp.shard(order)
     for start in range(0, len(order), batch_size):
         positions = order[start : start + batch_size]
         if len(positions) > 1:
@@ -130,6 +134,7 @@ def minibatch_source(
     batch_size: int,
     device: torch.device | str = "cpu",
     data_on_device: bool | None = None,
+    ddp: distributed.DistributedContext | None = None,
 ) -> Callable[[torch.Generator], Iterator[Minibatch]]:
     """A function of the epoch's generator that yields that epoch's shuffled training minibatches.
 
@@ -140,19 +145,22 @@ def minibatch_source(
     """
     device = torch.device(device)
     if hasattr(data, "iter_epoch"):
-        return lambda generator: data.iter_epoch(train_idx, batch_size, generator, device)
+        return lambda generator: data.iter_epoch(train_idx, batch_size, generator, device, ddp)
     if data_on_device is None:
         data_on_device = device.type == "cuda" and DeviceCells.fits(data, device)
     if not data_on_device:
         return lambda generator: (
             data.minibatch(train_idx[positions], device, plate_idx=positions, sparse=True)
-            for positions in _minibatch_indices(train_idx, batch_size, generator)
+            for positions in _minibatch_indices(train_idx, batch_size, generator, ddp)
         )
     resident = DeviceCells(data, device)
     train_cells = torch.from_numpy(np.asarray(train_idx, dtype=np.int64)).to(device)
 
     def epoch(generator: torch.Generator) -> Iterator[Minibatch]:
-        order = torch.randperm(len(train_idx), generator=generator).to(device)  # one copy per epoch
+        order = torch.randperm(len(train_idx), generator=generator)
+        if ddp is not None:
+            order = torch.from_numpy(ddp.shard(order.numpy()))
+        order = order.to(device)  # one copy per epoch
         for start in range(0, len(order), batch_size):
             positions = order[start : start + batch_size]
             if len(positions) > 1:
@@ -193,7 +201,9 @@ def train_svi(
     generator = torch.Generator().manual_seed(seed)
     module.to(device).train()
     optimizer = make_optimizer(module, plan)
-    epoch_minibatches = minibatch_source(data, train_idx, batch_size, device, data_on_device)
+    ddp = distributed.current()  # under torchrun: shard cells, average gradients over ranks
+    epoch_minibatches = minibatch_source(data, train_idx, batch_size, device, data_on_device, ddp)
+    elbo_fn = module.elbo if ddp is None else distributed.wrap(module, ddp)
     n_train = len(train_idx)
     rows: list[dict[str, float]] = []
     best, epochs_since_best = math.inf, 0
@@ -204,15 +214,21 @@ def train_svi(
         elbo_sum = torch.zeros((), device=device)
         for mb in epoch_minibatches(generator):
             optimizer.zero_grad(set_to_none=True)
-            elbo, per_cell = module.elbo(mb, n_obs=n_train, kl_weight=kl_weight)
+            elbo, per_cell = elbo_fn(mb, n_obs=n_train, kl_weight=kl_weight)
             loss = -elbo / n_train
             loss.backward()
             optimizer.step()
             elbo_sum += per_cell.detach().sum()
+        if ddp is not None:
+            elbo_sum = ddp.all_reduce_sum(elbo_sum)
+            ddp.sync_buffers(module)
         row = {"epoch": epoch, "kl_weight": kl_weight, "elbo_train": -(elbo_sum / n_train).item()}
         row["train_time"] = time.perf_counter() - start
         if len(val_idx) and (epoch + 1) % check_val_every_n_epoch == 0:
-            row["elbo_validation"] = -evaluate_elbo(module, data, val_idx).mean().item()
+            if ddp is None:
+                row["elbo_validation"] = -evaluate_elbo(module, data, val_idx).mean().item()
+            else:
+                row["elbo_validation"] = -distributed.validation_elbo(module, data, val_idx, ddp)
         rows.append(row)
         if not math.isfinite(row["elbo_train"]):
             raise FloatingPointError(
