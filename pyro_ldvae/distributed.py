@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from pyro.nn import PyroModule
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -100,6 +101,42 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+class SyncBatchNorm1d(nn.BatchNorm1d):
+    """``BatchNorm1d`` whose training statistics are taken over the cells of all ranks.
+
+    With it, N ranks x B cells normalise exactly as one process with N x B cells, so results do
+    not depend on the number of processes. Unlike ``torch.nn.SyncBatchNorm`` it runs on CPU
+    (gloo) as well: the per-feature sums are combined with a differentiable all-reduce.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        n_features = x.shape[1]
+        local = torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), float(x.shape[0]))])  # (2 features + 1,)
+        total = all_reduce(local)
+        n = total[-1]
+        mean = total[:n_features] / n
+        var = total[n_features : 2 * n_features] / n - mean * mean  # biased, as batch norm normalises
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        out = (x - mean) * torch.rsqrt(var + self.eps)
+        return out * self.weight + self.bias if self.affine else out
+
+
+def use_sync_batch_norm(module: nn.Module) -> nn.Module:
+    """Make every ``BatchNorm1d`` of ``module`` a ``SyncBatchNorm1d`` in place (same parameters, buffers)."""
+    for sub in module.modules():
+        if isinstance(sub, nn.BatchNorm1d) and not isinstance(sub, SyncBatchNorm1d):
+            # decoder heads are PyroModules: keep them so, with the synchronised forward
+            sub.__class__ = PyroModule[SyncBatchNorm1d] if isinstance(sub, PyroModule) else SyncBatchNorm1d
+    return module
+
+
 class ElboLoss(nn.Module):
     """``forward(mb, n_obs, kl_weight) -> module.elbo(...)``: the module DDP wraps."""
 
@@ -112,8 +149,10 @@ class ElboLoss(nn.Module):
 
 
 def wrap(module: nn.Module, ctx: DistributedContext) -> DistributedDataParallel:
-    """``module.elbo`` under DDP; the initial weights are broadcast from rank 0."""
+    """``module.elbo`` under DDP; the initial weights are broadcast from rank 0 and batch norm
+    statistics are synchronised across ranks (``SyncBatchNorm1d``)."""
     device_ids = [module.device.index if module.device.index is not None else ctx.local_rank] if module.device.type == "cuda" else None
+    use_sync_batch_norm(module)
     # find_unused_parameters: theta is unused with a Poisson likelihood, and priors may add more.
     return DistributedDataParallel(ElboLoss(module), device_ids=device_ids, find_unused_parameters=True)
 
