@@ -118,8 +118,10 @@ def sparse_log_prob(value: torch.Tensor, mu: torch.Tensor, log_density, zero_cas
             return param[0, cols]
         return param[rows, cols]
 
-    zero_case = zero_case.expand(mu.shape)
-    return zero_case.index_put((rows, cols), log_density(vals.to(mu.dtype), at))
+    if zero_case.shape != mu.shape:
+        zero_case = zero_case.expand(mu.shape).clone()
+    # In place: zero_case is a fresh result that no backward formula saved.
+    return zero_case.index_put_((rows, cols), log_density(vals.to(mu.dtype), at))
 
 
 def _nb_zero(d: NegativeBinomial) -> torch.Tensor:
@@ -273,10 +275,12 @@ def count_likelihood(
     gene_likelihood: str, mu: torch.Tensor, theta: torch.Tensor | None, gate_logits: torch.Tensor | None
 ) -> TorchDistribution:
     """The observation distribution named by ``gene_likelihood`` ('nb', 'zinb' or 'poisson')."""
+    # No argument validation: mu = exp(l) softmax(.) >= 0 and theta > 0 hold by construction, and
+    # checking them costs a full pass over (cells, genes) every step.
     if gene_likelihood == "nb":
-        return NegativeBinomial(mu, theta)
+        return NegativeBinomial(mu, theta, validate_args=False)
     if gene_likelihood == "zinb":
-        return ZeroInflatedNegativeBinomial(mu, theta, gate_logits)
+        return ZeroInflatedNegativeBinomial(mu, theta, gate_logits, validate_args=False)
     if gene_likelihood == "poisson":
-        return Poisson(mu)
+        return Poisson(mu, validate_args=False)
     raise ValueError(f"gene_likelihood must be 'nb', 'zinb' or 'poisson', got {gene_likelihood!r}.")

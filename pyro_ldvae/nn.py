@@ -37,7 +37,18 @@ class _SparseLinear(torch.autograd.Function):
 
 
 def _csr_transpose(x: torch.Tensor) -> torch.Tensor:
-    """``x.T`` as a CSR tensor; on CPU through scipy's C transpose (much faster than torch's)."""
+    """``x.T`` as a CSR tensor; on CPU through scipy's C transpose (much faster than torch's).
+
+    Cached on ``x``: the two encoders share one input, so it is transposed once per step.
+    """
+    cached = getattr(x, "_transposed", None)
+    if cached is not None:
+        return cached
+    x._transposed = transposed = _csr_transpose_uncached(x)
+    return transposed
+
+
+def _csr_transpose_uncached(x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu":
         return x.t().to_sparse_csr()
     n_rows, n_cols = x.shape
