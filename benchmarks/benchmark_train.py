@@ -76,7 +76,9 @@ def run_ours(adata, args) -> dict:
     LinearSCVI.setup_anndata(adata)
     model = LinearSCVI(adata, n_latent=args.n_latent, seed=args.seed)
     cpu0 = time.process_time()
-    model.train(max_epochs=args.epochs, batch_size=args.batch_size, accelerator="cpu", seed=args.seed, progress_bar=False)
+    model.train(
+        max_epochs=args.epochs, batch_size=args.batch_size, accelerator="cpu", seed=args.seed, progress_bar=False
+    )
     cpu = time.process_time() - cpu0
     history = model.history
     epoch_times = history["train_time"]["train_time"].to_numpy()
@@ -188,15 +190,19 @@ def summarise(runs: list[dict], args) -> str:
         rows[lib] = {
             "train cells/s": med([n_train * len(r["epoch_times"]) / sum(r["epoch_times"]) for r in rs]),
             "s/epoch": med([np.mean(r["epoch_times"]) for r in rs]),
-            "CPU ms/step": med([1e3 * r["cpu_s"] / (len(r["epoch_times"]) * np.ceil(n_train / args.batch_size)) for r in rs]),
+            "CPU ms/step": med(
+                [1e3 * r["cpu_s"] / (len(r["epoch_times"]) * np.ceil(n_train / args.batch_size)) for r in rs]
+            ),
             "held-out -ELBO": med([r["held_out"] for r in rs]),
             f"s to -ELBO<={target:.1f}": med([time_to_target(r, target) for r in rs]),
             "peak RSS MB": med([r["peak_rss_mb"] for r in rs]),
             "latent cells/s": med([n_cells / r["latent_s"] for r in rs]),
         }
     names = ["pyro_ldvae" if k == "ours" else "scvi-tools" for k in rows]
-    lines = [f"{args.dataset}: {runs[0]['n_cells']} cells x {runs[0]['n_genes']} genes, {args.epochs} epochs, "
-             f"batch {args.batch_size}, {args.threads} threads, {len(runs) // len(rows)} repeat(s), medians"]
+    lines = [
+        f"{args.dataset}: {runs[0]['n_cells']} cells x {runs[0]['n_genes']} genes, {args.epochs} epochs, "
+        f"batch {args.batch_size}, {args.threads} threads, {len(runs) // len(rows)} repeat(s), medians"
+    ]
     metrics = list(next(iter(rows.values())).keys())
     lines.append(f"| metric | {' | '.join(names)} |" + (" ours / scvi |" if len(rows) == 2 else ""))
     lines.append("|---" * (len(rows) + 1 + (len(rows) == 2)) + "|")
@@ -232,7 +238,10 @@ def main() -> None:
         for library in args.libraries.split(","):
             run = spawn(library, args)
             runs.append(run)
-            print(f"repeat {repeat} {library}: {json.dumps({k: v for k, v in run.items() if k != 'val_curve'})}", flush=True)
+            print(
+                f"repeat {repeat} {library}: {json.dumps({k: v for k, v in run.items() if k != 'val_curve'})}",
+                flush=True,
+            )
     print()
     print(summarise(runs, args))
 

@@ -317,5 +317,7 @@ class DeviceCells:
             labels=self.labels[idx],
             cat_covs=take(self.cat_covs),
             cont_covs=take(self.cont_covs),
-            idx=torch.arange(len(idx), device=self.device) if plate_idx is None else torch.as_tensor(plate_idx, device=self.device),
+            idx=torch.arange(len(idx), device=self.device)
+            if plate_idx is None
+            else torch.as_tensor(plate_idx, device=self.device),
         )

@@ -69,7 +69,9 @@ class BackedCellData(CellData):
     :meth:`iter_minibatches` (streamed in blocks when the indices are sorted).
     """
 
-    def __init__(self, adata: AnnData, registry: Registry, block_size: int = BLOCK_SIZE, buffer_blocks: int = BUFFER_BLOCKS):
+    def __init__(
+        self, adata: AnnData, registry: Registry, block_size: int = BLOCK_SIZE, buffer_blocks: int = BUFFER_BLOCKS
+    ):
         self.block_size, self.buffer_blocks = int(block_size), int(buffer_blocks)
         super().__init__(adata, registry)
 
@@ -229,7 +231,9 @@ class BackedCellData(CellData):
             for start in range(0, n_full, batch_size):
                 stop = min(start + batch_size, n_full)
                 if stop - start > 1:
-                    yield self._minibatch_from_rows(rows[start:stop], cells[start:stop], position[cells[start:stop]], device, True)
+                    yield self._minibatch_from_rows(
+                        rows[start:stop], cells[start:stop], position[cells[start:stop]], device, True
+                    )
             carry_rows, carry_cells = rows[n_full:], cells[n_full:]
 
 

@@ -151,7 +151,11 @@ class ElboLoss(nn.Module):
 def wrap(module: nn.Module, ctx: DistributedContext) -> DistributedDataParallel:
     """``module.elbo`` under DDP; the initial weights are broadcast from rank 0 and batch norm
     statistics are synchronised across ranks (``SyncBatchNorm1d``)."""
-    device_ids = [module.device.index if module.device.index is not None else ctx.local_rank] if module.device.type == "cuda" else None
+    device_ids = (
+        [module.device.index if module.device.index is not None else ctx.local_rank]
+        if module.device.type == "cuda"
+        else None
+    )
     use_sync_batch_norm(module)
     # find_unused_parameters: theta is unused with a Poisson likelihood, and priors may add more.
     return DistributedDataParallel(ElboLoss(module), device_ids=device_ids, find_unused_parameters=True)

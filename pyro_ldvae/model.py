@@ -255,7 +255,7 @@ class LinearSCVI:
         cells = self._cells(adata)
         module = self.module.eval()
         locs, variances, outs = [], [], []
-        for mb in cells.iter_minibatches(self._indices(cells, indices), batch_size or 128, module.device):
+        for mb in cells.iter_minibatches(self._indices(cells, indices), batch_size or 128, module.device, sparse=True):
             q = module.encode(mb.x)
             locs.append(q["z_loc"].cpu())
             variances.append(q["z_var"].cpu())

@@ -97,7 +97,8 @@ def evaluate_elbo(module: LDVAE, data: CellData, indices: np.ndarray, batch_size
     indices = np.asarray(indices)
     order = np.argsort(indices, kind="stable")  # cells in file order: sequential reads for on-disk data
     try:
-        parts = [module.elbo(mb)[1] for mb in data.iter_minibatches(indices[order], batch_size, module.device, sparse=True)]
+        minibatches = data.iter_minibatches(indices[order], batch_size, module.device, sparse=True)
+        parts = [module.elbo(mb)[1] for mb in minibatches]
     finally:
         module.train(was_training)
     if not parts:

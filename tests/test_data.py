@@ -79,7 +79,9 @@ def test_backed_epoch_visits_every_training_cell_once_in_shuffled_blocks(adata, 
     seen = np.concatenate(seen)
     assert np.array_equal(np.sort(seen), np.arange(600))
     assert not np.array_equal(seen, np.arange(600))  # shuffled
-    second = np.concatenate([mb.idx.numpy() for mb in on_disk.iter_epoch(train_idx, 64, torch.Generator().manual_seed(1))])
+    second = np.concatenate(
+        [mb.idx.numpy() for mb in on_disk.iter_epoch(train_idx, 64, torch.Generator().manual_seed(1))]
+    )
     assert not np.array_equal(seen, second)
 
 
@@ -87,8 +89,12 @@ def test_device_resident_training_equals_cut_per_step(adata):
     """Same permutation, same minibatches: the two CPU paths train to identical weights."""
     cells = CellData(adata, get_registry(adata))
     train_idx = np.arange(600)
-    per_step = list(minibatch_source(cells, train_idx, 128, "cpu", data_on_device=False)(torch.Generator().manual_seed(0)))
-    resident = list(minibatch_source(cells, train_idx, 128, "cpu", data_on_device=True)(torch.Generator().manual_seed(0)))
+    per_step = list(
+        minibatch_source(cells, train_idx, 128, "cpu", data_on_device=False)(torch.Generator().manual_seed(0))
+    )
+    resident = list(
+        minibatch_source(cells, train_idx, 128, "cpu", data_on_device=True)(torch.Generator().manual_seed(0))
+    )
     assert len(per_step) == len(resident) == 5
     for a, b in zip(per_step, resident):
         assert_same(a, b)
@@ -97,7 +103,9 @@ def test_device_resident_training_equals_cut_per_step(adata):
         model = LinearSCVI(adata, seed=0)
         from pyro_ldvae.train import train_svi
 
-        train_svi(model.module, cells, train_idx, np.arange(600, 700), max_epochs=2, progress_bar=False, data_on_device=flag)
+        train_svi(
+            model.module, cells, train_idx, np.arange(600, 700), max_epochs=2, progress_bar=False, data_on_device=flag
+        )
         states.append(model.module.state_dict())
     for name in states[0]:
         assert torch.equal(states[0][name], states[1][name]), name
@@ -114,4 +122,6 @@ def test_linear_scvi_trains_on_backed_h5ad(adata, files):
     z_memory = model.get_latent_representation(adata)
     np.testing.assert_allclose(z_disk, z_memory, rtol=1e-5, atol=1e-6)
     in_memory = LinearSCVI(adata, seed=0)
-    np.testing.assert_allclose(in_memory.module.library_log_means.numpy(), model.module.library_log_means.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        in_memory.module.library_log_means.numpy(), model.module.library_log_means.numpy(), rtol=1e-6
+    )
