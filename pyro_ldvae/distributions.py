@@ -33,33 +33,54 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 MAX_RATE = 1e8
 
 
-def log_nb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """Negative binomial log-density, elementwise; ``(cells, genes)`` for ``theta`` of ``(genes,)``."""
+def log_nb(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    theta: torch.Tensor,
+    eps: float = EPS,
+    log_theta_eps: torch.Tensor | None = None,
+    lgamma_theta: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Negative binomial log-density, elementwise; ``(cells, genes)`` for ``theta`` of ``(genes,)``.
+
+    ``log_theta_eps = log(theta + eps)`` and ``lgamma_theta = lgamma(theta)`` may be passed in
+    when they were computed once per gene and gathered (the sparse path does that).
+    """
     log_theta_mu = torch.log(theta + mu + eps)
+    log_theta_eps = torch.log(theta + eps) if log_theta_eps is None else log_theta_eps
+    lgamma_theta = torch.lgamma(theta) if lgamma_theta is None else lgamma_theta
     return (
-        theta * (torch.log(theta + eps) - log_theta_mu)
+        theta * (log_theta_eps - log_theta_mu)
         + x * (torch.log(mu + eps) - log_theta_mu)
         + torch.lgamma(x + theta)
-        - torch.lgamma(theta)
+        - lgamma_theta
         - torch.lgamma(x + 1)
     )
 
 
 def log_zinb(
-    x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, gate_logits: torch.Tensor, eps: float = EPS
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    theta: torch.Tensor,
+    gate_logits: torch.Tensor,
+    eps: float = EPS,
+    log_theta_eps: torch.Tensor | None = None,
+    lgamma_theta: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Zero-inflated NB log-density with dropout gate logits ``gate_logits`` (logit of P(dropout))."""
     # log sigmoid(-pi) = -softplus(pi); written as scvi-tools does to agree bit for bit.
     softplus_neg_pi = F.softplus(-gate_logits)
     log_theta_mu = torch.log(theta + mu + eps)
-    pi_theta_log = -gate_logits + theta * (torch.log(theta + eps) - log_theta_mu)
+    log_theta_eps = torch.log(theta + eps) if log_theta_eps is None else log_theta_eps
+    lgamma_theta = torch.lgamma(theta) if lgamma_theta is None else lgamma_theta
+    pi_theta_log = -gate_logits + theta * (log_theta_eps - log_theta_mu)
     case_zero = F.softplus(pi_theta_log) - softplus_neg_pi
     case_non_zero = (
         -softplus_neg_pi
         + pi_theta_log
         + x * (torch.log(mu + eps) - log_theta_mu)
         + torch.lgamma(x + theta)
-        - torch.lgamma(theta)
+        - lgamma_theta
         - torch.lgamma(x + 1)
     )
     return torch.where(x < eps, case_zero, case_non_zero)
@@ -124,9 +145,17 @@ def sparse_log_prob(value: torch.Tensor, mu: torch.Tensor, log_density, zero_cas
     return zero_case.index_put_((rows, cols), log_density(vals.to(mu.dtype), at))
 
 
+def _theta_terms(theta: torch.Tensor, at) -> dict[str, torch.Tensor]:
+    """``log(theta + eps)`` and ``lgamma(theta)`` computed per gene, then gathered at the non-zeros
+    (cheaper than per non-zero when theta is ``(genes,)``; identical values)."""
+    if theta.dim() == 2 and theta.shape[0] > 1:
+        return {}  # (cells, genes): gather first, compute after (log_nb does it)
+    return {"log_theta_eps": at(torch.log(theta + EPS)), "lgamma_theta": at(torch.lgamma(theta))}
+
+
 def _nb_zero(d: NegativeBinomial) -> torch.Tensor:
     """NB log-density at x = 0: theta (log(theta + eps) - log(theta + mu + eps))."""
-    return d.theta * (torch.log(d.theta + EPS) - torch.log(d.theta + d.mu + EPS))
+    return d.theta * (torch.log(d.theta + EPS) - torch.log(d.theta + d.mu + EPS))  # (cells, genes)
 
 
 def _zinb_zero(d: ZeroInflatedNegativeBinomial) -> torch.Tensor:
@@ -175,7 +204,12 @@ class NegativeBinomial(TorchDistribution):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if is_sparse_counts(value):
-            return sparse_log_prob(value, self.mu, lambda x, at: log_nb(x, at(self.mu), at(self.theta)), _nb_zero(self))
+            return sparse_log_prob(
+                value,
+                self.mu,
+                lambda x, at: log_nb(x, at(self.mu), at(self.theta), **_theta_terms(self.theta, at)),
+                _nb_zero(self),
+            )
         return log_nb(value, self.mu, self.theta)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
@@ -220,7 +254,9 @@ class ZeroInflatedNegativeBinomial(TorchDistribution):
             return sparse_log_prob(
                 value,
                 self.mu,
-                lambda x, at: log_zinb(x, at(self.mu), at(self.theta), at(self.gate_logits)),
+                lambda x, at: log_zinb(
+                    x, at(self.mu), at(self.theta), at(self.gate_logits), **_theta_terms(self.theta, at)
+                ),
                 _zinb_zero(self),
             )
         return log_zinb(value, self.mu, self.theta, self.gate_logits)
