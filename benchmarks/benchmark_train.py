@@ -6,8 +6,8 @@ batch size and number of epochs. Every (library, repeat) runs in a fresh subproc
 resident memory is per library, and the two libraries alternate (ours, scvi, ours, scvi, ...)
 so that load from other processes on a shared machine hits both alike.
 
-Measured per run: training throughput (training cells x epochs / time spent in training
-steps), wall time per epoch (training steps only), held-out negative ELBO after the epochs,
+Measured per run: training throughput (training cells / median time of an epoch's training
+steps), median wall time per epoch (training steps only), held-out negative ELBO after the epochs,
 time to reach a target held-out negative ELBO (the worse of the two libraries' medians after
 the last epoch, i.e. the first epoch at which each library is at least that good), peak RSS,
 and ``get_latent_representation`` throughput on all cells. Process CPU time per training step
@@ -162,7 +162,9 @@ def worker(args) -> None:
 
 def spawn(library: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", library] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("worker", "repeats", "libraries")
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in vars(args).items()
+        if k not in ("worker", "repeats", "libraries", "from_log")
     ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -188,8 +190,9 @@ def summarise(runs: list[dict], args) -> str:
     for lib, rs in by_lib.items():
         n_train, n_cells = rs[0]["n_train"], rs[0]["n_cells"]
         rows[lib] = {
-            "train cells/s": med([n_train * len(r["epoch_times"]) / sum(r["epoch_times"]) for r in rs]),
-            "s/epoch": med([np.mean(r["epoch_times"]) for r in rs]),
+            # median epoch: one epoch stalled by another job on a shared machine does not count
+            "train cells/s": med([n_train / med(r["epoch_times"]) for r in rs]),
+            "s/epoch": med([med(r["epoch_times"]) for r in rs]),
             "CPU ms/step": med(
                 [1e3 * r["cpu_s"] / (len(r["epoch_times"]) * np.ceil(n_train / args.batch_size)) for r in rs]
             ),
@@ -226,8 +229,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--libraries", default="ours,scvi", help="comma-separated subset of ours,scvi")
+    parser.add_argument("--from-log", default=None, help="re-summarise the 'repeat' lines of a saved run")
     parser.add_argument("--worker", choices=["ours", "scvi"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.from_log:
+        with open(args.from_log) as f:
+            runs = [json.loads(line.split(": ", 1)[1]) for line in f if line.startswith("repeat ")]
+        print(summarise(runs, args))
+        return
     if args.worker:
         worker(args)
         return
@@ -239,7 +248,7 @@ def main() -> None:
             run = spawn(library, args)
             runs.append(run)
             print(
-                f"repeat {repeat} {library}: {json.dumps({k: v for k, v in run.items() if k != 'val_curve'})}",
+                f"repeat {repeat} {library}: {json.dumps(run)}",
                 flush=True,
             )
     print()
