@@ -101,6 +101,22 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of every rank's input is the sum of all ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
 class SyncBatchNorm1d(nn.BatchNorm1d):
     """``BatchNorm1d`` whose training statistics are taken over the cells of all ranks.
 
@@ -112,11 +128,9 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         n_features = x.shape[1]
         local = torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), float(x.shape[0]))])  # (2 features + 1,)
-        total = all_reduce(local)
+        total = _AllReduceSum.apply(local)
         n = total[-1]
         mean = total[:n_features] / n
         var = total[n_features : 2 * n_features] / n - mean * mean  # biased, as batch norm normalises
