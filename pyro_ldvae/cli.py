@@ -170,8 +170,10 @@ def _summary(model, adata, elapsed: float, n_top: int) -> None:
 
 def run_fit(args: argparse.Namespace) -> int:
     from . import datasets
+    from .distributed import init_from_env, is_main_process
     from .model import LinearSCVI
 
+    init_from_env(args.accelerator)  # under torchrun: join the process group (DDP training)
     _check_output(args.output, args.overwrite)
     if args.save_model:
         _check_output(args.save_model, args.overwrite, "model directory")
@@ -212,6 +214,8 @@ def run_fit(args: argparse.Namespace) -> int:
         if n_done == 0:
             raise KeyboardInterrupt
         print(f"pyro-ldvae: interrupted; writing the results of the {n_done} completed epoch(s)", file=sys.stderr)
+    if not is_main_process():
+        return 0  # under torchrun only rank 0 writes results
     model.to_adata(adata)
     if args.save_model:
         model.save(args.save_model, overwrite=args.overwrite)

@@ -20,6 +20,7 @@ import torch
 from anndata import AnnData
 
 from . import validate
+from .distributions import scipy_to_torch_csr
 from .module import Minibatch
 
 logger = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ class CellData:
     def __init__(self, adata: AnnData, registry: Registry):
         self.registry = registry
         self.n_obs, self.n_vars = adata.n_obs, adata.n_vars
-        self.X = _as_float32_rows(get_counts(adata, registry.layer))
+        self.X = self._read_counts(adata, registry)
         validate.check_count_values(self.X, validate.matrix_name(registry.layer), integers=registry.check_counts)
         self.batch = _codes(adata, registry.batch_key, registry.batch_categories, "batch_key")
         self.labels = _codes(adata, registry.labels_key, registry.label_categories, "labels_key")
@@ -195,6 +196,14 @@ class CellData:
             if registry.continuous_covariate_keys
             else None
         )
+
+    def _read_counts(self, adata: AnnData, registry: Registry) -> sp.csr_matrix | np.ndarray:
+        """The registered counts, in memory (``BackedCellData`` overrides this to keep them on disk)."""
+        counts = _as_float32_rows(get_counts(adata, registry.layer))
+        if sp.issparse(counts) and not counts.has_canonical_format:
+            counts = counts.copy()
+            counts.sum_duplicates()  # sparse likelihoods need one sorted entry per (cell, gene)
+        return counts
 
     def library_sizes(self) -> np.ndarray:
         """Total counts per cell, ``(cells,)``."""
@@ -217,12 +226,29 @@ class CellData:
         rows = self.X[idx]
         return rows.toarray() if sp.issparse(rows) else rows
 
-    def minibatch(self, idx: np.ndarray, device: torch.device | str = "cpu", plate_idx: np.ndarray | None = None) -> Minibatch:
-        """The cells ``idx`` as tensors on ``device``; ``plate_idx`` (default ``idx``) indexes the plate."""
+    def rows_tensor(self, idx: np.ndarray, device: torch.device | str = "cpu", sparse: bool = False) -> torch.Tensor:
+        """Counts of cells ``idx`` on ``device``: ``(cells, genes)`` dense, or sparse CSR when
+        ``sparse`` and the matrix is sparse (cut in C by scipy, no Python loop)."""
+        if sparse and sp.issparse(self.X):
+            return scipy_to_torch_csr(self.X[idx], device)
+        return torch.from_numpy(self.dense_rows(idx)).to(device)
+
+    def minibatch(
+        self,
+        idx: np.ndarray,
+        device: torch.device | str = "cpu",
+        plate_idx: np.ndarray | None = None,
+        sparse: bool = False,
+    ) -> Minibatch:
+        """The cells ``idx`` as tensors on ``device``; ``plate_idx`` (default ``idx``) indexes the plate.
+
+        With ``sparse=True`` a sparse count matrix gives ``x`` as a torch sparse CSR tensor, which
+        the likelihoods and encoders consume in O(non-zeros); the default is a dense ``x``.
+        """
         idx = np.asarray(idx)
         as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a[idx])).to(device)  # noqa: E731
         return Minibatch(
-            x=torch.from_numpy(self.dense_rows(idx)).to(device),
+            x=self.rows_tensor(idx, device, sparse),
             batch=as_long(self.batch),
             labels=as_long(self.labels),
             cat_covs=None if self.cat_covs is None else as_long(self.cat_covs),
@@ -230,7 +256,83 @@ class CellData:
             idx=torch.from_numpy(np.arange(len(idx)) if plate_idx is None else np.asarray(plate_idx)).to(device),
         )
 
-    def iter_minibatches(self, indices: np.ndarray, batch_size: int, device: torch.device | str = "cpu"):
+    def iter_minibatches(
+        self, indices: np.ndarray, batch_size: int, device: torch.device | str = "cpu", sparse: bool = False
+    ):
         """Consecutive minibatches over ``indices`` in order (for inference)."""
         for start in range(0, len(indices), batch_size):
-            yield self.minibatch(indices[start : start + batch_size], device)
+            yield self.minibatch(indices[start : start + batch_size], device, sparse=sparse)
+
+
+def cell_data(adata: AnnData, registry: Registry) -> CellData:
+    """The cells of ``adata``: in memory, or streamed from disk when the counts are on disk
+    (``anndata.read_h5ad(path, backed='r')`` or a ``.zarr`` store, see ``data_backed``)."""
+    from .data_backed import BackedCellData, is_on_disk
+
+    if is_on_disk(get_counts(adata, registry.layer)):
+        return BackedCellData(adata, registry)
+    return CellData(adata, registry)
+
+
+class DeviceCells:
+    """The counts and codes of a ``CellData``, resident on ``device``; minibatches are cut there.
+
+    On a GPU the whole matrix is copied to GPU memory once (as a CSR triplet when sparse) and
+    every minibatch is gathered on the device with a few vectorised index operations, so
+    training does no host-to-device copy of counts per step. It works on ``device='cpu'`` too
+    (that is how it is tested) and yields the same minibatches as ``CellData.minibatch``.
+    """
+
+    def __init__(self, cells: CellData, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.n_obs, self.n_vars = cells.n_obs, cells.n_vars
+        self.sparse = sp.issparse(cells.X)
+        if self.sparse:
+            self.crow = torch.from_numpy(cells.X.indptr.astype(np.int64)).to(self.device)  # (cells + 1,)
+            self.col = torch.from_numpy(cells.X.indices.astype(np.int64)).to(self.device)  # (nnz,)
+            self.val = torch.from_numpy(cells.X.data).to(self.device)  # (nnz,)
+        else:
+            self.X = torch.from_numpy(cells.X).to(self.device)  # (cells, genes)
+        as_tensor = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+        self.batch, self.labels = as_tensor(cells.batch), as_tensor(cells.labels)
+        self.cat_covs, self.cont_covs = as_tensor(cells.cat_covs), as_tensor(cells.cont_covs)
+
+    @staticmethod
+    def fits(cells: CellData, device: torch.device | str, fraction: float = 0.5) -> bool:
+        """Whether the counts take at most ``fraction`` of the device's free memory (always on CPU)."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            return True
+        n_bytes = cells.X.data.nbytes + cells.X.indices.nbytes * 2 if sp.issparse(cells.X) else cells.X.nbytes
+        return n_bytes <= fraction * torch.cuda.mem_get_info(device)[0]
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Counts of cells ``idx`` ``(cells,)``: sparse CSR ``(cells, genes)`` (dense if stored dense)."""
+        if not self.sparse:
+            return self.X[idx]
+        starts = self.crow[idx]
+        lengths = self.crow[idx + 1] - starts
+        crow = torch.zeros(len(idx) + 1, dtype=torch.int64, device=self.device)
+        torch.cumsum(lengths, 0, out=crow[1:])
+        nnz = int(crow[-1])
+        # entry k of the new row r sits at starts[r] + (k - crow[r]) in the full matrix
+        shift = torch.repeat_interleave(starts - crow[:-1], lengths, output_size=nnz)
+        positions = torch.arange(nnz, device=self.device) + shift
+        return torch.sparse_csr_tensor(
+            crow, self.col[positions], self.val[positions], size=(len(idx), self.n_vars), check_invariants=False
+        )
+
+    def minibatch(self, idx: torch.Tensor, plate_idx: torch.Tensor | None = None) -> Minibatch:
+        """Minibatch of cells ``idx`` (an int64 tensor on the device); ``x`` sparse CSR when stored sparse."""
+        idx = torch.as_tensor(idx, device=self.device)
+        take = lambda a: None if a is None else a[idx]  # noqa: E731
+        return Minibatch(
+            x=self.rows(idx),
+            batch=self.batch[idx],
+            labels=self.labels[idx],
+            cat_covs=take(self.cat_covs),
+            cont_covs=take(self.cont_covs),
+            idx=torch.arange(len(idx), device=self.device)
+            if plate_idx is None
+            else torch.as_tensor(plate_idx, device=self.device),
+        )

@@ -16,12 +16,18 @@ precision:
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from pyro.distributions import TorchDistribution, constraints
 from torch.distributions.utils import broadcast_all
 
 EPS = 1e-8
+# Minibatch counts travel as torch sparse CSR tensors, whose API torch still labels beta.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 # The Gamma-Poisson sampler and the Poisson rate are clamped here: a rate of 1e8 is already far
 # beyond any real UMI count and keeps torch.poisson finite.
 MAX_RATE = 1e8
@@ -31,35 +37,56 @@ MAX_RATE = 1e8
 THETA_MIN, THETA_MAX = 1e-8, 1e8
 
 
-def log_nb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """Negative binomial log-density, elementwise; ``(cells, genes)`` for ``theta`` of ``(genes,)``."""
+def log_nb(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    theta: torch.Tensor,
+    eps: float = EPS,
+    log_theta_eps: torch.Tensor | None = None,
+    lgamma_theta: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Negative binomial log-density, elementwise; ``(cells, genes)`` for ``theta`` of ``(genes,)``.
+
+    ``log_theta_eps = log(theta + eps)`` and ``lgamma_theta = lgamma(theta)`` may be passed in
+    when they were computed once per gene and gathered (the sparse path does that).
+    """
     theta = theta.clamp(THETA_MIN, THETA_MAX)
     log_theta_mu = torch.log(theta + mu + eps)
+    log_theta_eps = torch.log(theta + eps) if log_theta_eps is None else log_theta_eps
+    lgamma_theta = torch.lgamma(theta) if lgamma_theta is None else lgamma_theta
     return (
-        theta * (torch.log(theta + eps) - log_theta_mu)
+        theta * (log_theta_eps - log_theta_mu)
         + x * (torch.log(mu + eps) - log_theta_mu)
         + torch.lgamma(x + theta)
-        - torch.lgamma(theta)
+        - lgamma_theta
         - torch.lgamma(x + 1)
     )
 
 
 def log_zinb(
-    x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, gate_logits: torch.Tensor, eps: float = EPS
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    theta: torch.Tensor,
+    gate_logits: torch.Tensor,
+    eps: float = EPS,
+    log_theta_eps: torch.Tensor | None = None,
+    lgamma_theta: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Zero-inflated NB log-density with dropout gate logits ``gate_logits`` (logit of P(dropout))."""
     # log sigmoid(-pi) = -softplus(pi); written as scvi-tools does to agree bit for bit.
     theta = theta.clamp(THETA_MIN, THETA_MAX)
     softplus_neg_pi = F.softplus(-gate_logits)
     log_theta_mu = torch.log(theta + mu + eps)
-    pi_theta_log = -gate_logits + theta * (torch.log(theta + eps) - log_theta_mu)
+    log_theta_eps = torch.log(theta + eps) if log_theta_eps is None else log_theta_eps
+    lgamma_theta = torch.lgamma(theta) if lgamma_theta is None else lgamma_theta
+    pi_theta_log = -gate_logits + theta * (log_theta_eps - log_theta_mu)
     case_zero = F.softplus(pi_theta_log) - softplus_neg_pi
     case_non_zero = (
         -softplus_neg_pi
         + pi_theta_log
         + x * (torch.log(mu + eps) - log_theta_mu)
         + torch.lgamma(x + theta)
-        - torch.lgamma(theta)
+        - lgamma_theta
         - torch.lgamma(x + 1)
     )
     return torch.where(x < eps, case_zero, case_non_zero)
@@ -69,6 +96,90 @@ def log_poisson(x: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
     """Poisson log-density; ``xlogy`` keeps ``x = 0, rate = 0`` finite, and a rate below ``EPS`` counts
     as ``EPS`` in the log so that ``x > 0, rate = 0`` is finite too (as in the NB's ``log(mu + eps)``)."""
     return torch.xlogy(x, rate.clamp_min(EPS)) - rate - torch.lgamma(x + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse observations. Single-cell counts are 90-95% zeros, and at x = 0 every count term of the
+# densities vanishes (lgamma(0 + theta) - lgamma(theta) = 0, 0 * log(.) = 0, lgamma(1) = 0). The
+# log-density of a sparse count matrix is therefore computed as the cheap x = 0 case over all
+# (cells, genes) entries, with the full formula (lgamma, digamma in the gradient) evaluated only
+# at the stored non-zeros and written over those entries. The elementwise result is the dense
+# formula's, to float precision; the full formula at the non-zeros is the very same function
+# (log_nb, log_zinb, log_poisson), applied to gathered values.
+# ---------------------------------------------------------------------------------------------
+def is_sparse_counts(value: object) -> bool:
+    """True for a torch sparse CSR tensor (the counts of a minibatch cut from a sparse matrix)."""
+    return isinstance(value, torch.Tensor) and value.layout == torch.sparse_csr
+
+
+def csr_entries(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row indices, column indices and values ``(nnz,)`` of a sparse CSR matrix, without a host sync."""
+    crow = value.crow_indices()
+    vals = value.values()
+    rows = torch.repeat_interleave(
+        torch.arange(value.shape[0], device=vals.device), crow.diff(), output_size=vals.shape[0]
+    )
+    return rows, value.col_indices(), vals
+
+
+def total_counts(x: torch.Tensor) -> torch.Tensor:
+    """Counts per cell ``(cells,)`` of a dense or sparse CSR ``(cells, genes)`` matrix."""
+    if is_sparse_counts(x):
+        rows, _, vals = csr_entries(x)
+        return vals.new_zeros(x.shape[0]).index_add_(0, rows, vals)
+    return x.sum(-1)
+
+
+def sparse_log_prob(value: torch.Tensor, mu: torch.Tensor, log_density, zero_case: torch.Tensor) -> torch.Tensor:
+    """Elementwise log-density ``(cells, genes)`` of sparse CSR counts ``value``.
+
+    ``zero_case`` is the log-density at x = 0 (any shape broadcasting to ``mu``'s);
+    ``log_density(x, at)`` is the full log-density at the non-zeros, where ``at(t)`` gathers
+    a parameter ``t`` (``(genes,)`` or ``(cells, genes)``) at those entries.
+    """
+    rows, cols, vals = csr_entries(value)
+
+    def at(param: torch.Tensor) -> torch.Tensor:
+        if param.dim() == 1:
+            return param[cols]
+        if param.shape[0] == 1:
+            return param[0, cols]
+        return param[rows, cols]
+
+    if zero_case.shape != mu.shape:
+        zero_case = zero_case.expand(mu.shape).clone()
+    # In place: zero_case is a fresh result that no backward formula saved.
+    return zero_case.index_put_((rows, cols), log_density(vals.to(mu.dtype), at))
+
+
+def _theta_terms(theta: torch.Tensor, at) -> dict[str, torch.Tensor]:
+    """``log(theta + eps)`` and ``lgamma(theta)`` computed per gene, then gathered at the non-zeros
+    (cheaper than per non-zero when theta is ``(genes,)``; identical values)."""
+    if theta.dim() == 2 and theta.shape[0] > 1:
+        return {}  # (cells, genes): gather first, compute after (log_nb does it)
+    return {"log_theta_eps": at(torch.log(theta + EPS)), "lgamma_theta": at(torch.lgamma(theta))}
+
+
+def _nb_zero(d: NegativeBinomial) -> torch.Tensor:
+    """NB log-density at x = 0: theta (log(theta + eps) - log(theta + mu + eps))."""
+    return d.theta * (torch.log(d.theta + EPS) - torch.log(d.theta + d.mu + EPS))  # (cells, genes)
+
+
+def _zinb_zero(d: ZeroInflatedNegativeBinomial) -> torch.Tensor:
+    """ZINB log-density at x = 0, as ``log_zinb``'s zero case."""
+    pi_theta_log = -d.gate_logits + d.theta * (torch.log(d.theta + EPS) - torch.log(d.theta + d.mu + EPS))
+    return F.softplus(pi_theta_log) - F.softplus(-d.gate_logits)
+
+
+def scipy_to_torch_csr(matrix: sp.csr_matrix | sp.csr_array, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A scipy CSR matrix as a torch sparse CSR tensor (int64 indices); shares memory on CPU."""
+    return torch.sparse_csr_tensor(
+        torch.from_numpy(matrix.indptr.astype(np.int64, copy=False)),
+        torch.from_numpy(matrix.indices.astype(np.int64, copy=False)),
+        torch.from_numpy(np.asarray(matrix.data, dtype=np.float32)),
+        size=matrix.shape,
+        check_invariants=False,
+    ).to(device)
 
 
 def _sample_gamma_poisson(mu: torch.Tensor, theta: torch.Tensor, sample_shape: torch.Size) -> torch.Tensor:
@@ -86,7 +197,7 @@ class NegativeBinomial(TorchDistribution):
     has_rsample = False
 
     def __init__(self, mu: torch.Tensor, theta: torch.Tensor, validate_args: bool | None = None):
-        self.mu, self.theta = mu, theta
+        self.mu, self.theta = mu, theta.clamp(THETA_MIN, THETA_MAX)  # bounded in every code path
         batch_shape = torch.broadcast_shapes(mu.shape, theta.shape)
         super().__init__(batch_shape, validate_args=validate_args)
 
@@ -99,6 +210,13 @@ class NegativeBinomial(TorchDistribution):
         return (self.mu + self.mu**2 / self.theta).expand(self.batch_shape)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if is_sparse_counts(value):
+            return sparse_log_prob(
+                value,
+                self.mu,
+                lambda x, at: log_nb(x, at(self.mu), at(self.theta), **_theta_terms(self.theta, at)),
+                _nb_zero(self),
+            )
         return log_nb(value, self.mu, self.theta)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
@@ -130,7 +248,7 @@ class ZeroInflatedNegativeBinomial(TorchDistribution):
         gate_logits: torch.Tensor,
         validate_args: bool | None = None,
     ):
-        self.mu, self.theta, self.gate_logits = mu, theta, gate_logits
+        self.mu, self.theta, self.gate_logits = mu, theta.clamp(THETA_MIN, THETA_MAX), gate_logits
         batch_shape = torch.broadcast_shapes(mu.shape, theta.shape, gate_logits.shape)
         super().__init__(batch_shape, validate_args=validate_args)
 
@@ -139,6 +257,15 @@ class ZeroInflatedNegativeBinomial(TorchDistribution):
         return ((1 - torch.sigmoid(self.gate_logits)) * self.mu).expand(self.batch_shape)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if is_sparse_counts(value):
+            return sparse_log_prob(
+                value,
+                self.mu,
+                lambda x, at: log_zinb(
+                    x, at(self.mu), at(self.theta), at(self.gate_logits), **_theta_terms(self.theta, at)
+                ),
+                _zinb_zero(self),
+            )
         return log_zinb(value, self.mu, self.theta, self.gate_logits)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
@@ -172,6 +299,8 @@ class Poisson(TorchDistribution):
         return self.mu
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if is_sparse_counts(value):
+            return sparse_log_prob(value, self.mu, lambda x, at: log_poisson(x, at(self.mu)), -self.mu)
         return log_poisson(value, self.mu)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
@@ -189,10 +318,12 @@ def count_likelihood(
     gene_likelihood: str, mu: torch.Tensor, theta: torch.Tensor | None, gate_logits: torch.Tensor | None
 ) -> TorchDistribution:
     """The observation distribution named by ``gene_likelihood`` ('nb', 'zinb' or 'poisson')."""
+    # No argument validation: mu = exp(l) softmax(.) >= 0 and theta > 0 hold by construction, and
+    # checking them costs a full pass over (cells, genes) every step.
     if gene_likelihood == "nb":
-        return NegativeBinomial(mu, theta)
+        return NegativeBinomial(mu, theta, validate_args=False)
     if gene_likelihood == "zinb":
-        return ZeroInflatedNegativeBinomial(mu, theta, gate_logits)
+        return ZeroInflatedNegativeBinomial(mu, theta, gate_logits, validate_args=False)
     if gene_likelihood == "poisson":
-        return Poisson(mu)
+        return Poisson(mu, validate_args=False)
     raise ValueError(f"gene_likelihood must be 'nb', 'zinb' or 'poisson', got {gene_likelihood!r}.")

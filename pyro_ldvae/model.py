@@ -81,7 +81,7 @@ class LinearSCVI:
         validate.check_shape(adata)
         self.seed = seed
         self.var_names = pd.Index(adata.var_names)
-        cells = data_mod.CellData(adata, self.registry)
+        cells = data_mod.cell_data(adata, self.registry)
         validate.check_totals(cells.X, adata.obs_names, warn_genes=False)
         library_log_means, library_log_vars = (None, None) if use_observed_lib_size else cells.library_prior()
         self.init_params_ = dict(
@@ -190,7 +190,7 @@ class LinearSCVI:
         key = weakref.ref(adata)
         validate.check_shape(adata)
         adata = validate.align_genes(adata, self.var_names)  # reorders when all genes are present
-        cells = data_mod.CellData(adata, self.registry)
+        cells = data_mod.cell_data(adata, self.registry)
         self._data_cache = (key, cells)
         return cells
 
@@ -311,7 +311,7 @@ class LinearSCVI:
         cells = self._cells(adata)
         module = self.module.eval()
         locs, variances, outs = [], [], []
-        for mb in cells.iter_minibatches(self._indices(cells, indices), batch_size or 128, module.device):
+        for mb in cells.iter_minibatches(self._indices(cells, indices), batch_size or 128, module.device, sparse=True):
             q = module.encode(mb.x)
             locs.append(q["z_loc"].cpu())
             variances.append(q["z_var"].cpu())

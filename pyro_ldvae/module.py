@@ -34,7 +34,7 @@ from pyro.nn import PyroModule, PyroParam
 from pyro.nn.module import to_pyro_module_
 from torch.distributions import constraints, kl_divergence
 
-from .distributions import count_likelihood
+from .distributions import count_likelihood, total_counts
 from .nn import Encoder, LinearHead
 from .priors import GlobalNormalGuide, LoadingsPrior, ZPrior, resolve_loadings_prior
 
@@ -273,7 +273,7 @@ class LDVAE(PyroModule):
                 z_prior = dist.Normal(self._zeros(mb), 1.0).to_event(1) if z_prior is None else z_prior
                 z = pyro.sample("z", z_prior)  # (cells, n_latent)
             if self.use_observed_lib_size:
-                library = torch.log(mb.x.sum(-1))  # (cells,)
+                library = torch.log(total_counts(mb.x))  # (cells,)
             else:
                 library = pyro.sample(
                     "library",

@@ -8,12 +8,66 @@ variance = exp(.) + 1e-4.
 
 from __future__ import annotations
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import nn
 
 BN_MOMENTUM = 0.01
 BN_EPS = 1e-3
 VAR_EPS = 1e-4
+
+
+class _SparseLinear(torch.autograd.Function):
+    """``x @ W.T + b`` for a sparse CSR ``x`` ``(cells, n_in)``; gradients for ``W`` and ``b`` only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.has_bias = bias is not None
+        out = torch.sparse.mm(x, weight.t())  # (cells, n_out)
+        return out + bias if bias is not None else out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        grad_weight = _csr_transpose(x).matmul(grad_out).t() if ctx.needs_input_grad[1] else None  # (n_out, n_in)
+        grad_bias = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return None, grad_weight, grad_bias
+
+
+def _csr_transpose(x: torch.Tensor) -> torch.Tensor:
+    """``x.T`` as a CSR tensor; on CPU through scipy's C transpose (much faster than torch's).
+
+    Cached on ``x``: the two encoders share one input, so it is transposed once per step.
+    """
+    cached = getattr(x, "_transposed", None)
+    if cached is not None:
+        return cached
+    x._transposed = transposed = _csr_transpose_uncached(x)
+    return transposed
+
+
+def _csr_transpose_uncached(x: torch.Tensor) -> torch.Tensor:
+    if x.device.type != "cpu":
+        return x.t().to_sparse_csr()
+    n_rows, n_cols = x.shape
+    matrix = sp.csr_matrix(
+        (x.values().detach().numpy(), x.col_indices().numpy(), x.crow_indices().numpy()), shape=(n_rows, n_cols)
+    )
+    transposed = matrix.tocsc()  # CSC of x = CSR of x.T
+    return torch.sparse_csr_tensor(
+        torch.from_numpy(transposed.indptr.astype(np.int64, copy=False)),
+        torch.from_numpy(transposed.indices.astype(np.int64, copy=False)),
+        torch.from_numpy(transposed.data),
+        size=(n_cols, n_rows),
+        check_invariants=False,
+    )
+
+
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for a sparse CSR input ``(cells, n_in)``; returns dense ``(cells, n_out)``."""
+    return _SparseLinear.apply(x, weight, bias)
 
 
 class Encoder(nn.Module):
@@ -42,7 +96,12 @@ class Encoder(nn.Module):
         self.log_var = nn.Linear(n_hidden, n_output)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.hidden(x)
+        if x.layout == torch.sparse_csr:
+            # The first layer on sparse input costs O(non-zeros) instead of O(cells * genes).
+            first = self.hidden[0]
+            h = self.hidden[1:](sparse_linear(x, first.weight, first.bias))
+        else:
+            h = self.hidden(x)
         return self.mean(h), torch.exp(self.log_var(h)) + VAR_EPS
 
 

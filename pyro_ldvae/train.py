@@ -14,6 +14,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .data import CellData
-from .module import LDVAE
+from . import distributed
+from .data import CellData, DeviceCells
+from .module import LDVAE, Minibatch
 
 logger = logging.getLogger(__name__)
 
@@ -137,20 +139,80 @@ def evaluate_elbo(module: LDVAE, data: CellData, indices: np.ndarray, batch_size
     """Per-cell ELBO ``(cells,)`` in eval mode (running batch-norm statistics, no dropout)."""
     was_training = module.training
     module.eval()
+    indices = np.asarray(indices)
+    order = np.argsort(indices, kind="stable")  # cells in file order: sequential reads for on-disk data
     try:
-        parts = [module.elbo(mb)[1] for mb in data.iter_minibatches(indices, batch_size, module.device)]
+        minibatches = data.iter_minibatches(indices[order], batch_size, module.device, sparse=True)
+        parts = [module.elbo(mb)[1] for mb in minibatches]
     finally:
         module.train(was_training)
-    return torch.cat(parts) if parts else torch.zeros(0)
+    if not parts:
+        return torch.zeros(0)
+    per_cell = torch.empty(len(indices), device=parts[0].device)
+    per_cell[torch.from_numpy(order).to(per_cell.device)] = torch.cat(parts)
+    return per_cell
 
 
-def _minibatch_indices(train_idx: np.ndarray, batch_size: int, generator: torch.Generator):
-    """Shuffled minibatches of positions into ``train_idx``; a last minibatch of one cell is dropped."""
+def _minibatch_indices(train_idx: np.ndarray, batch_size: int, generator: torch.Generator, ddp=None):
+    """Shuffled minibatches of positions into ``train_idx``; a last minibatch of one cell is dropped.
+    Under DDP, this rank's strided share of the (shared) permutation."""
     order = torch.randperm(len(train_idx), generator=generator).numpy()
+    if ddp is not None:
+        order = ddp.shard(order)
     for start in range(0, len(order), batch_size):
         positions = order[start : start + batch_size]
         if len(positions) > 1:
             yield positions
+
+
+def make_optimizer(module: torch.nn.Module, plan: TrainingPlan) -> torch.optim.Optimizer:
+    """Adam with scvi-tools' settings; one fused kernel over all parameters where torch has one."""
+    params = list(module.parameters())
+    try:
+        return torch.optim.Adam(params, lr=plan.lr, eps=plan.eps, weight_decay=plan.weight_decay, fused=True)
+    except (RuntimeError, TypeError):  # a device or dtype without a fused Adam
+        return torch.optim.Adam(params, lr=plan.lr, eps=plan.eps, weight_decay=plan.weight_decay, foreach=True)
+
+
+def minibatch_source(
+    data: CellData,
+    train_idx: np.ndarray,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    data_on_device: bool | None = None,
+    ddp: distributed.DistributedContext | None = None,
+) -> Callable[[torch.Generator], Iterator[Minibatch]]:
+    """A function of the epoch's generator that yields that epoch's shuffled training minibatches.
+
+    In-memory data are cut per step from CSR (sparse ``x``); with ``data_on_device`` (default:
+    on CUDA when the counts fit) the matrix lives on ``device`` and each epoch's permutation is
+    copied there once. Data with their own epoch iterator (on-disk data) use it. Every path
+    draws the permutation from the same generator, so they visit cells in the same order.
+    """
+    device = torch.device(device)
+    if hasattr(data, "iter_epoch"):
+        return lambda generator: data.iter_epoch(train_idx, batch_size, generator, device, ddp)
+    if data_on_device is None:
+        data_on_device = device.type == "cuda" and DeviceCells.fits(data, device)
+    if not data_on_device:
+        return lambda generator: (
+            data.minibatch(train_idx[positions], device, plate_idx=positions, sparse=True)
+            for positions in _minibatch_indices(train_idx, batch_size, generator, ddp)
+        )
+    resident = DeviceCells(data, device)
+    train_cells = torch.from_numpy(np.asarray(train_idx, dtype=np.int64)).to(device)
+
+    def epoch(generator: torch.Generator) -> Iterator[Minibatch]:
+        order = torch.randperm(len(train_idx), generator=generator)
+        if ddp is not None:
+            order = torch.from_numpy(ddp.shard(order.numpy()))
+        order = order.to(device)  # one copy per epoch
+        for start in range(0, len(order), batch_size):
+            positions = order[start : start + batch_size]
+            if len(positions) > 1:
+                yield resident.minibatch(train_cells[positions], plate_idx=positions)
+
+    return epoch
 
 
 def train_svi(
@@ -172,8 +234,12 @@ def train_svi(
     checkpoint_dir: str | None = None,
     checkpoint_every: int = 1,
     resume_from: str | None = None,
+    data_on_device: bool | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Fit ``module`` to the cells ``train_idx`` of ``data`` by stochastic variational inference.
+
+    ``data_on_device`` keeps the whole count matrix on ``device`` and cuts minibatches there
+    (default: on CUDA when the counts fit in half the free GPU memory); see ``minibatch_source``.
 
     Returns the history, scvi-tools style: a dict of one-column DataFrames indexed by epoch
     (``elbo_train``, ``elbo_validation``, ``reconstruction_loss_train``, ``kl_local_train``,
@@ -194,7 +260,10 @@ def train_svi(
     pyro.set_rng_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     module.to(device).train()
-    optimizer = torch.optim.Adam(module.parameters(), lr=plan.lr, eps=plan.eps, weight_decay=plan.weight_decay)
+    optimizer = make_optimizer(module, plan)
+    ddp = distributed.current()  # under torchrun: shard cells, average gradients over ranks
+    epoch_minibatches = minibatch_source(data, train_idx, batch_size, device, data_on_device, ddp)
+    elbo_fn = module.elbo if ddp is None else distributed.wrap(module, ddp)
     n_train = len(train_idx)
     rows: list[dict[str, float]] = []
     best, epochs_since_best = math.inf, 0
@@ -227,10 +296,9 @@ def train_svi(
             kl_weight = plan.kl_weight(epoch)
             elbo_sum = torch.zeros((), device=device)
             loss_sum = torch.zeros((), device=device)  # running NaN/inf flag, read every FAULT_CHECK_EVERY steps
-            for step, positions in enumerate(_minibatch_indices(train_idx, batch_size, generator)):
-                mb = data.minibatch(train_idx[positions], device, plate_idx=positions)
+            for step, mb in enumerate(epoch_minibatches(generator)):
                 optimizer.zero_grad(set_to_none=True)
-                elbo, per_cell = module.elbo(mb, n_obs=n_train, kl_weight=kl_weight)
+                elbo, per_cell = elbo_fn(mb, n_obs=n_train, kl_weight=kl_weight)
                 loss = -elbo / n_train
                 loss.backward()
                 if gradient_clip_val is not None:
@@ -244,10 +312,16 @@ def train_svi(
                     raise KeyboardInterrupt
             if not _all_finite([loss_sum + elbo_sum, *params, *module.buffers()]):
                 raise _fault(epoch, snapshot, module, optimizer)
+            if ddp is not None:  # sum the ranks' shares; align batch-norm running statistics
+                elbo_sum = ddp.all_reduce_sum(elbo_sum)
+                ddp.sync_buffers(module)
             row = {"epoch": epoch, "kl_weight": kl_weight, "elbo_train": -(elbo_sum / n_train).item()}
             row["train_time"] = time.perf_counter() - start
             if len(val_idx) and (epoch + 1) % check_val_every_n_epoch == 0:
-                row["elbo_validation"] = -evaluate_elbo(module, data, val_idx).mean().item()
+                if ddp is None:
+                    row["elbo_validation"] = -evaluate_elbo(module, data, val_idx).mean().item()
+                else:
+                    row["elbo_validation"] = -distributed.validation_elbo(module, data, val_idx, ddp)
             rows.append(row)
             bar.set_postfix(elbo_train=f"{row['elbo_train']:.1f}", elbo_val=f"{row.get('elbo_validation', float('nan')):.1f}")
             if early_stopping and "elbo_validation" in row:

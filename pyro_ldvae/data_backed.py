@@ -1,0 +1,246 @@
+"""Out-of-core cells: counts stay on disk (``.h5ad`` opened ``backed='r'``, or a ``.zarr`` store).
+
+Training reads the count matrix in contiguous blocks of cells (fast sequential reads), visits the
+blocks in a random order each epoch, and shuffles cells within a buffer of several blocks, so
+memory holds one buffer at a time, never the whole matrix. Everything that walks all cells
+(library-size prior, latent representation, ELBO) streams the blocks in order.
+
+Examples
+--------
+>>> import anndata, pyro_ldvae
+>>> adata = anndata.read_h5ad("big.h5ad", backed="r")        # or read_backed("big.zarr")
+>>> pyro_ldvae.LinearSCVI.setup_anndata(adata)
+>>> model = pyro_ldvae.LinearSCVI(adata).train(max_epochs=1)
+>>> z = model.get_latent_representation()                      # chunk by chunk
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+from anndata.abc import CSCDataset, CSRDataset
+
+from .data import CellData, Registry, get_counts
+from .distributions import scipy_to_torch_csr
+from .module import Minibatch
+
+logger = logging.getLogger(__name__)
+
+BLOCK_SIZE = 2048  # cells per contiguous read
+BUFFER_BLOCKS = 16  # blocks shuffled together
+
+
+def is_on_disk(matrix: object) -> bool:
+    """Whether ``matrix`` is an on-disk matrix (anndata sparse dataset or h5py/zarr array)."""
+    if isinstance(matrix, (CSRDataset, CSCDataset, h5py.Dataset)):
+        return True
+    return type(matrix).__module__.startswith("zarr")
+
+
+def read_backed(path: str | Path) -> AnnData:
+    """Open ``path`` (``.h5ad`` or ``.zarr``) with ``obs``/``var`` in memory and X left on disk."""
+    path = Path(path)
+    if path.suffix == ".h5ad":
+        import anndata
+
+        return anndata.read_h5ad(path, backed="r")
+    import zarr
+    from anndata.io import read_elem, sparse_dataset
+
+    group = zarr.open(str(path), mode="r")
+    x = group["X"]
+    matrix = sparse_dataset(x) if isinstance(x, zarr.Group) else x
+    uns = read_elem(group["uns"]) if "uns" in group else {}
+    return AnnData(X=matrix, obs=read_elem(group["obs"]), var=read_elem(group["var"]), uns=uns)
+
+
+class BackedCellData(CellData):
+    """A ``CellData`` whose counts are read from disk block by block.
+
+    ``obs`` codes live in memory (a few bytes per cell); the count matrix does not. Training
+    minibatches come from :meth:`iter_epoch`, inference minibatches from
+    :meth:`iter_minibatches` (streamed in blocks when the indices are sorted).
+    """
+
+    def __init__(
+        self, adata: AnnData, registry: Registry, block_size: int = BLOCK_SIZE, buffer_blocks: int = BUFFER_BLOCKS
+    ):
+        self.block_size, self.buffer_blocks = int(block_size), int(buffer_blocks)
+        super().__init__(adata, registry)
+
+    def _read_counts(self, adata: AnnData, registry: Registry):
+        counts = get_counts(adata, registry.layer)
+        if isinstance(counts, CSCDataset):
+            raise ValueError(
+                "The on-disk counts are CSC (cells stored by gene): reading blocks of cells from them "
+                "reads the whole file. Rewrite the file as CSR (adata.X = adata.X.tocsr()) or load it into memory."
+            )
+        if counts.shape[0] and counts.shape != (adata.n_obs, adata.n_vars):
+            raise ValueError(f"counts have shape {counts.shape}, expected {(adata.n_obs, adata.n_vars)}.")
+        return counts
+
+    # -- reading ---------------------------------------------------------------------------
+    @property
+    def _sparse(self) -> bool:
+        return isinstance(self.X, CSRDataset)
+
+    def read_rows(self, start: int, stop: int) -> sp.csr_matrix | np.ndarray:
+        """Cells ``start:stop`` in one contiguous read: float32 CSR ``(cells, genes)`` (dense if stored dense)."""
+        rows = self.X[start:stop]
+        if sp.issparse(rows):
+            rows = sp.csr_matrix(rows, dtype=np.float32)
+            if not rows.has_canonical_format:
+                rows.sum_duplicates()
+            return rows
+        return np.ascontiguousarray(rows, dtype=np.float32)
+
+    def _read_sorted(self, idx: np.ndarray) -> sp.csr_matrix | np.ndarray:
+        """Arbitrary cells: read the covering range or the sorted cells, then put them in ``idx`` order."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if len(idx) == 0:
+            return self.read_rows(0, 0)
+        lo, hi = int(idx.min()), int(idx.max()) + 1
+        if hi - lo <= 4 * len(idx):  # dense enough: one contiguous read
+            return self.read_rows(lo, hi)[idx - lo]
+        order = np.argsort(idx, kind="stable")
+        rows = self.X[idx[order]]
+        rows = sp.csr_matrix(rows, dtype=np.float32) if sp.issparse(rows) else np.asarray(rows, dtype=np.float32)
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return rows[inverse]
+
+    def blocks(self, block_size: int | None = None) -> Iterator[tuple[int, int]]:
+        """``(start, stop)`` of consecutive blocks covering all cells."""
+        block_size = block_size or self.block_size
+        for start in range(0, self.n_obs, block_size):
+            yield start, min(start + block_size, self.n_obs)
+
+    # -- CellData interface, out of core -----------------------------------------------------
+    def library_sizes(self) -> np.ndarray:
+        """Total counts per cell ``(cells,)``, summed block by block."""
+        sizes = np.zeros(self.n_obs, dtype=np.float64)
+        for start, stop in self.blocks():
+            sizes[start:stop] = np.asarray(self.read_rows(start, stop).sum(axis=1)).ravel()
+        return sizes
+
+    def dense_rows(self, idx: np.ndarray) -> np.ndarray:
+        rows = self._read_sorted(idx)
+        return rows.toarray() if sp.issparse(rows) else rows
+
+    def rows_tensor(self, idx: np.ndarray, device: torch.device | str = "cpu", sparse: bool = False) -> torch.Tensor:
+        rows = self._read_sorted(idx)
+        if sparse and sp.issparse(rows):
+            return scipy_to_torch_csr(rows, device)
+        return torch.from_numpy(rows.toarray() if sp.issparse(rows) else rows).to(device)
+
+    def _minibatch_from_rows(self, rows, cells: np.ndarray, plate_idx: np.ndarray, device, sparse: bool) -> Minibatch:
+        """A minibatch from rows already read (``rows[i]`` is cell ``cells[i]``)."""
+        take = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a[cells])).to(device)  # noqa: E731
+        if sp.issparse(rows):
+            x = scipy_to_torch_csr(rows, device) if sparse else torch.from_numpy(rows.toarray()).to(device)
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(rows)).to(device)
+        return Minibatch(
+            x=x,
+            batch=take(self.batch),
+            labels=take(self.labels),
+            cat_covs=take(self.cat_covs),
+            cont_covs=take(self.cont_covs),
+            idx=torch.from_numpy(np.asarray(plate_idx, dtype=np.int64)).to(device),
+        )
+
+    def iter_minibatches(
+        self, indices: np.ndarray, batch_size: int, device: torch.device | str = "cpu", sparse: bool = False
+    ) -> Iterator[Minibatch]:
+        """Minibatches over ``indices`` in order; sorted indices are streamed block by block."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) > 1 and np.any(np.diff(indices) <= 0):
+            yield from super().iter_minibatches(indices, batch_size, device, sparse)
+            return
+        # Read each block once; a minibatch may span two blocks.
+        pending_rows, pending_cells = [], []
+        n_pending = 0
+        for start, stop in self.blocks(max(self.block_size, batch_size)):
+            lo, hi = np.searchsorted(indices, [start, stop])
+            if lo == hi:
+                continue
+            cells = indices[lo:hi]
+            block = self.read_rows(start, stop)
+            pending_rows.append(block[cells - start])
+            pending_cells.append(cells)
+            n_pending += len(cells)
+            while n_pending >= batch_size or (hi == len(indices) and n_pending):
+                rows, cells = _stack(pending_rows), np.concatenate(pending_cells)
+                take = min(batch_size, n_pending)
+                yield self._minibatch_from_rows(rows[:take], cells[:take], np.arange(take), device, sparse)
+                pending_rows, pending_cells = [rows[take:]], [cells[take:]]
+                n_pending -= take
+            if hi == len(indices):
+                return
+
+    def iter_epoch(
+        self,
+        train_idx: np.ndarray,
+        batch_size: int,
+        generator: torch.Generator,
+        device: torch.device | str = "cpu",
+        ddp=None,
+    ) -> Iterator[Minibatch]:
+        """One training epoch: blocks in random order, cells shuffled within a buffer of blocks.
+
+        Each cell of ``train_idx`` is visited once; the plate index of a cell is its position in
+        ``train_idx``. A final minibatch of one cell is dropped (batch norm needs two). Under
+        DDP (``ddp`` a ``DistributedContext``) every rank reads the same buffers and keeps its
+        strided share of each, so all ranks take the same number of steps.
+        """
+        train_idx = np.asarray(train_idx, dtype=np.int64)
+        position = np.full(self.n_obs, -1, dtype=np.int64)  # (cells,) position in train_idx or -1
+        position[train_idx] = np.arange(len(train_idx))
+        blocks = list(self.blocks())
+        order = torch.randperm(len(blocks), generator=generator).numpy()
+        carry_rows, carry_cells = None, np.zeros(0, dtype=np.int64)
+        for first in range(0, len(order), self.buffer_blocks):
+            parts, cells = [], []
+            for b in order[first : first + self.buffer_blocks]:
+                start, stop = blocks[b]
+                local = np.flatnonzero(position[start:stop] >= 0)
+                if len(local):
+                    parts.append(self.read_rows(start, stop)[local])
+                    cells.append(start + local)
+            if parts:
+                fresh_rows, fresh_cells = _stack(parts), np.concatenate(cells)
+                if ddp is not None:  # every rank read the same blocks; each keeps its share
+                    mine = ddp.shard(np.arange(len(fresh_cells)))
+                    fresh_rows, fresh_cells = fresh_rows[mine], fresh_cells[mine]
+                rows, cells = _stack([carry_rows, fresh_rows]), np.concatenate([carry_cells, fresh_cells])
+            else:
+                rows, cells = carry_rows, carry_cells
+            if len(cells) == 0:
+                continue
+            shuffle = torch.randperm(len(cells), generator=generator).numpy()
+            rows, cells = rows[shuffle], cells[shuffle]
+            last_buffer = first + self.buffer_blocks >= len(order)
+            n_full = len(cells) if last_buffer else (len(cells) // batch_size) * batch_size
+            for start in range(0, n_full, batch_size):
+                stop = min(start + batch_size, n_full)
+                if stop - start > 1:
+                    yield self._minibatch_from_rows(
+                        rows[start:stop], cells[start:stop], position[cells[start:stop]], device, True
+                    )
+            carry_rows, carry_cells = rows[n_full:], cells[n_full:]
+
+
+def _stack(parts: list) -> sp.csr_matrix | np.ndarray:
+    parts = [p for p in parts if p is not None and p.shape[0]]
+    if not parts:
+        return sp.csr_matrix((0, 0), dtype=np.float32)
+    if len(parts) == 1:
+        return parts[0]
+    return sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.concatenate(parts)

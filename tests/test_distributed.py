@@ -1,0 +1,90 @@
+"""Two CPU processes with gloo under torchrun: identical parameters, same ELBO as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_ldvae import LinearSCVI, simulate
+from pyro_ldvae.distributed import DistributedContext
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS = 20
+SETTINGS = dict(n_hidden=32, seed=0)
+TRAIN = dict(max_epochs=EPOCHS, train_size=0.7, accelerator="cpu", progress_bar=False, plan_kwargs={"lr": 3e-3})
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import anndata, torch
+    from pyro_ldvae import LinearSCVI
+    from pyro_ldvae.distributed import init_from_env, current
+    torch.set_num_threads(1)
+    ctx = init_from_env("cpu")
+    assert ctx is not None and ctx.world_size == 2
+    out = sys.argv[2]
+    adata = anndata.read_h5ad(sys.argv[1])
+    LinearSCVI.setup_anndata(adata)
+    model = LinearSCVI(adata, n_hidden=32, seed=0)
+    model.train(max_epochs=int(sys.argv[3]), batch_size=64, train_size=0.7, accelerator="cpu", progress_bar=False,
+                plan_kwargs={"lr": 3e-3})
+    torch.save(model.module.state_dict(), f"{out}/rank{ctx.rank}.pt")
+    if ctx.rank == 0:
+        held_out = model.get_elbo(indices=model.validation_indices)
+        history = model.history["elbo_validation"]["elbo_validation"].tolist()
+        train = model.history["elbo_train"]["elbo_train"].tolist()
+        json.dump({"held_out": held_out, "history": history, "train": train}, open(f"{out}/result.json", "w"))
+    """
+)
+
+
+def test_shard_is_strided_and_equal_length():
+    order = np.arange(11)
+    shards = [DistributedContext(r, 3, r).shard(order) for r in range(3)]
+    assert [len(s) for s in shards] == [3, 3, 3]
+    np.testing.assert_array_equal(shards[1], [1, 4, 7])
+    assert len(np.intersect1d(shards[0], shards[2])) == 0
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_each_other_and_single_process(tmp_path):
+    adata = simulate(n_cells=3000, n_genes=50, seed=0)
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0"]
+    cmd += ["--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", str(script), str(path), str(tmp_path), str(EPOCHS)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert states[0].keys() == states[1].keys()
+    for name in states[0]:
+        assert torch.equal(states[0][name], states[1][name]), f"{name} differs between ranks"
+    result = json.loads((tmp_path / "result.json").read_text())
+
+    # One process with the global minibatch (2 ranks x 64 = 128) solves the same problem; batch
+    # norm statistics are synchronised over ranks, so only the random draws differ.
+    LinearSCVI.setup_anndata(adata)
+    single = LinearSCVI(adata, **SETTINGS)
+    single.train(batch_size=128, **TRAIN)
+    train_elbo = single.history["elbo_train"]["elbo_train"].iloc[-1]
+    assert abs(result["train"][-1] - train_elbo) / abs(train_elbo) < 0.01
+    # The held-out ELBO is evaluated with batch norm's running statistics, which lag behind
+    # the weights early in training: between single-process runs that differ only in seed it
+    # spread by ~8% here (239 to 259 after 20 epochs, measured), against ~0.2% for the
+    # training ELBO. So it is compared with a tolerance of that spread.
+    held_out = single.get_elbo(indices=single.validation_indices)
+    assert abs(result["held_out"] - held_out) / abs(held_out) < 0.1
+    # the all-reduced validation ELBO of the last epoch is the ELBO of all validation cells
+    assert result["history"][-1] == pytest.approx(-result["held_out"], rel=0.05)
