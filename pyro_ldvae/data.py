@@ -118,7 +118,9 @@ def register(
     for key in registry.continuous_covariate_keys:
         column = _obs_column(adata, key, "continuous covariate")
         if not pd.api.types.is_numeric_dtype(column):
-            raise ValueError(f"continuous covariate obs[{key!r}] is not numeric (dtype {column.dtype}); pass it as a categorical covariate.")
+            raise ValueError(
+                f"continuous covariate obs[{key!r}] is not numeric (dtype {column.dtype}); pass it as a categorical covariate."
+            )
         if not np.isfinite(column.to_numpy(dtype=float)).all():
             raise ValueError(f"continuous covariate obs[{key!r}] has NaN or infinite values; fill or drop them.")
     validate.check_anndata(adata, layer, check_counts)
@@ -228,9 +230,11 @@ class CellData:
 
     def rows_tensor(self, idx: np.ndarray, device: torch.device | str = "cpu", sparse: bool = False) -> torch.Tensor:
         """Counts of cells ``idx`` on ``device``: ``(cells, genes)`` dense, or sparse CSR when
-        ``sparse`` and the matrix is sparse (cut in C by scipy, no Python loop)."""
-        if sparse and sp.issparse(self.X):
-            return scipy_to_torch_csr(self.X[idx], device)
+        ``sparse`` (cut in C by scipy, no Python loop). Dense input is made sparse per minibatch
+        on that path, so every input format takes the same arithmetic and gives identical results."""
+        if sparse:
+            rows = self.X[idx] if sp.issparse(self.X) else sp.csr_matrix(self.dense_rows(idx))
+            return scipy_to_torch_csr(rows, device)
         return torch.from_numpy(self.dense_rows(idx)).to(device)
 
     def minibatch(

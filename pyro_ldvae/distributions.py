@@ -157,17 +157,20 @@ def _theta_terms(theta: torch.Tensor, at) -> dict[str, torch.Tensor]:
     (cheaper than per non-zero when theta is ``(genes,)``; identical values)."""
     if theta.dim() == 2 and theta.shape[0] > 1:
         return {}  # (cells, genes): gather first, compute after (log_nb does it)
+    theta = theta.clamp(THETA_MIN, THETA_MAX)  # as log_nb bounds it
     return {"log_theta_eps": at(torch.log(theta + EPS)), "lgamma_theta": at(torch.lgamma(theta))}
 
 
 def _nb_zero(d: NegativeBinomial) -> torch.Tensor:
     """NB log-density at x = 0: theta (log(theta + eps) - log(theta + mu + eps))."""
-    return d.theta * (torch.log(d.theta + EPS) - torch.log(d.theta + d.mu + EPS))  # (cells, genes)
+    theta = d.theta.clamp(THETA_MIN, THETA_MAX)  # as log_nb bounds it
+    return theta * (torch.log(theta + EPS) - torch.log(theta + d.mu + EPS))  # (cells, genes)
 
 
 def _zinb_zero(d: ZeroInflatedNegativeBinomial) -> torch.Tensor:
     """ZINB log-density at x = 0, as ``log_zinb``'s zero case."""
-    pi_theta_log = -d.gate_logits + d.theta * (torch.log(d.theta + EPS) - torch.log(d.theta + d.mu + EPS))
+    theta = d.theta.clamp(THETA_MIN, THETA_MAX)  # as log_zinb bounds it
+    pi_theta_log = -d.gate_logits + theta * (torch.log(theta + EPS) - torch.log(theta + d.mu + EPS))
     return F.softplus(pi_theta_log) - F.softplus(-d.gate_logits)
 
 
@@ -197,7 +200,7 @@ class NegativeBinomial(TorchDistribution):
     has_rsample = False
 
     def __init__(self, mu: torch.Tensor, theta: torch.Tensor, validate_args: bool | None = None):
-        self.mu, self.theta = mu, theta.clamp(THETA_MIN, THETA_MAX)  # bounded in every code path
+        self.mu, self.theta = mu, theta
         batch_shape = torch.broadcast_shapes(mu.shape, theta.shape)
         super().__init__(batch_shape, validate_args=validate_args)
 
@@ -248,7 +251,7 @@ class ZeroInflatedNegativeBinomial(TorchDistribution):
         gate_logits: torch.Tensor,
         validate_args: bool | None = None,
     ):
-        self.mu, self.theta, self.gate_logits = mu, theta.clamp(THETA_MIN, THETA_MAX), gate_logits
+        self.mu, self.theta, self.gate_logits = mu, theta, gate_logits
         batch_shape = torch.broadcast_shapes(mu.shape, theta.shape, gate_logits.shape)
         super().__init__(batch_shape, validate_args=validate_args)
 

@@ -75,7 +75,13 @@ class LinearSCVI:
         self.adata = adata
         self.registry = data_mod.get_registry(adata)
         validate.check_model_args(
-            n_hidden, n_latent, n_layers, dropout_rate, dispersion, gene_likelihood, latent_distribution,
+            n_hidden,
+            n_latent,
+            n_layers,
+            dropout_rate,
+            dispersion,
+            gene_likelihood,
+            latent_distribution,
             self.registry.labels_key,
         )
         validate.check_shape(adata)
@@ -160,7 +166,12 @@ class LinearSCVI:
             continuous covariate, an empty AnnData, or counts that are not raw counts.
         """
         data_mod.register(
-            adata, layer, batch_key, labels_key, categorical_covariate_keys, continuous_covariate_keys,
+            adata,
+            layer,
+            batch_key,
+            labels_key,
+            categorical_covariate_keys,
+            continuous_covariate_keys,
             check_counts=check_counts,
         )
 
@@ -355,7 +366,6 @@ class LinearSCVI:
         per_cell = evaluate_elbo(self.module, cells, self._indices(cells, indices), batch_size or 1024)
         return per_cell.mean().item() if return_mean else per_cell.cpu().numpy()
 
-
     # ------------------------------------------------------------------------------------
     # scVI tasks, computed from the Pyro model (see tasks.py and de.py)
     # ------------------------------------------------------------------------------------
@@ -430,7 +440,14 @@ class LinearSCVI:
             n_samples = n_samples_overall // len(idx) + 1
         mask = self._gene_mask(gene_list)
         exprs = tasks.normalized_expression(
-            self.module, cells, idx, self._batch_codes(transform_batch), mask, library_size, n_samples, batch_size or 128
+            self.module,
+            cells,
+            idx,
+            self._batch_codes(transform_batch),
+            mask,
+            library_size,
+            n_samples,
+            batch_size or 128,
         )  # (n_samples, cells, genes)
         if n_samples_overall is not None:
             flat = exprs.reshape(-1, exprs.shape[-1])
@@ -463,7 +480,12 @@ class LinearSCVI:
         if len(codes) != 1:
             raise ValueError("posterior_predictive_sample takes one transform_batch category, not several.")
         draws = tasks.posterior_predictive(
-            self.module, cells, self._indices(cells, indices), n_samples, self._gene_mask(gene_list), batch_size or 128,
+            self.module,
+            cells,
+            self._indices(cells, indices),
+            n_samples,
+            self._gene_mask(gene_list),
+            batch_size or 128,
             codes[0],
         )  # (n_samples, cells, genes); fmt: skip
         return draws[0] if n_samples == 1 else np.moveaxis(draws, 0, -1)
@@ -483,7 +505,9 @@ class LinearSCVI:
         or ``(n_samples, cells, genes)`` when ``n_samples > 1`` and not ``give_mean``.
         """
         cells = self._cells(adata)
-        params = tasks.likelihood_parameters(self.module, cells, self._indices(cells, indices), n_samples, batch_size or 128)
+        params = tasks.likelihood_parameters(
+            self.module, cells, self._indices(cells, indices), n_samples, batch_size or 128
+        )
         if n_samples == 1 or give_mean:
             return {key: value.mean(0) for key, value in params.items()}
         return params
@@ -497,7 +521,9 @@ class LinearSCVI:
     ) -> np.ndarray:
         """Library size ``exp(l)`` per cell, ``(cells, 1)``: posterior mean (log-normal), or one draw."""
         cells = self._cells(adata)
-        return tasks.latent_library_size(self.module, cells, self._indices(cells, indices), give_mean, batch_size or 128)
+        return tasks.latent_library_size(
+            self.module, cells, self._indices(cells, indices), give_mean, batch_size or 128
+        )
 
     def differential_expression(
         self,
@@ -622,7 +648,9 @@ class LinearSCVI:
 
         return write_results(self, self.adata if adata is None else adata, key)
 
-    def save(self, dir_path: str, overwrite: bool = False, save_anndata: bool = False, prefix: str | None = None) -> None:
+    def save(
+        self, dir_path: str, overwrite: bool = False, save_anndata: bool = False, prefix: str | None = None
+    ) -> None:
         """Save weights, setup and history to ``dir_path`` atomically; see :func:`pyro_ldvae.io.save`."""
         from .io import save
 

@@ -197,7 +197,14 @@ class LDVAE(PyroModule):
             use_batch_norm = loadings_prior is None
         bias = bias or loadings_prior is not None  # without batch norm, the intercept is the bias
         _check_module_args(
-            n_input, n_latent, n_hidden, n_layers_encoder, dropout_rate, dispersion, gene_likelihood, latent_distribution
+            n_input,
+            n_latent,
+            n_hidden,
+            n_layers_encoder,
+            dropout_rate,
+            dispersion,
+            gene_likelihood,
+            latent_distribution,
         )
         if dispersion == "gene-label" and n_labels < 1:
             raise ValueError(
@@ -225,7 +232,9 @@ class LDVAE(PyroModule):
                     "A latent library size needs library_log_means and library_log_vars "
                     "(per-batch mean and variance of log total counts), or use_observed_lib_size=True."
                 )
-            self.register_buffer("library_log_means", torch.as_tensor(np.asarray(library_log_means)).float().reshape(-1))
+            self.register_buffer(
+                "library_log_means", torch.as_tensor(np.asarray(library_log_means)).float().reshape(-1)
+            )
             self.register_buffer("library_log_vars", torch.as_tensor(np.asarray(library_log_vars)).float().reshape(-1))
         else:
             self.register_buffer("library_log_means", torch.zeros(1))
@@ -369,7 +378,9 @@ class LDVAE(PyroModule):
     # ----------------------------------------------------------------------------------------
     # The ELBO, computed from traces of model and guide
     # ----------------------------------------------------------------------------------------
-    def elbo(self, mb: Minibatch, n_obs: int | None = None, kl_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def elbo(
+        self, mb: Minibatch, n_obs: int | None = None, kl_weight: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean-field ELBO with analytic KL where available, as ``TraceMeanField_ELBO``.
 
         Returns ``(elbo, per_cell)``: ``elbo`` is the differentiable full-data estimate (local

@@ -76,7 +76,9 @@ def simulate(
         for k in range(n_latent):
             active[rng.choice(n_genes, n_active, replace=False), k] = True
         loadings = np.where(active, loadings, 0.0)
-    batch_columns = rng.normal(0.0, batch_effect_scale, size=(n_genes, n_batch)) if n_batch > 1 else np.zeros((n_genes, 0))
+    batch_columns = (
+        rng.normal(0.0, batch_effect_scale, size=(n_genes, n_batch)) if n_batch > 1 else np.zeros((n_genes, 0))
+    )
     intercept = rng.normal(0.0, 1.0, size=n_genes)
     theta = theta_median * np.exp(rng.normal(0.0, 0.5, size=n_genes))
     batch = rng.integers(0, n_batch, size=n_cells)
@@ -118,7 +120,9 @@ def simulate(
             {"batch": pd.Categorical([f"batch_{b}" for b in batch]), "true_library": np.concatenate(library)},
             index=[f"cell_{i}" for i in range(n_cells)],
         ),
-        var=pd.DataFrame({"true_theta": theta, "true_intercept": intercept}, index=[f"gene_{g}" for g in range(n_genes)]),
+        var=pd.DataFrame(
+            {"true_theta": theta, "true_intercept": intercept}, index=[f"gene_{g}" for g in range(n_genes)]
+        ),
     )
     adata.varm["true_loadings"] = loadings
     adata.obsm["true_z"] = np.concatenate(z)

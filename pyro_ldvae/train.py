@@ -323,14 +323,20 @@ def train_svi(
                 else:
                     row["elbo_validation"] = -distributed.validation_elbo(module, data, val_idx, ddp)
             rows.append(row)
-            bar.set_postfix(elbo_train=f"{row['elbo_train']:.1f}", elbo_val=f"{row.get('elbo_validation', float('nan')):.1f}")
+            bar.set_postfix(
+                elbo_train=f"{row['elbo_train']:.1f}", elbo_val=f"{row.get('elbo_validation', float('nan')):.1f}"
+            )
             if early_stopping and "elbo_validation" in row:
                 if row["elbo_validation"] < best - early_stopping_min_delta:
                     best, epochs_since_best = row["elbo_validation"], 0
                 else:
                     epochs_since_best += 1
                     if epochs_since_best >= early_stopping_patience:
-                        logger.info("Early stopping in epoch %d: validation ELBO has not improved for %d epochs.", epoch, epochs_since_best)
+                        logger.info(
+                            "Early stopping in epoch %d: validation ELBO has not improved for %d epochs.",
+                            epoch,
+                            epochs_since_best,
+                        )
                         stop_reason = "early_stopping"
             snapshot = ckpt.capture(
                 module, optimizer, generator, epoch + 1, rows, best, epochs_since_best, train_idx, val_idx

@@ -125,5 +125,3 @@ def test_console_entry_reports_errors_without_traceback(tmp_path):
     )
     assert done.returncode == 2 and _one_line(done.stderr) and "absent.h5ad does not exist" in done.stderr
     assert not (tmp_path / "o.h5ad").exists()
-
-

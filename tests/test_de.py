@@ -8,10 +8,11 @@ import pyro
 import pytest
 import scipy.sparse as sp
 from anndata import AnnData
-from .shared_models import pancreas_model, pbmc4k_model, shared_data
 
 import pyro_ldvae
 from pyro_ldvae.de import bayes_factors, fdr_de_prediction
+
+from .shared_models import pancreas_model, pbmc4k_model, shared_data
 
 VANILLA = [
     "proba_m1", "proba_m2", "bayes_factor", "scale1", "scale2", "raw_mean1", "raw_mean2",

@@ -9,9 +9,10 @@ import pandas as pd
 import pyro
 import pytest
 import scipy.sparse as sp
-from .shared_models import pancreas_model, pbmc4k_model, shared_data
 
 import pyro_ldvae
+
+from .shared_models import pancreas_model, pbmc4k_model, shared_data
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,9 @@ def test_held_out_elbo_improves_and_matches_scvi_tools():
         reference_adata = adata.copy()
         scvi.model.LinearSCVI.setup_anndata(reference_adata)
         scvi_model = scvi.model.LinearSCVI(reference_adata, n_latent=10)
-        scvi_model.train(max_epochs=EPOCHS, batch_size=128, plan_kwargs=PLAN, enable_progress_bar=False, accelerator="cpu")
+        scvi_model.train(
+            max_epochs=EPOCHS, batch_size=128, plan_kwargs=PLAN, enable_progress_bar=False, accelerator="cpu"
+        )
         np.testing.assert_array_equal(np.sort(scvi_model.validation_indices), np.sort(held_out))
         reference.append(float(scvi_model.get_elbo(indices=held_out)))
     relative = abs(np.mean(ours) - np.mean(reference)) / abs(np.mean(reference))
