@@ -75,15 +75,9 @@ class LinearSCVI:
         self.adata = adata
         self.registry = data_mod.get_registry(adata)
         validate.check_model_args(
-            n_hidden,
-            n_latent,
-            n_layers,
-            dropout_rate,
-            dispersion,
-            gene_likelihood,
-            latent_distribution,
-            self.registry.labels_key,
+            n_hidden, n_latent, n_layers, dropout_rate, dispersion, gene_likelihood, latent_distribution
         )
+        validate.check_labels_for_dispersion(dispersion, self.registry.labels_key)
         validate.check_shape(adata)
         self.seed = seed
         self.var_names = pd.Index(adata.var_names)

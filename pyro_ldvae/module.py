@@ -37,10 +37,7 @@ from torch.distributions import constraints, kl_divergence
 from .distributions import count_likelihood, total_counts
 from .nn import Encoder, LinearHead
 from .priors import GlobalNormalGuide, LoadingsPrior, ZPrior, resolve_loadings_prior
-
-DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
-LIKELIHOODS = ("nb", "zinb", "poisson")
-LATENT_DISTRIBUTIONS = ("normal", "ln")
+from .validate import check_model_args
 
 
 @dataclass
@@ -196,15 +193,10 @@ class LDVAE(PyroModule):
         if use_batch_norm is None:
             use_batch_norm = loadings_prior is None
         bias = bias or loadings_prior is not None  # without batch norm, the intercept is the bias
-        _check_module_args(
-            n_input,
-            n_latent,
-            n_hidden,
-            n_layers_encoder,
-            dropout_rate,
-            dispersion,
-            gene_likelihood,
-            latent_distribution,
+        if int(n_input) != n_input or n_input < 1:
+            raise ValueError(f"n_input must be a positive integer, got {n_input!r}.")
+        check_model_args(
+            n_hidden, n_latent, n_layers_encoder, dropout_rate, dispersion, gene_likelihood, latent_distribution
         )
         if dispersion == "gene-label" and n_labels < 1:
             raise ValueError(
@@ -461,30 +453,3 @@ class LDVAE(PyroModule):
     @property
     def device(self) -> torch.device:
         return self.library_log_means.device
-
-
-def _check_module_args(
-    n_input: int,
-    n_latent: int,
-    n_hidden: int,
-    n_layers_encoder: int,
-    dropout_rate: float,
-    dispersion: str,
-    gene_likelihood: str,
-    latent_distribution: str,
-) -> None:
-    """Reject arguments that would fail later or silently train a wrong model."""
-    for name, value in (("n_input", n_input), ("n_latent", n_latent), ("n_hidden", n_hidden)):
-        if int(value) != value or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    if int(n_layers_encoder) != n_layers_encoder or n_layers_encoder < 1:
-        raise ValueError(f"n_layers_encoder (n_layers) must be a positive integer, got {n_layers_encoder!r}.")
-    if not 0 <= dropout_rate < 1:
-        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}.")
-    for name, value, allowed in (
-        ("dispersion", dispersion, DISPERSIONS),
-        ("gene_likelihood", gene_likelihood, LIKELIHOODS),
-        ("latent_distribution", latent_distribution, LATENT_DISTRIBUTIONS),
-    ):
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}.")

@@ -221,7 +221,6 @@ def check_model_args(
     dispersion,
     gene_likelihood,
     latent_distribution,
-    labels_key: str | None = None,
 ) -> None:
     """Reject model arguments that would fail later or silently train a wrong model."""
     for name, value in (("n_latent", n_latent), ("n_hidden", n_hidden), ("n_layers", n_layers)):
@@ -236,6 +235,10 @@ def check_model_args(
     ):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}.")
+
+
+def check_labels_for_dispersion(dispersion: str, labels_key: str | None) -> None:
+    """'gene-label' dispersion needs labels registered by ``setup_anndata``."""
     if dispersion == "gene-label" and labels_key is None:
         raise ValueError(
             "dispersion='gene-label' needs labels, but setup_anndata was called without labels_key; "
