@@ -115,14 +115,7 @@ def register(
         registry.label_categories = _categories(_obs_column(adata, labels_key, "labels_key"), labels_key)
     for key in registry.categorical_covariate_keys:
         registry.covariate_categories[key] = _categories(_obs_column(adata, key, "categorical covariate"), key)
-    for key in registry.continuous_covariate_keys:
-        column = _obs_column(adata, key, "continuous covariate")
-        if not pd.api.types.is_numeric_dtype(column):
-            raise ValueError(
-                f"continuous covariate obs[{key!r}] is not numeric (dtype {column.dtype}); pass it as a categorical covariate."
-            )
-        if not np.isfinite(column.to_numpy(dtype=float)).all():
-            raise ValueError(f"continuous covariate obs[{key!r}] has NaN or infinite values; fill or drop them.")
+    validate.continuous_covariates(adata.obs, registry.continuous_covariate_keys)  # present, numeric, finite
     validate.check_anndata(adata, layer, check_counts)
     adata.uns[SETUP_KEY] = registry.to_json()
     return registry
