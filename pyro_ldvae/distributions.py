@@ -23,6 +23,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from pyro.distributions import TorchDistribution, constraints
+from torch.autograd.function import once_differentiable
 from torch.distributions.utils import broadcast_all
 
 EPS = 1e-8
@@ -113,13 +114,15 @@ def is_sparse_counts(value: object) -> bool:
 
 
 def csr_entries(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row indices, column indices and values ``(nnz,)`` of a sparse CSR matrix, without a host sync."""
-    crow = value.crow_indices()
-    vals = value.values()
-    rows = torch.repeat_interleave(
-        torch.arange(value.shape[0], device=vals.device), crow.diff(), output_size=vals.shape[0]
-    )
-    return rows, value.col_indices(), vals
+    """Row indices, column indices and values ``(nnz,)`` of a sparse CSR matrix, without a host sync.
+
+    Cached on ``value``: the encoders, the library and the likelihood all read one minibatch.
+    """
+    cached = getattr(value, "_coo_entries", None)
+    if cached is None:
+        rows = value.to_sparse_coo().indices()[0]  # CSR order is row-major: the same order as values()
+        value._coo_entries = cached = (rows, value.col_indices(), value.values())
+    return cached
 
 
 def total_counts(x: torch.Tensor) -> torch.Tensor:
@@ -161,10 +164,96 @@ def _theta_terms(theta: torch.Tensor, at) -> dict[str, torch.Tensor]:
     return {"log_theta_eps": at(torch.log(theta + EPS)), "lgamma_theta": at(torch.lgamma(theta))}
 
 
-def _nb_zero(d: NegativeBinomial) -> torch.Tensor:
-    """NB log-density at x = 0: theta (log(theta + eps) - log(theta + mu + eps))."""
-    theta = d.theta.clamp(THETA_MIN, THETA_MAX)  # as log_nb bounds it
-    return theta * (torch.log(theta + EPS) - torch.log(theta + d.mu + EPS))  # (cells, genes)
+class _SparseNBLogProb(torch.autograd.Function):
+    """Elementwise NB log-density ``(cells, genes)`` of sparse counts, with a hand-written backward.
+
+    The values are ``log_nb``'s (the same expressions, up to float rounding in ``D`` below).
+    Autograd through those expressions makes about fifteen passes over ``(cells, genes)``, plus
+    zero-filled scatters for the gathers at the non-zeros. The derivatives are short:
+
+        d/dmu    = -theta / D                              + [x > 0] x (1 / (mu + eps) - 1 / D)
+        d/dtheta = log(theta + eps) - log D + theta / (theta + eps) - theta / D
+                                                           + [x > 0] (psi(x + theta) - psi(theta) - x / D)
+
+    with ``D = theta + mu + eps``: four dense passes forward and four or five backward, and the
+    count terms at the non-zeros only. ``theta`` is ``(genes,)`` or ``(cells, genes)``, already clamped.
+    """
+
+    @staticmethod
+    def forward(ctx, mu, theta, rows, cols, counts):
+        per_gene = theta.dim() == 1
+        flat = rows * mu.shape[-1] + cols  # positions of the non-zeros in the flattened (cells, genes)
+        log_theta_eps = torch.log(theta + EPS)
+        denom = mu + (theta + EPS) if per_gene else theta + mu + EPS  # D, one pass when theta is (genes,)
+        log_denom = torch.log(denom)
+        out = torch.sub(log_theta_eps, log_denom).mul_(theta)  # the x = 0 case everywhere
+        theta_nz = theta.index_select(0, cols) if per_gene else _gather(theta, rows, cols, flat)
+        log_theta_eps_nz = log_theta_eps.index_select(0, cols) if per_gene else _gather(log_theta_eps, rows, cols, flat)
+        lgamma_theta_nz = torch.lgamma(theta).index_select(0, cols) if per_gene else torch.lgamma(theta_nz)
+        log_denom_nz = log_denom.view(-1).index_select(0, flat)
+        out.view(-1).index_copy_(
+            0,
+            flat,
+            theta_nz * (log_theta_eps_nz - log_denom_nz)
+            + counts * (torch.log(_gather(mu, rows, cols, flat) + EPS) - log_denom_nz)
+            + torch.lgamma(counts + theta_nz)
+            - lgamma_theta_nz
+            - torch.lgamma(counts + 1),
+        )
+        ctx.save_for_backward(mu, theta, rows, cols, flat, counts, denom, log_denom, log_theta_eps)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        mu, theta, rows, cols, flat, counts, denom, log_denom, log_theta_eps = ctx.saved_tensors
+        per_gene = theta.dim() == 1
+        # The upstream gradient is usually one number per cell, expanded over genes (it comes from
+        # the per-cell sum of Independent); then the sums over cells below are matrix-vector products.
+        per_cell = grad[:, 0] if grad.stride(-1) == 0 else None
+        grad_nz = per_cell.index_select(0, rows) if per_cell is not None else _gather(grad, rows, cols, flat)
+        neg_theta_over_denom = (theta.neg() if per_gene else -theta) / denom
+        denom_nz = denom.view(-1).index_select(0, flat)
+        grad_mu = grad_theta = None
+        if ctx.needs_input_grad[0]:
+            grad_mu = grad * neg_theta_over_denom
+            count_terms = grad_nz * counts * (1 / (_gather(mu, rows, cols, flat) + EPS) - 1 / denom_nz)
+            grad_mu.view(-1).index_add_(0, flat, count_terms)
+        if ctx.needs_input_grad[1]:
+            if per_gene:  # digamma is slow for small arguments: once per gene, then gathered
+                theta_nz, digamma_theta_nz = theta.index_select(0, cols), torch.digamma(theta).index_select(0, cols)
+            else:
+                theta_nz = _gather(theta, rows, cols, flat)
+                digamma_theta_nz = torch.digamma(theta_nz)
+            count_terms = grad_nz * (torch.digamma(counts + theta_nz) - digamma_theta_nz - counts / denom_nz)
+            per_theta = log_theta_eps + theta / (theta + EPS)
+            if per_gene:
+                dense_terms = log_denom - neg_theta_over_denom  # log D + theta / D
+                if per_cell is not None:
+                    grad_theta = per_theta * per_cell.sum() - torch.mv(dense_terms.t(), per_cell)
+                else:
+                    grad_theta = per_theta * grad.sum(0) - (grad * dense_terms).sum(0)
+                grad_theta.index_add_(0, cols, count_terms)
+            else:
+                grad_theta = grad * (per_theta - log_denom + neg_theta_over_denom)
+                grad_theta.view(-1).index_add_(0, flat, count_terms)
+        return grad_mu, grad_theta, None, None, None
+
+
+def _gather(param: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """``param[rows, cols]`` for a ``(cells, genes)`` tensor; one flat gather when it is contiguous."""
+    return param.view(-1).index_select(0, flat) if param.is_contiguous() else param[rows, cols]
+
+
+def sparse_nb_log_prob(value: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """NB log-density ``(cells, genes)`` of sparse CSR counts; equal to ``log_nb`` of the dense counts."""
+    theta = theta.clamp(THETA_MIN, THETA_MAX)  # as log_nb bounds it
+    if theta.dim() == 2 and theta.shape[0] == 1:
+        theta = theta[0]
+    elif theta.dim() == 2 and theta.shape != mu.shape:
+        theta = theta.expand(mu.shape)
+    rows, cols, counts = csr_entries(value)
+    return _SparseNBLogProb.apply(mu.contiguous(), theta, rows, cols, counts.to(mu.dtype))
 
 
 def _zinb_zero(d: ZeroInflatedNegativeBinomial) -> torch.Tensor:
@@ -183,6 +272,13 @@ def scipy_to_torch_csr(matrix: sp.csr_matrix | sp.csr_array, device: torch.devic
         size=matrix.shape,
         check_invariants=False,
     ).to(device)
+
+
+def _broadcastable(param: torch.Tensor, batch_shape) -> torch.Tensor:
+    """``param`` unchanged, after checking that it broadcasts to ``batch_shape``."""
+    if torch.broadcast_shapes(param.shape, torch.Size(batch_shape)) != torch.Size(batch_shape):
+        raise ValueError(f"Cannot expand a parameter of shape {tuple(param.shape)} to {tuple(batch_shape)}.")
+    return param
 
 
 def _sample_gamma_poisson(mu: torch.Tensor, theta: torch.Tensor, sample_shape: torch.Size) -> torch.Tensor:
@@ -214,12 +310,7 @@ class NegativeBinomial(TorchDistribution):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if is_sparse_counts(value):
-            return sparse_log_prob(
-                value,
-                self.mu,
-                lambda x, at: log_nb(x, at(self.mu), at(self.theta), **_theta_terms(self.theta, at)),
-                _nb_zero(self),
-            )
+            return sparse_nb_log_prob(value, self.mu, self.theta)
         return log_nb(value, self.mu, self.theta)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
@@ -228,7 +319,9 @@ class NegativeBinomial(TorchDistribution):
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(NegativeBinomial, _instance)
-        new.mu, new.theta = self.mu.expand(batch_shape), self.theta.expand(batch_shape)
+        # theta keeps its own shape (broadcasting): Pyro's plates expand every site, and a (genes,)
+        # theta expanded to (cells, genes) would make the per-gene terms cost cells x genes.
+        new.mu, new.theta = self.mu.expand(batch_shape), _broadcastable(self.theta, batch_shape)
         super(NegativeBinomial, new).__init__(torch.Size(batch_shape), validate_args=False)
         return new
 
@@ -280,7 +373,7 @@ class ZeroInflatedNegativeBinomial(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(ZeroInflatedNegativeBinomial, _instance)
         new.mu = self.mu.expand(batch_shape)
-        new.theta = self.theta.expand(batch_shape)
+        new.theta = _broadcastable(self.theta, batch_shape)  # as in NegativeBinomial.expand
         new.gate_logits = self.gate_logits.expand(batch_shape)
         super(ZeroInflatedNegativeBinomial, new).__init__(torch.Size(batch_shape), validate_args=False)
         return new

@@ -317,7 +317,10 @@ def _scvi_encoder_state(prefix_scvi: str, prefix_ours: str, state: dict, n_layer
             head = f"{prefix_scvi}.encoder.fc_layers.Layer {i}.{part}."
             for key, value in state.items():
                 if key.startswith(head):
-                    out[f"{prefix_ours}.hidden.{ours}.{key[len(head) :]}"] = value
+                    leaf = key[len(head) :]
+                    if ours == 0 and leaf == "weight":  # our first layer stores W.T (nn.InputLinear)
+                        leaf, value = "weight_t", value.t().contiguous()
+                    out[f"{prefix_ours}.hidden.{ours}.{leaf}"] = value
     for scvi_name, ours in (("mean_encoder", "mean"), ("var_encoder", "log_var")):
         for leaf in ("weight", "bias"):
             out[f"{prefix_ours}.{ours}.{leaf}"] = state[f"{prefix_scvi}.{scvi_name}.{leaf}"]

@@ -35,7 +35,7 @@ from pyro.nn.module import to_pyro_module_
 from torch.distributions import constraints, kl_divergence
 
 from .distributions import count_likelihood, total_counts
-from .nn import Encoder, LinearHead
+from .nn import Encoder, LinearHead, narrow_linear
 from .priors import GlobalNormalGuide, LoadingsPrior, ZPrior, resolve_loadings_prior
 from .validate import check_model_args
 
@@ -326,7 +326,7 @@ class LDVAE(PyroModule):
         if loadings is None:
             return head(decoder_input)
         weight = torch.cat([loadings, head.linear.weight[:, self.n_latent :]], dim=-1)  # (genes, n_latent + n_cov)
-        logits = F.linear(decoder_input, weight, head.linear.bias)
+        logits = narrow_linear(decoder_input, weight, head.linear.bias)
         return logits if head.batch_norm is None else head.batch_norm(logits)
 
     def _cells_plate(self, mb: Minibatch, n_obs: int | None) -> pyro.plate:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 BN_MOMENTUM = 0.01
@@ -19,19 +20,20 @@ VAR_EPS = 1e-4
 
 
 class _SparseLinear(torch.autograd.Function):
-    """``x @ W.T + b`` for a sparse CSR ``x`` ``(cells, n_in)``; gradients for ``W`` and ``b`` only."""
+    """``x @ W + b`` for a sparse CSR ``x`` ``(cells, n_in)`` and ``W`` ``(n_in, n_out)``; gradients
+    for ``W`` and ``b`` only."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.has_bias = bias is not None
-        out = torch.sparse.mm(x, weight.t())  # (cells, n_out)
+        out = torch.sparse.mm(x, weight_t)  # (cells, n_out)
         return out + bias if bias is not None else out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
-        grad_weight = _csr_transpose(x).matmul(grad_out).t() if ctx.needs_input_grad[1] else None  # (n_out, n_in)
+        grad_weight = _csr_transpose(x).matmul(grad_out) if ctx.needs_input_grad[1] else None  # (n_in, n_out)
         grad_bias = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return None, grad_weight, grad_bias
 
@@ -65,9 +67,37 @@ def _csr_transpose_uncached(x: torch.Tensor) -> torch.Tensor:
     )
 
 
-def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` for a sparse CSR input ``(cells, n_in)``; returns dense ``(cells, n_out)``."""
-    return _SparseLinear.apply(x, weight, bias)
+class InputLinear(nn.Module):
+    """The encoder's first layer, ``x @ W.T + b`` as ``nn.Linear``, for dense or sparse CSR ``x``.
+
+    The weight is stored transposed, as a contiguous ``weight_t`` ``(n_in, n_out)``. On sparse
+    input the product ``x @ weight_t`` costs O(non-zeros) and reads ``weight_t`` as it lies, and
+    its gradient ``x.T @ grad`` comes out in the same layout. Stored as ``nn.Linear`` does, the
+    weight would be transposed (copied) twice a step, and a non-contiguous view of it makes the
+    fused Adam step copy it too. ``weight`` gives the usual ``(n_out, n_in)`` view; state dicts
+    written with a ``weight`` entry (``nn.Linear``'s layout) load too. The initialisation is
+    ``nn.Linear``'s, drawn in the same order.
+    """
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        linear = nn.Linear(n_in, n_out)
+        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous())
+        self.bias = nn.Parameter(linear.bias.detach().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_t.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.layout == torch.sparse_csr:
+            return _SparseLinear.apply(x, self.weight_t, self.bias)
+        return torch.addmm(self.bias, x, self.weight_t)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "weight" in state_dict and prefix + "weight_t" not in state_dict:
+            state_dict[prefix + "weight_t"] = state_dict.pop(prefix + "weight").t()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class Encoder(nn.Module):
@@ -86,7 +116,7 @@ class Encoder(nn.Module):
         layers: list[nn.Module] = []
         for d_in, d_out in zip(dims[:-1], dims[1:]):
             layers += [
-                nn.Linear(d_in, d_out),
+                InputLinear(d_in, d_out) if not layers else nn.Linear(d_in, d_out),
                 nn.BatchNorm1d(d_out, momentum=BN_MOMENTUM, eps=BN_EPS),
                 nn.ReLU(),
                 nn.Dropout(dropout_rate),
@@ -96,13 +126,40 @@ class Encoder(nn.Module):
         self.log_var = nn.Linear(n_hidden, n_output)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.layout == torch.sparse_csr:
-            # The first layer on sparse input costs O(non-zeros) instead of O(cells * genes).
-            first = self.hidden[0]
-            h = self.hidden[1:](sparse_linear(x, first.weight, first.bias))
-        else:
-            h = self.hidden(x)
+        h = self.hidden(x)  # the first layer takes sparse CSR x in O(non-zeros)
         return self.mean(h), torch.exp(self.log_var(h)) + VAR_EPS
+
+
+class _NarrowLinear(torch.autograd.Function):
+    """``x @ W.T + b`` for a narrow input ``x`` ``(cells, n_in)`` and a tall ``W`` ``(n_out, n_in)``,
+    the decoder's shape (a few factors in, thousands of genes out).
+
+    Only the backward differs from ``F.linear``: the products are taken in the orientation that
+    has the short dimension outermost, ``(x.T @ grad).T`` and ``(W.T @ grad.T).T``. For
+    ``(128, 10) -> 2000`` on CPU that is 2.5-3x faster than ``grad.T @ x`` and ``grad @ W``, which
+    BLAS runs poorly for this shape; the results are the same products.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = torch.mm(weight.t(), grad_out.t()).t() if ctx.needs_input_grad[0] else None
+        grad_weight = torch.mm(x.t(), grad_out).t().contiguous() if ctx.needs_input_grad[1] else None
+        grad_bias = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
+def narrow_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with a faster backward for a narrow 2-D input; other inputs go to ``F.linear``."""
+    if x.dim() != 2:
+        return F.linear(x, weight, bias)
+    return _NarrowLinear.apply(x, weight, bias)
 
 
 class LinearHead(nn.Module):
@@ -118,7 +175,7 @@ class LinearHead(nn.Module):
         self.batch_norm = nn.BatchNorm1d(n_output, momentum=BN_MOMENTUM, eps=BN_EPS) if use_batch_norm else None
 
     def forward(self, decoder_input: torch.Tensor) -> torch.Tensor:
-        out = self.linear(decoder_input)
+        out = narrow_linear(decoder_input, self.linear.weight, self.linear.bias)
         return out if self.batch_norm is None else self.batch_norm(out)
 
     def folded_weight(self) -> torch.Tensor:
