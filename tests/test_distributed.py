@@ -17,9 +17,15 @@ from pyro_ldvae import LinearSCVI, simulate
 from pyro_ldvae.distributed import DistributedContext
 
 ROOT = Path(__file__).resolve().parents[1]
-EPOCHS = 20
+# Two phases: 40 epochs at lr 1e-2 (KL warm-up 10), then 20 at lr 1e-3. The held-out ELBO is
+# evaluated with batch norm's running statistics; while the weights move fast it swings by several
+# percent from one epoch to the next (measured at lr 1e-2, in one process as under DDP), so a 1%
+# comparison needs the quiet low-learning-rate finish. With it, DDP and one process ended within
+# 0.04-0.7% on three simulated datasets (measured).
+PHASES = [dict(max_epochs=40, plan_kwargs={"lr": 1e-2, "n_epochs_kl_warmup": 10})]
+PHASES += [dict(max_epochs=20, plan_kwargs={"lr": 1e-3, "n_epochs_kl_warmup": None})]
 SETTINGS = dict(n_hidden=32, seed=0)
-TRAIN = dict(max_epochs=EPOCHS, train_size=0.7, accelerator="cpu", progress_bar=False, plan_kwargs={"lr": 3e-3})
+TRAIN = dict(train_size=0.7, accelerator="cpu", progress_bar=False)
 
 WORKER = textwrap.dedent(
     """
@@ -33,9 +39,9 @@ WORKER = textwrap.dedent(
     out = sys.argv[2]
     adata = anndata.read_h5ad(sys.argv[1])
     LinearSCVI.setup_anndata(adata)
-    model = LinearSCVI(adata, n_hidden=32, seed=0)
-    model.train(max_epochs=int(sys.argv[3]), batch_size=64, train_size=0.7, accelerator="cpu", progress_bar=False,
-                plan_kwargs={"lr": 3e-3})
+    model = LinearSCVI(adata, **json.loads(sys.argv[3]))
+    for phase in json.loads(sys.argv[4]):
+        model.train(batch_size=64, **phase)
     torch.save(model.module.state_dict(), f"{out}/rank{ctx.rank}.pt")
     if ctx.rank == 0:
         held_out = model.get_elbo(indices=model.validation_indices)
@@ -63,8 +69,9 @@ def test_two_gloo_ranks_match_each_other_and_single_process(tmp_path):
     script.write_text(WORKER)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0"]
-    cmd += ["--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", str(script), str(path), str(tmp_path), str(EPOCHS)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
+    cmd += ["--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", str(script), str(path), str(tmp_path)]
+    cmd += [json.dumps(SETTINGS), json.dumps([dict(phase, **TRAIN) for phase in PHASES])]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
 
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -77,14 +84,11 @@ def test_two_gloo_ranks_match_each_other_and_single_process(tmp_path):
     # norm statistics are synchronised over ranks, so only the random draws differ.
     LinearSCVI.setup_anndata(adata)
     single = LinearSCVI(adata, **SETTINGS)
-    single.train(batch_size=128, **TRAIN)
+    for phase in PHASES:
+        single.train(batch_size=128, **phase, **TRAIN)
     train_elbo = single.history["elbo_train"]["elbo_train"].iloc[-1]
     assert abs(result["train"][-1] - train_elbo) / abs(train_elbo) < 0.01
-    # The held-out ELBO is evaluated with batch norm's running statistics, which lag behind
-    # the weights early in training: between single-process runs that differ only in seed it
-    # spread by ~8% here (239 to 259 after 20 epochs, measured), against ~0.2% for the
-    # training ELBO. So it is compared with a tolerance of that spread.
     held_out = single.get_elbo(indices=single.validation_indices)
-    assert abs(result["held_out"] - held_out) / abs(held_out) < 0.1
+    assert abs(result["held_out"] - held_out) / abs(held_out) < 0.01
     # the all-reduced validation ELBO of the last epoch is the ELBO of all validation cells
-    assert result["history"][-1] == pytest.approx(-result["held_out"], rel=0.05)
+    assert result["history"][-1] == pytest.approx(-result["held_out"], rel=0.01)
