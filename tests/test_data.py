@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +128,18 @@ def test_linear_scvi_trains_on_backed_h5ad(adata, files):
     np.testing.assert_allclose(
         in_memory.module.library_log_means.numpy(), model.module.library_log_means.numpy(), rtol=1e-6
     )
+
+
+def test_minibatch_is_freed_after_a_training_step(adata):
+    """A step must not keep its minibatch alive: a sparse tensor that cached its own ``values()``
+    formed a reference cycle the garbage collector cannot see, and every minibatch of every epoch
+    stayed in memory (memory grew with the number of cells trained on)."""
+    model = LinearSCVI(adata, seed=0)
+    cells = CellData(adata, get_registry(adata))
+    mb = cells.minibatch(np.arange(64), sparse=True)
+    counts = weakref.ref(mb.x)
+    elbo, per_cell = model.module.elbo(mb, n_obs=adata.n_obs)
+    (-elbo).backward()
+    del mb, elbo, per_cell
+    gc.collect()
+    assert counts() is None
