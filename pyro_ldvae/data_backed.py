@@ -27,7 +27,7 @@ import torch
 from anndata import AnnData
 from anndata.abc import CSCDataset, CSRDataset
 
-from .data import CellData, Registry, get_counts
+from .data import CellData, Registry, get_counts, index_dtype
 from .distributions import scipy_to_torch_csr
 from .module import Minibatch
 
@@ -142,16 +142,18 @@ class BackedCellData(CellData):
 
     def _minibatch_from_rows(self, rows, cells: np.ndarray, plate_idx: np.ndarray, device, sparse: bool) -> Minibatch:
         """A minibatch from rows already read (``rows[i]`` is cell ``cells[i]``)."""
-        take = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a[cells])).to(device)  # noqa: E731
+        take = lambda a, dtype=None: (  # noqa: E731
+            None if a is None else torch.from_numpy(np.ascontiguousarray(a[cells], dtype=dtype)).to(device)
+        )
         if sp.issparse(rows):
             x = scipy_to_torch_csr(rows, device) if sparse else torch.from_numpy(rows.toarray()).to(device)
         else:
             x = torch.from_numpy(np.ascontiguousarray(rows)).to(device)
-        return Minibatch(
+        return Minibatch(  # codes are stored compact (data.code_dtype); the model takes int64
             x=x,
-            batch=take(self.batch),
-            labels=take(self.labels),
-            cat_covs=take(self.cat_covs),
+            batch=take(self.batch, np.int64),
+            labels=take(self.labels, np.int64),
+            cat_covs=take(self.cat_covs, np.int64),
             cont_covs=take(self.cont_covs),
             idx=torch.from_numpy(np.asarray(plate_idx, dtype=np.int64)).to(device),
         )
@@ -161,7 +163,7 @@ class BackedCellData(CellData):
     ) -> Iterator[Minibatch]:
         """Minibatches over ``indices`` in order; sorted indices are streamed block by block."""
         indices = np.asarray(indices, dtype=np.int64)
-        if len(indices) > 1 and np.any(np.diff(indices) <= 0):
+        if len(indices) > 1 and np.any(indices[1:] <= indices[:-1]):  # compared in place: no (cells,) diff
             yield from super().iter_minibatches(indices, batch_size, device, sparse)
             return
         # Read each block once; a minibatch may span two blocks.
@@ -200,9 +202,10 @@ class BackedCellData(CellData):
         DDP (``ddp`` a ``DistributedContext``) every rank reads the same buffers and keeps its
         strided share of each, so all ranks take the same number of steps.
         """
-        train_idx = np.asarray(train_idx, dtype=np.int64)
-        position = np.full(self.n_obs, -1, dtype=np.int64)  # (cells,) position in train_idx or -1
-        position[train_idx] = np.arange(len(train_idx))
+        train_idx = np.asarray(train_idx)
+        # (cells,) position in train_idx or -1; int32 where it fits, as it lives for the whole epoch
+        position = np.full(self.n_obs, -1, dtype=index_dtype(len(train_idx)))
+        position[train_idx] = np.arange(len(train_idx), dtype=position.dtype)
         blocks = list(self.blocks())
         order = torch.randperm(len(blocks), generator=generator).numpy()
         carry_rows, carry_cells = None, np.zeros(0, dtype=np.int64)
