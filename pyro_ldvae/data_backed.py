@@ -210,34 +210,56 @@ class BackedCellData(CellData):
         order = torch.randperm(len(blocks), generator=generator).numpy()
         carry_rows, carry_cells = None, np.zeros(0, dtype=np.int64)
         for first in range(0, len(order), self.buffer_blocks):
-            parts, cells = [], []
-            for b in order[first : first + self.buffer_blocks]:
-                start, stop = blocks[b]
-                local = np.flatnonzero(position[start:stop] >= 0)
-                if len(local):
-                    parts.append(self.read_rows(start, stop)[local])
-                    cells.append(start + local)
-            if parts:
-                fresh_rows, fresh_cells = _stack(parts), np.concatenate(cells)
-                if ddp is not None:  # every rank read the same blocks; each keeps its share
-                    mine = ddp.shard(np.arange(len(fresh_cells)))
-                    fresh_rows, fresh_cells = fresh_rows[mine], fresh_cells[mine]
-                rows, cells = _stack([carry_rows, fresh_rows]), np.concatenate([carry_cells, fresh_cells])
-            else:
-                rows, cells = carry_rows, carry_cells
+            chosen = [blocks[b] for b in order[first : first + self.buffer_blocks]]
+            rows, cells = self._fill_buffer(chosen, position, carry_rows, carry_cells, ddp)
+            carry_rows = None  # its cells are in rows now
             if len(cells) == 0:
                 continue
+            # The buffer stays in read order and each minibatch gathers its rows through the
+            # permutation: a shuffled copy of the whole buffer would double its memory.
             shuffle = torch.randperm(len(cells), generator=generator).numpy()
-            rows, cells = rows[shuffle], cells[shuffle]
+            cells = cells[shuffle]
             last_buffer = first + self.buffer_blocks >= len(order)
             n_full = len(cells) if last_buffer else (len(cells) // batch_size) * batch_size
             for start in range(0, n_full, batch_size):
                 stop = min(start + batch_size, n_full)
                 if stop - start > 1:
                     yield self._minibatch_from_rows(
-                        rows[start:stop], cells[start:stop], position[cells[start:stop]], device, True
+                        rows[shuffle[start:stop]], cells[start:stop], position[cells[start:stop]], device, True
                     )
-            carry_rows, carry_cells = rows[n_full:], cells[n_full:]
+            carry_rows, carry_cells = rows[shuffle[n_full:]], cells[n_full:]
+            del rows  # freed before the next buffer is read, not after
+
+    def _fill_buffer(
+        self,
+        chosen: list[tuple[int, int]],
+        position: np.ndarray,
+        carry_rows: sp.csr_matrix | np.ndarray | None,
+        carry_cells: np.ndarray,
+        ddp=None,
+    ) -> tuple[sp.csr_matrix | np.ndarray, np.ndarray]:
+        """The training cells of the blocks ``chosen`` (``(start, stop)``), after the carried ones.
+
+        Returns the rows (carried cells first, then the blocks' cells in read order) and their
+        cell indices ``(cells,)``. The per-block reads are freed on return, so only the joined
+        buffer outlives this call.
+        """
+        parts, cells = [], []
+        for start, stop in chosen:
+            local = np.flatnonzero(position[start:stop] >= 0)
+            if len(local):
+                parts.append(self.read_rows(start, stop)[local])
+                cells.append(start + local)
+        if not parts:
+            return _stack([carry_rows]), carry_cells
+        fresh_cells = np.concatenate(cells)
+        if ddp is None:
+            return _stack([carry_rows, *parts]), np.concatenate([carry_cells, fresh_cells])
+        # every rank read the same blocks; each keeps its share
+        fresh_rows = _stack(parts)
+        del parts
+        mine = ddp.shard(np.arange(len(fresh_cells)))
+        return _stack([carry_rows, fresh_rows[mine]]), np.concatenate([carry_cells, fresh_cells[mine]])
 
 
 def _stack(parts: list) -> sp.csr_matrix | np.ndarray:
