@@ -68,10 +68,27 @@ def _categories(column: pd.Series, key: str) -> list[str]:
             f"obs[{key!r}] has {int(column.isna().sum())} missing values; fill them (for example with "
             f"adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)) or drop those cells before setup_anndata."
         )
+    strings, value_codes = _string_codes(column)
+    occurs = np.zeros(len(strings), dtype=bool)
+    occurs[value_codes] = True
+    present = set(strings[occurs])
     if isinstance(column.dtype, pd.CategoricalDtype):
-        present = set(column.astype(str))
         return [str(c) for c in column.cat.categories if str(c) in present]
-    return sorted(set(column.astype(str)))
+    return sorted(present)
+
+
+def _string_codes(column: pd.Series) -> tuple[pd.Index, np.ndarray]:
+    """``column``'s distinct values as strings, and each cell's position among them ``(cells,)``.
+
+    The same strings as ``column.astype(str)``, made once per distinct value rather than once per
+    cell: a column of numbers would otherwise become a Python string per cell (about 60 bytes
+    each), and any column an object array of 8 bytes per cell. ``column`` has no missing values
+    (checked before).
+    """
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return column.cat.categories.astype(str), column.cat.codes.to_numpy()
+    value_codes, distinct = pd.factorize(column)
+    return pd.Index(distinct).astype(str), value_codes
 
 
 def _obs_column(adata: AnnData, key: str, role: str) -> pd.Series:
@@ -161,9 +178,12 @@ def _codes(adata: AnnData, key: str | None, categories: list[str], role: str) ->
     column = _obs_column(adata, key, role)
     if column.isna().any():
         raise ValueError(f"obs[{key!r}] has missing values; fill or drop those cells.")
-    codes = pd.Categorical(column.astype(str), categories=categories).codes.astype(code_dtype(len(categories)))
+    strings, value_codes = _string_codes(column)
+    # (distinct values,) code of each distinct value, -1 where the model never saw it
+    lookup = pd.Index(categories).get_indexer(strings).astype(code_dtype(len(categories)))
+    codes = lookup[value_codes]
     if (codes < 0).any():
-        unseen = sorted(set(column.astype(str)) - set(categories))
+        unseen = sorted(set(strings[np.unique(value_codes[codes < 0])]))
         raise ValueError(
             f"obs[{key!r}] has categories the model never saw: {unseen[:5]}; the model knows {categories[:10]}."
         )
