@@ -44,6 +44,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.pt"
 META_FILE = "model.json"
 ADATA_FILE = "adata.h5ad"
+INDEX_CHUNK = 1 << 16  # cell indices turned into text at a time when saving
 
 
 def _package_version() -> str:
@@ -159,11 +160,12 @@ def save(
     logger.info("Saved model to %s", target)
 
 
-def _write_meta(handle, meta: dict, lists: dict[str, np.ndarray], chunk: int = 1 << 16) -> None:
+def _write_meta(handle, meta: dict, lists: dict[str, np.ndarray]) -> None:
     """Write ``meta`` as indented JSON with the integer arrays ``lists`` as one-line JSON lists.
 
-    The arrays (the train and validation cells) are written ``chunk`` values at a time: built as
-    one indented JSON text, a million indices took about 110 bytes per cell of Python objects.
+    The arrays (the train and validation cells) are written ``INDEX_CHUNK`` values at a time:
+    built as one indented JSON text, a million indices took about 110 bytes per cell of Python
+    objects.
     """
     marks = {key: f"<{key} {uuid.uuid4().hex}>" for key in lists}
     text = json.dumps({**meta, **marks}, indent=1)
@@ -171,8 +173,9 @@ def _write_meta(handle, meta: dict, lists: dict[str, np.ndarray], chunk: int = 1
         before, text = text.split(json.dumps(marks[key]), 1)
         handle.write(before + "[")
         values = np.asarray(values)
-        for start in range(0, len(values), chunk):
-            handle.write((", " if start else "") + ", ".join(map(str, values[start : start + chunk].tolist())))
+        for start in range(0, len(values), INDEX_CHUNK):
+            chunk = values[start : start + INDEX_CHUNK].tolist()
+            handle.write((", " if start else "") + ", ".join(map(str, chunk)))
         handle.write("]")
     handle.write(text)
 
