@@ -27,7 +27,7 @@ import torch
 from anndata import AnnData
 from anndata.abc import CSCDataset, CSRDataset
 
-from .data import CellData, Registry, get_counts
+from .data import CellData, Registry, get_counts, index_dtype
 from .distributions import scipy_to_torch_csr
 from .module import Minibatch
 
@@ -142,16 +142,18 @@ class BackedCellData(CellData):
 
     def _minibatch_from_rows(self, rows, cells: np.ndarray, plate_idx: np.ndarray, device, sparse: bool) -> Minibatch:
         """A minibatch from rows already read (``rows[i]`` is cell ``cells[i]``)."""
-        take = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a[cells])).to(device)  # noqa: E731
+        take = lambda a, dtype=None: (  # noqa: E731
+            None if a is None else torch.from_numpy(np.ascontiguousarray(a[cells], dtype=dtype)).to(device)
+        )
         if sp.issparse(rows):
             x = scipy_to_torch_csr(rows, device) if sparse else torch.from_numpy(rows.toarray()).to(device)
         else:
             x = torch.from_numpy(np.ascontiguousarray(rows)).to(device)
-        return Minibatch(
+        return Minibatch(  # codes are stored compact (data.code_dtype); the model takes int64
             x=x,
-            batch=take(self.batch),
-            labels=take(self.labels),
-            cat_covs=take(self.cat_covs),
+            batch=take(self.batch, np.int64),
+            labels=take(self.labels, np.int64),
+            cat_covs=take(self.cat_covs, np.int64),
             cont_covs=take(self.cont_covs),
             idx=torch.from_numpy(np.asarray(plate_idx, dtype=np.int64)).to(device),
         )
@@ -161,7 +163,7 @@ class BackedCellData(CellData):
     ) -> Iterator[Minibatch]:
         """Minibatches over ``indices`` in order; sorted indices are streamed block by block."""
         indices = np.asarray(indices, dtype=np.int64)
-        if len(indices) > 1 and np.any(np.diff(indices) <= 0):
+        if len(indices) > 1 and np.any(indices[1:] <= indices[:-1]):  # compared in place: no (cells,) diff
             yield from super().iter_minibatches(indices, batch_size, device, sparse)
             return
         # Read each block once; a minibatch may span two blocks.
@@ -200,41 +202,64 @@ class BackedCellData(CellData):
         DDP (``ddp`` a ``DistributedContext``) every rank reads the same buffers and keeps its
         strided share of each, so all ranks take the same number of steps.
         """
-        train_idx = np.asarray(train_idx, dtype=np.int64)
-        position = np.full(self.n_obs, -1, dtype=np.int64)  # (cells,) position in train_idx or -1
-        position[train_idx] = np.arange(len(train_idx))
+        train_idx = np.asarray(train_idx)
+        # (cells,) position in train_idx or -1; int32 where it fits, as it lives for the whole epoch
+        position = np.full(self.n_obs, -1, dtype=index_dtype(len(train_idx)))
+        position[train_idx] = np.arange(len(train_idx), dtype=position.dtype)
         blocks = list(self.blocks())
         order = torch.randperm(len(blocks), generator=generator).numpy()
         carry_rows, carry_cells = None, np.zeros(0, dtype=np.int64)
         for first in range(0, len(order), self.buffer_blocks):
-            parts, cells = [], []
-            for b in order[first : first + self.buffer_blocks]:
-                start, stop = blocks[b]
-                local = np.flatnonzero(position[start:stop] >= 0)
-                if len(local):
-                    parts.append(self.read_rows(start, stop)[local])
-                    cells.append(start + local)
-            if parts:
-                fresh_rows, fresh_cells = _stack(parts), np.concatenate(cells)
-                if ddp is not None:  # every rank read the same blocks; each keeps its share
-                    mine = ddp.shard(np.arange(len(fresh_cells)))
-                    fresh_rows, fresh_cells = fresh_rows[mine], fresh_cells[mine]
-                rows, cells = _stack([carry_rows, fresh_rows]), np.concatenate([carry_cells, fresh_cells])
-            else:
-                rows, cells = carry_rows, carry_cells
+            chosen = [blocks[b] for b in order[first : first + self.buffer_blocks]]
+            rows, cells = self._fill_buffer(chosen, position, carry_rows, carry_cells, ddp)
+            carry_rows = None  # its cells are in rows now
             if len(cells) == 0:
                 continue
+            # The buffer stays in read order and each minibatch gathers its rows through the
+            # permutation: a shuffled copy of the whole buffer would double its memory.
             shuffle = torch.randperm(len(cells), generator=generator).numpy()
-            rows, cells = rows[shuffle], cells[shuffle]
+            cells = cells[shuffle]
             last_buffer = first + self.buffer_blocks >= len(order)
             n_full = len(cells) if last_buffer else (len(cells) // batch_size) * batch_size
             for start in range(0, n_full, batch_size):
                 stop = min(start + batch_size, n_full)
                 if stop - start > 1:
                     yield self._minibatch_from_rows(
-                        rows[start:stop], cells[start:stop], position[cells[start:stop]], device, True
+                        rows[shuffle[start:stop]], cells[start:stop], position[cells[start:stop]], device, True
                     )
-            carry_rows, carry_cells = rows[n_full:], cells[n_full:]
+            carry_rows, carry_cells = rows[shuffle[n_full:]], cells[n_full:]
+            del rows  # freed before the next buffer is read, not after
+
+    def _fill_buffer(
+        self,
+        chosen: list[tuple[int, int]],
+        position: np.ndarray,
+        carry_rows: sp.csr_matrix | np.ndarray | None,
+        carry_cells: np.ndarray,
+        ddp=None,
+    ) -> tuple[sp.csr_matrix | np.ndarray, np.ndarray]:
+        """The training cells of the blocks ``chosen`` (``(start, stop)``), after the carried ones.
+
+        Returns the rows (carried cells first, then the blocks' cells in read order) and their
+        cell indices ``(cells,)``. The per-block reads are freed on return, so only the joined
+        buffer outlives this call.
+        """
+        parts, cells = [], []
+        for start, stop in chosen:
+            local = np.flatnonzero(position[start:stop] >= 0)
+            if len(local):
+                parts.append(self.read_rows(start, stop)[local])
+                cells.append(start + local)
+        if not parts:
+            return _stack([carry_rows]), carry_cells
+        fresh_cells = np.concatenate(cells)
+        if ddp is None:
+            return _stack([carry_rows, *parts]), np.concatenate([carry_cells, fresh_cells])
+        # every rank read the same blocks; each keeps its share
+        fresh_rows = _stack(parts)
+        del parts
+        mine = ddp.shard(np.arange(len(fresh_cells)))
+        return _stack([carry_rows, fresh_rows[mine]]), np.concatenate([carry_cells, fresh_cells[mine]])
 
 
 def _stack(parts: list) -> sp.csr_matrix | np.ndarray:

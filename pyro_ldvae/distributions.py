@@ -116,13 +116,15 @@ def is_sparse_counts(value: object) -> bool:
 def csr_entries(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row indices, column indices and values ``(nnz,)`` of a sparse CSR matrix, without a host sync.
 
-    Cached on ``value``: the encoders, the library and the likelihood all read one minibatch.
+    The indices are cached on ``value``: the encoders, the library and the likelihood all read one
+    minibatch. ``values()`` is not: stored in ``value``'s ``__dict__`` it forms a reference cycle
+    through C++ that Python's garbage collector cannot see, and every minibatch stayed in memory.
     """
-    cached = getattr(value, "_coo_entries", None)
+    cached = getattr(value, "_coo_indices", None)
     if cached is None:
         rows = value.to_sparse_coo().indices()[0]  # CSR order is row-major: the same order as values()
-        value._coo_entries = cached = (rows, value.col_indices(), value.values())
-    return cached
+        value._coo_indices = cached = (rows, value.col_indices())
+    return cached[0], cached[1], value.values()
 
 
 def total_counts(x: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.pt"
 META_FILE = "model.json"
 ADATA_FILE = "adata.h5ad"
+INDEX_CHUNK = 1 << 16  # cell indices turned into text at a time when saving
 
 
 def _package_version() -> str:
@@ -116,8 +117,9 @@ def save(
         "var_names": [str(v) for v in model.var_names],
         "n_obs_train": int(model.adata.n_obs) if model.adata is not None else None,
         "is_trained": bool(model.is_trained_),
-        "train_indices": [int(i) for i in model.train_indices],
-        "validation_indices": [int(i) for i in model.validation_indices],
+        # written by _write_meta, chunk by chunk
+        "train_indices": [],
+        "validation_indices": [],
         "history": _history_to_json(model.history_),
         "weights_file": prefix + WEIGHTS_FILE,
         "adata_file": prefix + ADATA_FILE if save_anndata else None,
@@ -138,7 +140,8 @@ def save(
             model.adata.write_h5ad(tmp / meta["adata_file"])
         # The metadata file is written last: a directory without it is not a model.
         with open(tmp / (prefix + META_FILE), "w") as handle:
-            handle.write(json.dumps(meta, indent=1))
+            indices = {"train_indices": model.train_indices, "validation_indices": model.validation_indices}
+            _write_meta(handle, meta, indices)
             handle.flush()
             os.fsync(handle.fileno())
         umask = os.umask(0)
@@ -155,6 +158,26 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("Saved model to %s", target)
+
+
+def _write_meta(handle, meta: dict, lists: dict[str, np.ndarray]) -> None:
+    """Write ``meta`` as indented JSON with the integer arrays ``lists`` as one-line JSON lists.
+
+    The arrays (the train and validation cells) are written ``INDEX_CHUNK`` values at a time:
+    built as one indented JSON text, a million indices took about 110 bytes per cell of Python
+    objects.
+    """
+    marks = {key: f"<{key} {uuid.uuid4().hex}>" for key in lists}
+    text = json.dumps({**meta, **marks}, indent=1)
+    for key, values in lists.items():
+        before, text = text.split(json.dumps(marks[key]), 1)
+        handle.write(before + "[")
+        values = np.asarray(values)
+        for start in range(0, len(values), INDEX_CHUNK):
+            chunk = values[start : start + INDEX_CHUNK].tolist()
+            handle.write((", " if start else "") + ", ".join(map(str, chunk)))
+        handle.write("]")
+    handle.write(text)
 
 
 # ----------------------------------------------------------------------------------------

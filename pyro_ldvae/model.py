@@ -315,12 +315,20 @@ class LinearSCVI:
         """
         cells = self._cells(adata)
         module = self.module.eval()
-        locs, variances, outs = [], [], []
-        for mb in cells.iter_minibatches(self._indices(cells, indices), batch_size or 128, module.device, sparse=True):
+        idx = self._indices(cells, indices)
+        # Each minibatch is written into the (cells, n_latent) result as it comes: lists of
+        # minibatches joined at the end would hold every cell's result twice.
+        shape = (len(idx), module.n_latent)
+        dtype = torch.empty(0, dtype=next(module.parameters()).dtype).numpy().dtype
+        locs, variances = (np.empty(shape, dtype), np.empty(shape, dtype)) if return_dist else (None, None)
+        outs = None if return_dist else np.empty(shape, dtype)
+        start = 0
+        for mb in cells.iter_minibatches(idx, batch_size or 128, module.device, sparse=True):
             q = module.encode(mb.x)
-            locs.append(q["z_loc"].cpu())
-            variances.append(q["z_var"].cpu())
+            stop = start + len(q["z_loc"])
             if return_dist:
+                locs[start:stop], variances[start:stop] = q["z_loc"].cpu().numpy(), q["z_var"].cpu().numpy()
+                start = stop
                 continue
             normal = torch.distributions.Normal(q["z_loc"], q["z_var"].sqrt())
             if give_mean and module.latent_distribution == "ln":
@@ -329,10 +337,11 @@ class LinearSCVI:
                 z = q["z_loc"]
             else:
                 z = module.z_transform(normal.sample())
-            outs.append(z.cpu())
+            outs[start:stop] = z.cpu().numpy()
+            start = stop
         if return_dist:
-            return torch.cat(locs).numpy(), torch.cat(variances).numpy()
-        return torch.cat(outs).numpy()
+            return locs, variances
+        return outs
 
     def get_loadings(self, return_std: bool = False) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
         """Per-gene loadings ``(genes, n_latent)`` with the decoder batch norm folded in (scvi-tools' definition).

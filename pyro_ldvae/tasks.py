@@ -240,6 +240,42 @@ def latent_library_size(
 # ----------------------------------------------------------------------------------------
 # Factor interpretation
 # ----------------------------------------------------------------------------------------
+class RunningMoments:
+    """Per-column mean and population variance of rows that arrive in blocks.
+
+    Blocks are merged with Chan et al.'s pairwise update (count, mean, sum of squared deviations),
+    in the blocks' dtype (float64 here), which is as accurate as a two-pass variance over all rows
+    held at once, without holding them.
+    """
+
+    def __init__(self):
+        self.count = 0
+        self.mean: torch.Tensor | None = None  # (columns,)
+        self.sum_sq: torch.Tensor | None = None  # (columns,) sum of squared deviations from the mean
+
+    def update(self, rows: torch.Tensor) -> None:
+        """Add ``rows`` ``(n, columns)``."""
+        n = rows.shape[0]
+        if n == 0:
+            return
+        mean = rows.mean(0)
+        sum_sq = ((rows - mean) ** 2).sum(0)
+        if self.mean is None:
+            self.count, self.mean, self.sum_sq = n, mean, sum_sq
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.sum_sq = self.sum_sq + sum_sq + delta**2 * (self.count * n / total)
+        self.count = total
+
+    def variance(self) -> torch.Tensor:
+        """Population variance per column ``(columns,)`` (NaN before any row, as ``torch.var``)."""
+        if self.mean is None:
+            return torch.tensor(float("nan"), dtype=torch.float64)
+        return self.sum_sq / self.count
+
+
 @torch.no_grad()
 def factor_variance_explained(
     module: LDVAE, cells: CellData, indices: np.ndarray, batch_size: int = 1024
@@ -258,16 +294,17 @@ def factor_variance_explained(
     module.eval()
     head = module.decoder.factor_regressor
     loadings = head.folded_weight()  # (genes, n_latent + n_covariates)
-    codes, logits = [], []
+    # Variances are accumulated minibatch by minibatch: the logits of all cells, (cells, genes),
+    # would take 12 bytes per cell and gene (float32, then float64), 24 GB for 1M cells.
+    z_moments, r_moments = RunningMoments(), RunningMoments()
     for mb in cells.iter_minibatches(indices, batch_size, module.device):
         z = module.z_transform(module.encode(mb.x)["z_loc"])  # (cells, n_latent)
-        codes.append(z.cpu())
-        logits.append((torch.cat([z, module.covariate_design(mb)], dim=-1) @ loadings.T).cpu())
-    z = torch.cat(codes).double()  # (cells, n_latent)
-    r = torch.cat(logits).double()  # (cells, genes)
+        r = torch.cat([z, module.covariate_design(mb)], dim=-1) @ loadings.T  # (cells, genes)
+        z_moments.update(z.cpu().double())
+        r_moments.update(r.cpu().double())
     weights = loadings[:, : module.n_latent].cpu().double()  # (genes, n_latent)
-    variance = z.var(0, unbiased=False) * (weights**2).sum(0)  # (n_latent,)
-    total = r.var(0, unbiased=False).sum()
+    variance = z_moments.variance() * (weights**2).sum(0)  # (n_latent,)
+    total = r_moments.variance().sum()
     frame = pd.DataFrame(
         {"variance": variance.numpy(), "fraction": (variance / total).numpy()},
         index=[f"Z_{k}" for k in range(module.n_latent)],

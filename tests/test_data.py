@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
+import weakref
+
+import anndata
 import numpy as np
+import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
 
+import pyro_ldvae.io
+import pyro_ldvae.validate
 from pyro_ldvae import LinearSCVI, simulate
 from pyro_ldvae.data import CellData, DeviceCells, cell_data, get_registry
 from pyro_ldvae.data_backed import BackedCellData, read_backed
@@ -125,3 +134,77 @@ def test_linear_scvi_trains_on_backed_h5ad(adata, files):
     np.testing.assert_allclose(
         in_memory.module.library_log_means.numpy(), model.module.library_log_means.numpy(), rtol=1e-6
     )
+
+
+def test_minibatch_is_freed_after_a_training_step(adata):
+    """A step must not keep its minibatch alive: a sparse tensor that cached its own ``values()``
+    formed a reference cycle the garbage collector cannot see, and every minibatch of every epoch
+    stayed in memory (memory grew with the number of cells trained on)."""
+    model = LinearSCVI(adata, seed=0)
+    cells = CellData(adata, get_registry(adata))
+    mb = cells.minibatch(np.arange(64), sparse=True)
+    counts = weakref.ref(mb.x)
+    elbo, per_cell = model.module.elbo(mb, n_obs=adata.n_obs)
+    (-elbo).backward()
+    del mb, elbo, per_cell
+    gc.collect()
+    assert counts() is None
+
+
+def _write_cells(path, n_cells: int, n_genes: int = 8) -> None:
+    """Counts of many cells and few genes, so that what is kept per cell dominates the memory."""
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(1.0, (n_cells, n_genes)).astype(np.float32)
+    counts[:, 0] += 1  # no empty cells
+    obs = pd.DataFrame({"batch": rng.choice(["a", "b"], n_cells)}, index=[f"c{i}" for i in range(n_cells)])
+    anndata.AnnData(sp.csr_matrix(counts), obs=obs).write_h5ad(path)
+
+
+def _peak_above_start(fn):
+    """``fn()`` and the peak traced memory (bytes) above the memory traced when it started."""
+    tracemalloc.reset_peak()
+    start = tracemalloc.get_traced_memory()[0]
+    result = fn()
+    return result, tracemalloc.get_traced_memory()[1] - start
+
+
+def _phase_peaks(path, out) -> dict[str, int]:
+    """Peak traced memory of each phase of an on-disk workflow (numpy and Python allocations)."""
+    adata = read_backed(path)
+    LinearSCVI.setup_anndata(adata, batch_key="batch")
+    peaks = {}
+    tracemalloc.start()
+    try:
+        model, peaks["construct"] = _peak_above_start(lambda: LinearSCVI(adata, n_hidden=8, n_latent=2, seed=0))
+        cells = model._cells(None)
+        assert cells.batch.dtype == np.int8 and cells.labels.dtype == np.int8  # kept per cell: compact
+        cells.block_size, cells.buffer_blocks = 500, 2  # buffers of 1,000 cells whatever the file size
+        _, peaks["train"] = _peak_above_start(lambda: model.train(max_epochs=1, batch_size=500, progress_bar=False))
+        _, peaks["latent"] = _peak_above_start(model.get_latent_representation)
+        _, peaks["variance"] = _peak_above_start(model.get_factor_variance_explained)
+        _, peaks["save"] = _peak_above_start(lambda: model.save(out, overwrite=True))
+    finally:
+        tracemalloc.stop()
+    return peaks
+
+
+def test_backed_memory_per_cell_stays_small(tmp_path, monkeypatch):
+    """Peak memory of each phase on on-disk data grows by a few bytes per cell, not more.
+
+    Measured as the slope of tracemalloc's peak between files of 5,000 and 25,000 cells (so the
+    per-file constants cancel), with chunked reads made small so that only what is kept per cell
+    grows. Measured after the fix: construct 18, train (with validation) 24, latent 18 (8 of
+    them the result), variance 9, save 0 bytes per cell. Before: construct 32 (int64 codes, a
+    copied log), train 94 (every minibatch stayed in memory), save 85 (a million Python ints).
+    """
+    monkeypatch.setattr(pyro_ldvae.validate, "CHUNK_VALUES", 4096)
+    monkeypatch.setattr(pyro_ldvae.io, "INDEX_CHUNK", 1000)
+    _write_cells(tmp_path / "warm.h5ad", 1000)
+    _phase_peaks(tmp_path / "warm.h5ad", tmp_path / "model")  # first-call costs (imports, caches) out of the way
+    sizes, peaks = (5000, 25000), []
+    for n_cells in sizes:
+        _write_cells(tmp_path / f"{n_cells}.h5ad", n_cells)
+        peaks.append(_phase_peaks(tmp_path / f"{n_cells}.h5ad", tmp_path / "model"))
+    per_cell = {phase: (peaks[1][phase] - peaks[0][phase]) / (sizes[1] - sizes[0]) for phase in peaks[0]}
+    bounds = {"construct": 24, "train": 30, "latent": 4 * 2 + 14, "variance": 14, "save": 8}  # bytes per cell
+    assert all(per_cell[phase] < bound for phase, bound in bounds.items()), per_cell

@@ -193,6 +193,21 @@ def test_factor_variance_known_answer(model):
     assert np.allclose(after.loc[["Z_0", "Z_2"], "variance"], before.loc[["Z_0", "Z_2"], "variance"], rtol=1e-5)
 
 
+def test_running_moments_equal_variance_of_all_rows():
+    """Variances merged block by block (no (cells, genes) matrix held) equal torch.var of all rows."""
+    import torch
+
+    from pyro_ldvae.tasks import RunningMoments
+
+    rows = torch.randn(1000, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3 + 100
+    moments = RunningMoments()
+    for block in torch.split(rows, [1, 400, 0, 255, 344]):
+        moments.update(block)
+    assert moments.count == 1000
+    torch.testing.assert_close(moments.variance(), rows.var(0, unbiased=False), rtol=1e-12, atol=0)
+    assert torch.isnan(RunningMoments().variance())
+
+
 def test_to_adata_is_h5ad_writable_and_scanpy_ready(model, tmp_path):
     adata = model.to_adata()
     assert adata.obsm["X_ldvae"].shape == (400, 3) and adata.varm["ldvae_loadings"].shape == (60, 3)
