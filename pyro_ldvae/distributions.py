@@ -169,7 +169,8 @@ def _theta_terms(theta: torch.Tensor, at) -> dict[str, torch.Tensor]:
 class _SparseNBLogProb(torch.autograd.Function):
     """Elementwise NB log-density ``(cells, genes)`` of sparse counts, with a hand-written backward.
 
-    The values are ``log_nb``'s (the same expressions, up to float rounding in ``D`` below).
+    The values are ``log_nb``'s to float rounding: its x = 0 term everywhere, plus its count
+    terms added at the non-zeros.
     Autograd through those expressions makes about fifteen passes over ``(cells, genes)``, plus
     zero-filled scatters for the gathers at the non-zeros. The derivatives are short:
 
@@ -189,15 +190,14 @@ class _SparseNBLogProb(torch.autograd.Function):
         denom = mu + (theta + EPS) if per_gene else theta + mu + EPS  # D, one pass when theta is (genes,)
         log_denom = torch.log(denom)
         out = torch.sub(log_theta_eps, log_denom).mul_(theta)  # the x = 0 case everywhere
+        # At the non-zeros, add the count terms of log_nb to the x = 0 case already there.
         theta_nz = theta.index_select(0, cols) if per_gene else _gather(theta, rows, cols, flat)
-        log_theta_eps_nz = log_theta_eps.index_select(0, cols) if per_gene else _gather(log_theta_eps, rows, cols, flat)
         lgamma_theta_nz = torch.lgamma(theta).index_select(0, cols) if per_gene else torch.lgamma(theta_nz)
         log_denom_nz = log_denom.view(-1).index_select(0, flat)
-        out.view(-1).index_copy_(
+        out.view(-1).index_add_(
             0,
             flat,
-            theta_nz * (log_theta_eps_nz - log_denom_nz)
-            + counts * (torch.log(_gather(mu, rows, cols, flat) + EPS) - log_denom_nz)
+            counts * (torch.log(_gather(mu, rows, cols, flat) + EPS) - log_denom_nz)
             + torch.lgamma(counts + theta_nz)
             - lgamma_theta_nz
             - torch.lgamma(counts + 1),
@@ -214,7 +214,7 @@ class _SparseNBLogProb(torch.autograd.Function):
         # the per-cell sum of Independent); then the sums over cells below are matrix-vector products.
         per_cell = grad[:, 0] if grad.stride(-1) == 0 else None
         grad_nz = per_cell.index_select(0, rows) if per_cell is not None else _gather(grad, rows, cols, flat)
-        neg_theta_over_denom = (theta.neg() if per_gene else -theta) / denom
+        neg_theta_over_denom = theta.neg() / denom
         denom_nz = denom.view(-1).index_select(0, flat)
         grad_mu = grad_theta = None
         if ctx.needs_input_grad[0]:
