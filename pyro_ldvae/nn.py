@@ -14,6 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:  # scipy's C kernel behind csr_matrix.tocsc(); private, so the public route is kept as a fallback
+    from scipy.sparse._sparsetools import csr_tocsc as _csr_tocsc
+except ImportError:
+    _csr_tocsc = None
+
 BN_MOMENTUM = 0.01
 BN_EPS = 1e-3
 VAR_EPS = 1e-4
@@ -27,7 +32,7 @@ class _SparseLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.has_bias = bias is not None
-        out = torch.sparse.mm(x, weight_t)  # (cells, n_out)
+        out = _csr_matmul(x, weight_t)  # (cells, n_out)
         return out + bias if bias is not None else out
 
     @staticmethod
@@ -38,15 +43,29 @@ class _SparseLinear(torch.autograd.Function):
         return None, grad_weight, grad_bias
 
 
+def _csr_matmul(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """``x @ dense`` for a sparse CSR ``x`` ``(m, k)`` and a dense ``(k, n)``, as a dense ``(m, n)``.
+
+    On CPU as a weighted sum of the rows of ``dense`` named by each row's column indices:
+    ``embedding_bag`` computes exactly that, in FBGEMM kernels that run 2.3x (x @ W, (128, 2000)
+    at 7% non-zeros, W (2000, 128)) to 4x (x.T @ grad) faster than torch's CSR product on the
+    2-core benchmark machine. Elsewhere torch's sparse product (cuSPARSE on CUDA).
+    """
+    if x.device.type != "cpu":
+        return x.matmul(dense)
+    return F.embedding_bag(
+        x.col_indices(),
+        dense.contiguous(),
+        x.crow_indices(),
+        mode="sum",
+        per_sample_weights=x.values(),
+        include_last_offset=True,
+    )
+
+
 def _sparse_t_matmul(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    """``x.T @ dense`` for a sparse CSR ``x``, as a contiguous dense tensor."""
-    x_t = _csr_transpose(x)
-    if x_t.device.type != "cpu":
-        return x_t.matmul(dense)
-    # On CPU, addmm into a given output with beta=0 writes the result in place; the plain product
-    # zero-fills a buffer and copies the result over, a third of its time at (2000, 128).
-    out = dense.new_empty(x_t.shape[0], dense.shape[1])
-    return torch.addmm(out, x_t, dense, beta=0, out=out)
+    """``x.T @ dense`` for a sparse CSR ``x``, as a dense tensor."""
+    return _csr_matmul(_csr_transpose(x), dense)
 
 
 def _csr_transpose(x: torch.Tensor) -> torch.Tensor:
@@ -65,14 +84,21 @@ def _csr_transpose_uncached(x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu":
         return x.t().to_sparse_csr()
     n_rows, n_cols = x.shape
-    matrix = sp.csr_matrix(
-        (x.values().detach().numpy(), x.col_indices().numpy(), x.crow_indices().numpy()), shape=(n_rows, n_cols)
-    )
-    transposed = matrix.tocsc()  # CSC of x = CSR of x.T
+    indptr, indices, values = x.crow_indices().numpy(), x.col_indices().numpy(), x.values().detach().numpy()
+    if _csr_tocsc is not None and indptr.dtype == indices.dtype:
+        # scipy's C routine on the arrays as they are: half the time of building a csr_matrix,
+        # whose constructor checks and converts (about 60 us a step at 17k non-zeros).
+        t_indptr = np.empty(n_cols + 1, dtype=indptr.dtype)
+        t_indices = np.empty(len(indices), dtype=indices.dtype)
+        t_values = np.empty(len(values), dtype=values.dtype)
+        _csr_tocsc(n_rows, n_cols, indptr, indices, values, t_indptr, t_indices, t_values)
+    else:
+        transposed = sp.csr_matrix((values, indices, indptr), shape=(n_rows, n_cols)).tocsc()  # CSC of x = CSR of x.T
+        t_indptr, t_indices, t_values = transposed.indptr, transposed.indices, transposed.data
     return torch.sparse_csr_tensor(
-        torch.from_numpy(transposed.indptr.astype(np.int64, copy=False)),
-        torch.from_numpy(transposed.indices.astype(np.int64, copy=False)),
-        torch.from_numpy(transposed.data),
+        torch.from_numpy(t_indptr.astype(np.int64, copy=False)),
+        torch.from_numpy(t_indices.astype(np.int64, copy=False)),
+        torch.from_numpy(t_values),
         size=(n_cols, n_rows),
         check_invariants=False,
     )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
+from pyro_ldvae import nn as nn_module
 from pyro_ldvae.nn import Encoder, InputLinear, narrow_linear
 
 
@@ -59,3 +61,28 @@ def test_narrow_linear_matches_f_linear_in_value_and_gradient():
     assert torch.autograd.gradcheck(narrow_linear, (x, weight, bias))
     assert torch.autograd.gradcheck(lambda a, w: narrow_linear(a, w), (x, weight))
     torch.testing.assert_close(narrow_linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
+
+
+@pytest.mark.parametrize("scipy_kernel", [True, False], ids=["scipy-kernel", "public-scipy"])
+def test_sparse_products_handle_cells_and_genes_without_counts(monkeypatch, scipy_kernel):
+    """Empty rows (cells without counts) and empty columns (genes unseen in the minibatch) in the
+    sparse first layer: output and weight gradient equal the dense layer's, with the transpose of the
+    backward taken by scipy's C kernel or by its public csr_matrix route."""
+    if not scipy_kernel:
+        monkeypatch.setattr(nn_module, "_csr_tocsc", None)
+    x = _sparse_input(cells=6, genes=12)
+    x[[1, 4]] = 0.0  # two cells without counts
+    x[:, [0, 7, 11]] = 0.0  # three genes without counts
+    layer = InputLinear(12, 5)
+    outputs, grads = [], []
+    for inp in (x, x.to_sparse_csr(), torch.zeros(6, 12).to_sparse_csr()):
+        layer.zero_grad()
+        out = layer(inp)
+        (out * torch.arange(5.0)).sum().backward()
+        outputs.append(out.detach())
+        grads.append(layer.weight_t.grad.clone())
+    torch.testing.assert_close(outputs[1], outputs[0])
+    torch.testing.assert_close(grads[1], grads[0])
+    assert torch.equal(grads[1][[0, 7, 11]], torch.zeros(3, 5))
+    torch.testing.assert_close(outputs[2], layer.bias.detach().expand(6, 5))  # no counts: the bias alone
+    assert torch.equal(grads[2], torch.zeros(12, 5))
