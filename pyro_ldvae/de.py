@@ -26,7 +26,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .tasks import normalized_expression
+from .tasks import group_draws, importance_weights, normalized_expression
 
 if TYPE_CHECKING:
     from .model import LinearSCVI
@@ -115,23 +115,50 @@ def sample_scales(
     n_samples_overall: int,
     batch_size: int,
     rng: np.random.Generator,
+    weights: str = "uniform",
+    importance_weighting_kwargs: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Posterior samples of ``rho`` for a group: ``(n_samples, genes)`` and their batch codes.
 
     ``n_samples_overall`` is split evenly over ``batch_codes`` (None: each cell's own batch); each
-    cell gets enough draws and ``n`` rows are picked uniformly with replacement.
+    cell gets enough draws and ``n`` rows are picked with replacement, uniformly or, with
+    ``weights='importance'``, in proportion to the draws' importance weights
+    (:func:`pyro_ldvae.tasks.importance_weights`, which ``importance_weighting_kwargs`` go to).
     """
     cells = model._cells(adata)
     per_code = max(2, int(n_samples_overall / len(batch_codes)))
     scales, codes = [], []
     for code in batch_codes:
         per_cell = per_code // len(positions) + 1
-        draws = normalized_expression(
-            model.module, cells, positions, [code], n_samples=per_cell, batch_size=batch_size
-        ).reshape(-1, cells.n_vars)
-        scales.append(draws[rng.choice(len(draws), size=per_code, replace=True)])
+        if weights == "importance":
+            draws = group_draws(model.module, cells, positions, per_cell, code, batch_size)
+            p = importance_weights(
+                model.module, cells, positions, draws, rng, batch_size=batch_size, **(importance_weighting_kwargs or {})
+            )
+            scales.append(draws.rho.numpy()[rng.choice(len(p), size=per_code, replace=True, p=p)])
+        else:
+            draws = normalized_expression(
+                model.module, cells, positions, [code], n_samples=per_cell, batch_size=batch_size
+            ).reshape(-1, cells.n_vars)
+            scales.append(draws[rng.choice(len(draws), size=per_code, replace=True)])
         codes.append(np.full(per_code, -1 if code is None else code))
     return np.concatenate(scales), np.concatenate(codes)
+
+
+IMPORTANCE_OPTIONS = ("max_cells", "truncation", "n_mc_samples", "n_mc_samples_per_pass")
+
+
+def check_weights(weights: str | None, importance_weighting_kwargs: dict | None) -> str:
+    """``weights`` ('uniform', 'importance'; None means 'uniform'), checked with its options."""
+    weights = "uniform" if weights is None else weights
+    if weights not in ("uniform", "importance"):
+        raise ValueError(f"weights must be 'uniform' or 'importance', got {weights!r}.")
+    unknown = sorted(set(importance_weighting_kwargs or {}) - set(IMPORTANCE_OPTIONS))
+    if unknown:
+        raise ValueError(f"Unknown importance_weighting_kwargs {unknown}; the options are {list(IMPORTANCE_OPTIONS)}.")
+    if importance_weighting_kwargs and weights != "importance":
+        raise ValueError("importance_weighting_kwargs apply only with weights='importance'.")
+    return weights
 
 
 def _pairs(a: np.ndarray, b: np.ndarray, use_permutation: bool, m: int, rng: np.random.Generator):
@@ -243,7 +270,9 @@ def differential_expression(
     batchid2: Sequence[str] | None = None,
     fdr_target: float = 0.05,
     silent: bool = True,
+    weights: str | None = "uniform",
     filter_outlier_cells: bool = False,
+    importance_weighting_kwargs: dict | None = None,
     n_samples_overall: int = 5000,
     use_permutation: bool = False,
     m_permutation: int = 10000,
@@ -257,6 +286,7 @@ def differential_expression(
         raise ValueError(f"mode must be 'vanilla' or 'change', got {mode!r}.")
     if test_mode not in ("two", "three"):
         raise ValueError(f"test_mode must be 'two' or 'three', got {test_mode!r}.")
+    weights = check_weights(weights, importance_weighting_kwargs)
     adata = model.adata if adata is None else adata
     cells = model._cells(adata)
     # seed=None draws from numpy's global state, so pyro.set_rng_seed / np.random.seed make it repeatable
@@ -283,8 +313,9 @@ def differential_expression(
         pos1, pos2 = np.flatnonzero(mask1), np.flatnonzero(mask2)
         if filter_outlier_cells:
             pos1, pos2 = _filter_outliers(model, adata, pos1), _filter_outliers(model, adata, pos2)
-        s1, b1 = sample_scales(model, adata, pos1, codes1, n_samples_overall, batch_size, rng)
-        s2, b2 = sample_scales(model, adata, pos2, codes2, n_samples_overall, batch_size, rng)
+        sampling = dict(weights=weights, importance_weighting_kwargs=importance_weighting_kwargs)
+        s1, b1 = sample_scales(model, adata, pos1, codes1, n_samples_overall, batch_size, rng, **sampling)
+        s2, b2 = sample_scales(model, adata, pos2, codes2, n_samples_overall, batch_size, rng, **sampling)
         scale1, scale2 = s1.mean(0), s2.mean(0)
         if batch_correction and set(codes1) == set(codes2):
             # Pair samples decoded into the same batch, so the batch effect cancels.

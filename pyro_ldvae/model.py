@@ -12,7 +12,7 @@ import torch
 from anndata import AnnData
 
 from . import data as data_mod
-from . import tasks, validate
+from . import de, tasks, validate
 from .module import LDVAE
 from .train import TrainingPlan, evaluate_elbo, split_indices, train_svi
 
@@ -405,9 +405,11 @@ class LinearSCVI:
         library_size: float | str = 1,
         n_samples: int = 1,
         n_samples_overall: int | None = None,
+        weights: str | None = None,
+        batch_size: int | None = None,
         return_mean: bool = True,
         return_numpy: bool | None = None,
-        batch_size: int | None = None,
+        **importance_weighting_kwargs,
     ) -> pd.DataFrame | np.ndarray:
         """Denoised expression: the model's ``rho`` (cells x genes, rows sum to one) times ``library_size``.
 
@@ -427,6 +429,10 @@ class LinearSCVI:
         n_samples_overall
             Instead of per-cell output, draw this many samples ``(n_samples_overall, genes)`` from
             the group of cells (used by differential expression).
+        weights
+            How the ``n_samples_overall`` samples are picked from the cells' draws: 'uniform'
+            (default; None means the same) or 'importance' (see ``differential_expression``; one
+            ``transform_batch`` at most). ``importance_weighting_kwargs`` are its options.
         return_mean, return_numpy
             With ``return_mean=False`` and ``n_samples > 1`` the result is a numpy array
             ``(n_samples, cells, genes)``; otherwise a DataFrame (cells x genes) unless
@@ -442,6 +448,12 @@ class LinearSCVI:
         if n_samples_overall is not None:
             n_samples = n_samples_overall // len(idx) + 1
         mask = self._gene_mask(gene_list)
+        weights = de.check_weights(weights, importance_weighting_kwargs)
+        if weights == "importance":
+            return self._importance_sampled_expression(
+                cells, idx, transform_batch, mask, library_size, n_samples, n_samples_overall, batch_size,
+                importance_weighting_kwargs,
+            )  # fmt: skip
         exprs = tasks.normalized_expression(
             self.module,
             cells,
@@ -461,6 +473,27 @@ class LinearSCVI:
         if return_numpy:
             return exprs
         return pd.DataFrame(exprs, index=adata.obs_names[idx], columns=self.var_names[mask])
+
+    def _importance_sampled_expression(
+        self, cells, idx, transform_batch, mask, library_size, n_samples, n_samples_overall, batch_size, options
+    ) -> np.ndarray:
+        if n_samples_overall is None:
+            raise ValueError(
+                "weights='importance' picks the n_samples_overall samples of a group of cells; pass n_samples_overall."
+            )
+        if library_size == "latent":
+            raise ValueError("weights='importance' samples rho; use a numeric library_size, not 'latent'.")
+        codes = self._batch_codes(transform_batch)
+        if len(codes) != 1:
+            raise ValueError(
+                "Importance weights cannot be computed for expression averaged over several transform_batch "
+                "categories; pass one category."
+            )
+        draws = tasks.group_draws(self.module, cells, idx, n_samples, codes[0], batch_size or 128)
+        rng = np.random.default_rng(np.random.randint(2**31))
+        p = tasks.importance_weights(self.module, cells, idx, draws, rng, batch_size=batch_size or 128, **options)
+        rows = rng.choice(len(p), size=n_samples_overall, replace=True, p=p)
+        return draws.rho.numpy()[rows][:, mask] * float(library_size)
 
     def posterior_predictive_sample(
         self,
@@ -545,7 +578,9 @@ class LinearSCVI:
         batchid2: Sequence[str] | None = None,
         fdr_target: float = 0.05,
         silent: bool = False,
+        weights: str | None = "uniform",
         filter_outlier_cells: bool = False,
+        importance_weighting_kwargs: dict | None = None,
         **kwargs,
     ) -> pd.DataFrame:
         """scVI's Bayesian differential expression, with scvi-tools' arguments and output columns.
@@ -570,8 +605,15 @@ class LinearSCVI:
             Posterior expected FDR for the ``is_de_fdr_<target>`` column ('change' mode).
         all_stats
             Add observed means, non-zero fractions and normalized means per group.
+        weights
+            How a group's posterior samples are drawn: 'uniform' (default; None means the same)
+            or 'importance', in proportion to importance weights that favour draws which explain
+            many cells of the group (Boyeau et al. 2023; :func:`pyro_ldvae.tasks.importance_weights`).
         filter_outlier_cells
             Drop latent-space outliers of each group first.
+        importance_weighting_kwargs
+            With ``weights='importance'``: ``max_cells`` (1024 anchor cells), ``truncation`` (False),
+            ``n_mc_samples`` (500) and ``n_mc_samples_per_pass`` (250) of the marginal likelihood.
         **kwargs
             ``n_samples_overall`` (5000), ``use_permutation`` (False), ``m_permutation`` (10000),
             ``pseudocounts`` (None: estimated), ``threshold_counts``, ``test_mode`` ('three'), ``seed``.
@@ -585,7 +627,8 @@ class LinearSCVI:
 
         return differential_expression(
             self, adata, groupby, group1, group2, idx1, idx2, mode, delta, batch_size, all_stats,
-            batch_correction, batchid1, batchid2, fdr_target, silent, filter_outlier_cells, **kwargs,
+            batch_correction, batchid1, batchid2, fdr_target, silent, weights, filter_outlier_cells,
+            importance_weighting_kwargs, **kwargs,
         )  # fmt: skip
 
     def get_reconstruction_error(
