@@ -78,6 +78,43 @@ def _history_from_json(payload: dict) -> dict[str, pd.DataFrame]:
 # ----------------------------------------------------------------------------------------
 # Save
 # ----------------------------------------------------------------------------------------
+# Settings that may hold code: a prior given as a callable or an object. Code is never pickled
+# (loading a model must not run code from the file): save records its qualified name, and load
+# asks the caller for the same object again (``LinearSCVI.load(..., loadings_prior=...)``).
+CODE_SETTINGS = ("loadings_prior", "z_prior")
+
+
+def _code_name(value) -> str:
+    named = value if hasattr(value, "__qualname__") else type(value)  # a function or class, else an instance
+    return f"{named.__module__}.{named.__qualname__}"
+
+
+def _settings_for_json(init_params: dict) -> dict:
+    settings = dict(init_params)
+    for key in CODE_SETTINGS:
+        value = settings.get(key)
+        if value is not None and not isinstance(value, str):
+            settings[key] = {"code": _code_name(value)}
+    return settings
+
+
+def _settings_with_code(settings: dict, code: dict, source: str, directory: Path) -> dict:
+    """The saved settings with the caller's objects put back where the model was saved with code."""
+    settings = dict(settings)
+    for key, value in code.items():
+        saved = settings.get(key)
+        if isinstance(saved, dict) and "code" in saved:
+            if value is None:
+                raise ValueError(
+                    f"{source} was saved with a custom {key} ({saved['code']}); code is not saved with a model. "
+                    f"Pass the same object again: LinearSCVI.load({str(directory)!r}, adata, {key}=...)."
+                )
+            settings[key] = value
+        elif value is not None:
+            raise ValueError(f"{source} was saved with {key}={saved!r}, not with a custom one; load it without {key}=.")
+    return settings
+
+
 def save(
     model: LinearSCVI,
     dir_path: str | os.PathLike,
@@ -111,7 +148,7 @@ def save(
         "format_version": FORMAT_VERSION,
         "model_class": type(model).__name__,
         "package_version": _package_version(),
-        "init_params": model.init_params_,
+        "init_params": _settings_for_json(model.init_params_),
         "seed": model.seed,
         "registry": json.loads(model.registry.to_json()),
         "var_names": [str(v) for v in model.var_names],
@@ -272,6 +309,8 @@ def load(
     accelerator: str = "auto",
     device: str | int = "auto",
     prefix: str | None = None,
+    loadings_prior=None,
+    z_prior=None,
 ) -> LinearSCVI:
     """Load a model written by :func:`save`.
 
@@ -286,12 +325,16 @@ def load(
         Where to put the module ('auto': CUDA when available).
     prefix
         File name prefix used at save time.
+    loadings_prior, z_prior
+        Only for a model saved with a custom prior (a callable or an object, which is code and
+        is not saved): the same prior again. Its parameters are restored from the file.
 
     Raises
     ------
     ValueError
         Missing, truncated or corrupt files, another model class, an incompatible version, or an
         AnnData whose genes or categories do not match; the message names the file or the genes.
+        A model saved with a custom prior loaded without it, or a prior given for one saved without.
     """
     import anndata
 
@@ -314,7 +357,9 @@ def load(
     state = read_weights(directory / meta["weights_file"], meta["weights_sha256"], target_device)
     registry = data_mod.Registry(**meta["registry"])
     adata = _match_genes(adata, list(meta["var_names"]), str(meta_path))
-    model = _build(adata, registry, meta["init_params"], meta.get("seed", 0), str(meta_path))
+    code = {"loadings_prior": loadings_prior, "z_prior": z_prior}
+    settings = _settings_with_code(meta["init_params"], code, str(meta_path), directory)
+    model = _build(adata, registry, settings, meta.get("seed", 0), str(meta_path))
     try:
         model.module.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -705,12 +705,17 @@ class LinearSCVI:
     @classmethod
     def load(
         cls, dir_path: str, adata: AnnData | None = None, accelerator: str = "auto", device: str | int = "auto",
-        prefix: str | None = None,
+        prefix: str | None = None, loadings_prior=None, z_prior=None,
     ) -> LinearSCVI:  # fmt: skip
-        """Load a model saved by :meth:`save` (never unpickles code); see :func:`pyro_ldvae.io.load`."""
+        """Load a model saved by :meth:`save` (never unpickles code); see :func:`pyro_ldvae.io.load`.
+        A model trained with a custom prior (a callable or object) needs it again: ``loadings_prior=``
+        or ``z_prior=``."""
         from .io import load
 
-        return load(dir_path, adata=adata, accelerator=accelerator, device=device, prefix=prefix)
+        return load(
+            dir_path, adata=adata, accelerator=accelerator, device=device, prefix=prefix,
+            loadings_prior=loadings_prior, z_prior=z_prior,
+        )  # fmt: skip
 
     @classmethod
     def from_scvi(cls, scvi_model, adata: AnnData | None = None) -> LinearSCVI:

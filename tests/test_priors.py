@@ -275,3 +275,37 @@ def test_prior_model_loadings_are_reproducible_and_survive_save_load(tmp_path):
     model.save(tmp_path / "model")
     loaded = LinearSCVI.load(tmp_path / "model", adata=adata)
     np.testing.assert_array_equal(loaded.get_loadings().to_numpy(), first)
+
+
+def student_t_loadings(n_genes: int, n_latent: int) -> torch.Tensor:
+    """A user's prior: Student-t loadings with a learned degrees-of-freedom."""
+    df = pyro.sample("loadings_df", dist.Gamma(2.0, 0.5))
+    return pyro.sample("loadings", dist.StudentT(df, 0.0, 0.3).expand([n_genes, n_latent]).to_event(2))
+
+
+def test_a_model_with_custom_priors_saves_and_loads_with_the_same_code(tmp_path):
+    """Code is not saved: load names the saved prior and asks for it; given again, every weight
+    (the guide's for W and the mixture prior's) comes back."""
+    adata = simulate(n_cells=200, n_genes=30, n_latent=3, seed=5)
+    model = fit(adata, 3, n_latent=3, loadings_prior=student_t_loadings, z_prior=GaussianMixture(3))
+    model.save(tmp_path / "custom")
+    with pytest.raises(ValueError, match=r"custom loadings_prior \(tests\.test_priors\.student_t_loadings\)"):
+        LinearSCVI.load(tmp_path / "custom", adata)
+    with pytest.raises(ValueError, match=r"custom z_prior \(pyro_ldvae\.priors\.GaussianMixture\)"):
+        LinearSCVI.load(tmp_path / "custom", adata, loadings_prior=student_t_loadings)
+    loaded = LinearSCVI.load(tmp_path / "custom", adata, loadings_prior=student_t_loadings, z_prior=GaussianMixture(3))
+    saved_state, loaded_state = model.module.state_dict(), loaded.module.state_dict()
+    assert saved_state.keys() == loaded_state.keys() and any(k.startswith("z_prior.") for k in saved_state)
+    for key, value in saved_state.items():
+        assert torch.equal(value.cpu(), loaded_state[key].cpu()), key
+    np.testing.assert_array_equal(loaded.get_loadings().to_numpy(), model.get_loadings().to_numpy())
+    assert np.isfinite(loaded.get_latent_representation()).all()
+
+
+def test_loading_with_a_prior_the_model_was_not_saved_with_is_an_error(tmp_path):
+    adata = simulate(n_cells=150, n_genes=20, n_latent=2, seed=6)
+    model = fit(adata, 1, n_latent=2, loadings_prior="laplace")
+    model.save(tmp_path / "named")
+    with pytest.raises(ValueError, match="saved with loadings_prior='laplace', not with a custom one"):
+        LinearSCVI.load(tmp_path / "named", adata, loadings_prior=student_t_loadings)
+    assert LinearSCVI.load(tmp_path / "named", adata).init_params_["loadings_prior"] == "laplace"
