@@ -15,6 +15,7 @@ interact); results are reshaped to ``(n_samples, cells, ...)``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -357,10 +358,32 @@ def importance_weights(
         + torch.logsumexp(torch.cat(log_px_z, dim=1) - log_px, dim=1)
         - torch.logsumexp(torch.cat(log_qz, dim=1), dim=1)
     )
+    return normalized_weights(log_w, truncation)
+
+
+def normalized_weights(log_w: torch.Tensor, truncation: bool = False) -> np.ndarray:
+    """Weights ``(S,)`` summing to one from log-weights; warns when they concentrate on few draws.
+
+    ``truncation`` raises every log-weight to at least the log of the mean weight (scvi-tools' rule).
+    With thousands of genes the log-weights of a group's draws often spread over tens of nats, and
+    a handful of draws take nearly all the weight; the effective sample size ``1 / sum(w^2)`` says
+    how many.
+    """
+    log_w = log_w.double()
     if truncation:
         log_w = log_w.clamp(min=float(torch.logsumexp(log_w, 0) - math.log(len(log_w))))
     weights = torch.softmax(log_w, dim=0).numpy()
-    return weights / weights.sum()
+    weights = weights / weights.sum()
+    effective = 1.0 / float(np.sum(weights**2))
+    if effective < max(10.0, 0.01 * len(weights)):
+        warnings.warn(
+            f"The importance weights concentrate on {effective:.1f} effective draws out of {len(weights)}: the "
+            "group's samples are nearly copies of those draws. importance_weighting_kwargs={'truncation': True} "
+            "spreads the weights; weights='uniform' does not weight.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return weights
 
 
 @torch.no_grad()

@@ -258,3 +258,18 @@ def test_importance_weighted_expression_errors(model):
         model.get_normalized_expression(weights="importance")
     with pytest.raises(ValueError, match="several transform_batch"):
         model.get_normalized_expression(n_samples_overall=10, weights="importance", transform_batch=["b0", "b1"])
+
+
+def test_importance_weights_warn_when_a_few_draws_take_the_weight():
+    import torch
+
+    from pyro_ldvae.tasks import normalized_weights
+
+    spread = normalized_weights(torch.zeros(500))
+    np.testing.assert_allclose(spread, np.full(500, 1 / 500))
+    with pytest.warns(UserWarning, match=r"concentrate on 2\.0 effective draws out of 500"):
+        peaked = normalized_weights(torch.tensor([0.0, 0.0] + [-50.0] * 498))
+    assert abs(peaked[:2].sum() - 1.0) < 1e-9
+    with pytest.warns(UserWarning, match="concentrate on 7.9 effective draws"):  # spread, but not by much
+        truncated = normalized_weights(torch.tensor([0.0, 0.0] + [-50.0] * 498), truncation=True)
+    assert truncated.min() > 0.1 / 500  # every weight raised to at least the mean weight's share
