@@ -609,9 +609,9 @@ class LinearSCVI:
             How a group's posterior samples are drawn: 'uniform' (default; None means the same)
             or 'importance', in proportion to importance weights that favour draws which explain
             many cells of the group (Boyeau et al. 2023; :func:`pyro_ldvae.tasks.importance_weights`).
-            'importance' costs minutes per comparison (about 4.5 min for 1,248 vs 7,369 cells x 2,000
-            genes on 2 CPU cores, mostly ``log p(x)`` of 2 x 1,024 anchor cells), and its weights
-            can sit on a few draws (a warning says so; ``truncation=True`` spreads them).
+            'importance' costs minutes per comparison (about 2 min for 1,248 vs 7,369 cells x 2,000
+            genes on 2 CPU cores: ``log p(x)`` and the likelihoods of 2 x 1,024 anchor cells), and
+            its weights can sit on a few draws (a warning says so; ``truncation=True`` spreads them).
         filter_outlier_cells
             Drop latent-space outliers of each group first.
         importance_weighting_kwargs

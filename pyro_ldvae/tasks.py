@@ -28,8 +28,11 @@ from .data import CellData
 from .distributions import count_likelihood
 from .module import LDVAE, Minibatch
 
-# At most this many (cell x sample) rows times genes are materialized at once.
-MAX_ELEMENTS = 20_000_000
+# At most this many (cell x sample) rows times genes are materialized at once. Small enough for
+# the (rows, genes) temporaries of one pass to stay in cache: on the 2-core machine, 8 samples
+# of 128 cells x 2,000 genes per pass made get_marginal_ll 2.5x faster than 78 (the 20M of
+# earlier versions), and the importance weights' likelihoods 2.2x faster per anchor cell.
+MAX_ELEMENTS = 2_000_000
 
 
 def repeat_minibatch(mb: Minibatch, n: int) -> Minibatch:
@@ -381,7 +384,7 @@ def normalized_weights(log_w: torch.Tensor, truncation: bool = False) -> np.ndar
             "group's samples are nearly copies of those draws. importance_weighting_kwargs={'truncation': True} "
             "spreads the weights; weights='uniform' does not weight.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=2,
         )
     return weights
 
