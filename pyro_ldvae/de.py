@@ -26,7 +26,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .tasks import group_draws, importance_weights, normalized_expression
+from .tasks import importance_resample, normalized_expression
 
 if TYPE_CHECKING:
     from .model import LinearSCVI
@@ -123,7 +123,7 @@ def sample_scales(
     ``n_samples_overall`` is split evenly over ``batch_codes`` (None: each cell's own batch); each
     cell gets enough draws and ``n`` rows are picked with replacement, uniformly or, with
     ``weights='importance'``, in proportion to the draws' importance weights
-    (:func:`pyro_ldvae.tasks.importance_weights`, which ``importance_weighting_kwargs`` go to).
+    (:func:`pyro_ldvae.tasks.importance_resample`, which ``importance_weighting_kwargs`` go to).
     """
     cells = model._cells(adata)
     per_code = max(2, int(n_samples_overall / len(batch_codes)))
@@ -131,11 +131,12 @@ def sample_scales(
     for code in batch_codes:
         per_cell = per_code // len(positions) + 1
         if weights == "importance":
-            draws = group_draws(model.module, cells, positions, per_cell, code, batch_size)
-            p = importance_weights(
-                model.module, cells, positions, draws, rng, batch_size=batch_size, **(importance_weighting_kwargs or {})
+            options = importance_weighting_kwargs or {}
+            scales.append(
+                importance_resample(
+                    model.module, cells, positions, per_cell, per_code, rng, code, batch_size, **options
+                )
             )
-            scales.append(draws.rho.numpy()[rng.choice(len(p), size=per_code, replace=True, p=p)])
         else:
             draws = normalized_expression(
                 model.module, cells, positions, [code], n_samples=per_cell, batch_size=batch_size

@@ -489,11 +489,11 @@ class LinearSCVI:
                 "Importance weights cannot be computed for expression averaged over several transform_batch "
                 "categories; pass one category."
             )
-        draws = tasks.group_draws(self.module, cells, idx, n_samples, codes[0], batch_size or 128)
         rng = np.random.default_rng(np.random.randint(2**31))
-        p = tasks.importance_weights(self.module, cells, idx, draws, rng, batch_size=batch_size or 128, **options)
-        rows = rng.choice(len(p), size=n_samples_overall, replace=True, p=p)
-        return draws.rho.numpy()[rows][:, mask] * float(library_size)
+        rho = tasks.importance_resample(
+            self.module, cells, idx, n_samples, n_samples_overall, rng, codes[0], batch_size or 128, **options
+        )
+        return rho[:, mask] * float(library_size)
 
     def posterior_predictive_sample(
         self,

@@ -364,6 +364,26 @@ def importance_weights(
     return normalized_weights(log_w, truncation)
 
 
+@torch.no_grad()
+def importance_resample(
+    module: LDVAE,
+    cells: CellData,
+    indices: np.ndarray,
+    n_samples: int,
+    n_out: int,
+    rng: np.random.Generator,
+    batch_code: int | None = None,
+    batch_size: int = 128,
+    **options,
+) -> np.ndarray:
+    """``n_out`` rows of ``rho`` ``(n_out, genes)`` drawn with replacement from ``n_samples`` posterior
+    draws per cell of ``indices``, in proportion to their importance weights (``options`` go to
+    :func:`importance_weights`)."""
+    draws = group_draws(module, cells, indices, n_samples, batch_code, batch_size)
+    p = importance_weights(module, cells, indices, draws, rng, batch_size=batch_size, **options)
+    return draws.rho.numpy()[rng.choice(len(p), size=n_out, replace=True, p=p)]
+
+
 def normalized_weights(log_w: torch.Tensor, truncation: bool = False) -> np.ndarray:
     """Weights ``(S,)`` summing to one from log-weights; warns when they concentrate on few draws.
 
