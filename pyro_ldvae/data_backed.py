@@ -199,8 +199,8 @@ class BackedCellData(CellData):
 
         Each cell of ``train_idx`` is visited once; the plate index of a cell is its position in
         ``train_idx``. A final minibatch of one cell is dropped (batch norm needs two). Under
-        DDP (``ddp`` a ``DistributedContext``) every rank reads the same buffers and keeps its
-        strided share of each, so all ranks take the same number of steps.
+        DDP (``ddp`` a ``DistributedContext``) each rank reads only its share of the epoch's
+        blocks (see ``_rank_share``) and all ranks get the same number of cells, hence of steps.
         """
         train_idx = np.asarray(train_idx)
         # (cells,) position in train_idx or -1; int32 where it fits, as it lives for the whole epoch
@@ -208,10 +208,14 @@ class BackedCellData(CellData):
         position[train_idx] = np.arange(len(train_idx), dtype=position.dtype)
         blocks = list(self.blocks())
         order = torch.randperm(len(blocks), generator=generator).numpy()
+        if ddp is None:
+            plan = [(blocks[b], 0, None) for b in order]
+        else:
+            plan = _rank_share([blocks[b] for b in order], position, ddp.rank, ddp.world_size)
         carry_rows, carry_cells = None, np.zeros(0, dtype=np.int64)
-        for first in range(0, len(order), self.buffer_blocks):
-            chosen = [blocks[b] for b in order[first : first + self.buffer_blocks]]
-            rows, cells = self._fill_buffer(chosen, position, carry_rows, carry_cells, ddp)
+        for first in range(0, len(plan), self.buffer_blocks):
+            chosen = plan[first : first + self.buffer_blocks]
+            rows, cells = self._fill_buffer(chosen, position, carry_rows, carry_cells)
             carry_rows = None  # its cells are in rows now
             if len(cells) == 0:
                 continue
@@ -219,7 +223,7 @@ class BackedCellData(CellData):
             # permutation: a shuffled copy of the whole buffer would double its memory.
             shuffle = torch.randperm(len(cells), generator=generator).numpy()
             cells = cells[shuffle]
-            last_buffer = first + self.buffer_blocks >= len(order)
+            last_buffer = first + self.buffer_blocks >= len(plan)
             n_full = len(cells) if last_buffer else (len(cells) // batch_size) * batch_size
             for start in range(0, n_full, batch_size):
                 stop = min(start + batch_size, n_full)
@@ -232,34 +236,51 @@ class BackedCellData(CellData):
 
     def _fill_buffer(
         self,
-        chosen: list[tuple[int, int]],
+        chosen: list[tuple[tuple[int, int], int, int | None]],
         position: np.ndarray,
         carry_rows: sp.csr_matrix | np.ndarray | None,
         carry_cells: np.ndarray,
-        ddp=None,
     ) -> tuple[sp.csr_matrix | np.ndarray, np.ndarray]:
-        """The training cells of the blocks ``chosen`` (``(start, stop)``), after the carried ones.
+        """The training cells of the blocks ``chosen``, after the carried ones.
 
-        Returns the rows (carried cells first, then the blocks' cells in read order) and their
-        cell indices ``(cells,)``. The per-block reads are freed on return, so only the joined
-        buffer outlives this call.
+        ``chosen`` holds ``((start, stop), first, last)``: of a block's training cells (in read
+        order) the slice ``first:last`` is taken. Returns the rows (carried cells first, then the
+        blocks' cells in read order) and their cell indices ``(cells,)``. The per-block reads are
+        freed on return, so only the joined buffer outlives this call.
         """
         parts, cells = [], []
-        for start, stop in chosen:
-            local = np.flatnonzero(position[start:stop] >= 0)
+        for (start, stop), first, last in chosen:
+            local = np.flatnonzero(position[start:stop] >= 0)[first:last]
             if len(local):
                 parts.append(self.read_rows(start, stop)[local])
                 cells.append(start + local)
         if not parts:
             return _stack([carry_rows]), carry_cells
-        fresh_cells = np.concatenate(cells)
-        if ddp is None:
-            return _stack([carry_rows, *parts]), np.concatenate([carry_cells, fresh_cells])
-        # every rank read the same blocks; each keeps its share
-        fresh_rows = _stack(parts)
-        del parts
-        mine = ddp.shard(np.arange(len(fresh_cells)))
-        return _stack([carry_rows, fresh_rows[mine]]), np.concatenate([carry_cells, fresh_cells[mine]])
+        return _stack([carry_rows, *parts]), np.concatenate([carry_cells, *cells])
+
+
+def _rank_share(
+    blocks: list[tuple[int, int]], position: np.ndarray, rank: int, world_size: int
+) -> list[tuple[tuple[int, int], int, int]]:
+    """One DDP rank's share of an epoch's blocks (``blocks`` in the epoch's shuffled order).
+
+    The epoch's training cells, taken block after block, are cut into ``world_size`` equal
+    contiguous runs and rank ``r`` trains on run ``r``; the remainder (fewer than ``world_size``
+    cells) is left out, as in ``DistributedContext.shard``. So every rank trains on the same
+    number of cells and takes the same number of steps, while reading only its own blocks: about
+    ``1 / world_size`` of the file, plus at most two blocks shared with its neighbours.
+    Returns ``((start, stop), first, last)`` per block: its training cells ``first:last``.
+    """
+    counts = np.array([np.count_nonzero(position[start:stop] >= 0) for start, stop in blocks], dtype=np.int64)
+    ends = np.cumsum(counts)
+    begins = ends - counts
+    quota = int(ends[-1]) // world_size if len(ends) else 0
+    lo, hi = rank * quota, (rank + 1) * quota
+    return [
+        (block, int(max(lo - begin, 0)), int(min(hi, end) - begin))
+        for block, begin, end in zip(blocks, begins, ends)
+        if begin < hi and end > lo
+    ]
 
 
 def _stack(parts: list) -> sp.csr_matrix | np.ndarray:

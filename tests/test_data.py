@@ -94,6 +94,41 @@ def test_backed_epoch_visits_every_training_cell_once_in_shuffled_blocks(adata, 
     assert not np.array_equal(seen, second)
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_backed_ddp_ranks_read_their_own_blocks_and_take_equal_steps(adata, files, monkeypatch, world_size):
+    """Under DDP each rank streams only its share of an epoch's blocks; together the ranks visit
+    every training cell once (but for fewer than world_size left over), with equal step counts."""
+    from pyro_ldvae.distributed import DistributedContext
+
+    cells = CellData(adata, get_registry(adata))
+    train_idx = np.sort(np.random.default_rng(2).permutation(700)[:610])
+    seen, steps, blocks_read = [], [], []
+    for rank in range(world_size):
+        on_disk = cell_data(read_backed(files["h5ad"]), get_registry(adata))
+        on_disk.block_size, on_disk.buffer_blocks = 50, 3  # 14 blocks
+        reads = []
+
+        def counted(start, stop, reads=reads, read=on_disk.read_rows):
+            reads.append(start)
+            return read(start, stop)
+
+        monkeypatch.setattr(on_disk, "read_rows", counted)
+        ddp = DistributedContext(rank, world_size, rank)
+        minibatches = list(on_disk.iter_epoch(train_idx, 32, torch.Generator().manual_seed(0), ddp=ddp))
+        for mb in minibatches:
+            positions = mb.idx.numpy()
+            assert_same(cells.minibatch(train_idx[positions], plate_idx=positions), mb)
+        seen.append(np.concatenate([mb.idx.numpy() for mb in minibatches]))
+        steps.append(len(minibatches))
+        blocks_read.append(len(reads))
+    assert len(set(steps)) == 1  # DDP needs the same number of steps on every rank
+    assert len({len(s) for s in seen}) == 1 and len(seen[0]) == 610 // world_size
+    union = np.concatenate(seen)
+    assert len(np.unique(union)) == len(union)  # no cell on two ranks
+    assert len(union) > 610 - world_size
+    assert max(blocks_read) <= 14 // world_size + 2  # its own blocks, two shared at most
+
+
 def test_device_resident_training_equals_cut_per_step(adata):
     """Same permutation, same minibatches: the two CPU paths train to identical weights."""
     cells = CellData(adata, get_registry(adata))
