@@ -14,7 +14,7 @@ from anndata import AnnData
 from . import data as data_mod
 from . import de, tasks, validate
 from .module import LDVAE
-from .train import TrainingPlan, evaluate_elbo, split_indices, train_svi
+from .train import TrainingPlan, evaluate_elbo, keep_freed_memory, split_indices, train_svi
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class LinearSCVI:
         seed: int = 0,
         **model_kwargs,
     ):
+        keep_freed_memory()  # training and the Monte Carlo tasks reuse freed buffers (train.PAGE_FAULTS)
         self.adata = adata
         self.registry = data_mod.get_registry(adata)
         validate.check_model_args(
