@@ -30,8 +30,8 @@ from .module import LDVAE, Minibatch
 
 # At most this many (cell x sample) rows times genes are materialized at once. Small enough for
 # the (rows, genes) temporaries of one pass to stay in cache: on the 2-core machine, 8 samples
-# of 128 cells x 2,000 genes per pass made get_marginal_ll 2.5x faster than 78 (the 20M of
-# earlier versions), and the importance weights' likelihoods 2.2x faster per anchor cell.
+# of 128 cells x 2,000 genes per pass (2M gives 7) made get_marginal_ll 2.5x faster than 78 (the
+# 20M of earlier versions), and the importance weights' likelihoods 2.2x faster per anchor cell.
 MAX_ELEMENTS = 2_000_000
 
 
