@@ -40,11 +40,13 @@ def write_tiled(path: Path, n_cells: int, source: Path, chunk: int = 50_000) -> 
     import pandas as pd
     from anndata.io import sparse_dataset, write_elem
 
+    from pyro_ldvae.io import write_h5ad
+
     block = anndata.read_h5ad(source)
     X = block.X.tocsr()
     obs = pd.DataFrame(index=[f"cell{i}" for i in range(n_cells)])
     tmp = path.with_suffix(".tmp.h5ad")
-    anndata.AnnData(obs=obs, var=block.var[[]]).write_h5ad(tmp)
+    write_h5ad(anndata.AnnData(obs=obs, var=block.var[[]]), tmp)
     with h5py.File(tmp, "a") as f:
         if "X" in f:
             del f["X"]

@@ -33,6 +33,7 @@ import resource
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,9 +55,12 @@ def simulated_path(n_cells: int = 100_000, n_genes: int = 2000) -> Path:
     path = RESULTS / f"sim_{n_cells // 1000}k_{n_genes}.h5ad"
     if not path.exists():
         from pyro_ldvae import simulate
+        from pyro_ldvae.io import write_h5ad
 
         RESULTS.mkdir(parents=True, exist_ok=True)
-        simulate(n_cells=n_cells, n_genes=n_genes, library_log_mean=6.0, seed=0).write_h5ad(path)
+        partial = path.with_suffix(".partial.h5ad")  # renamed when complete: never a half-written cache
+        write_h5ad(simulate(n_cells=n_cells, n_genes=n_genes, library_log_mean=6.0, seed=0), partial)
+        partial.replace(path)
     return path
 
 
@@ -81,13 +85,16 @@ def run_ours(adata, args) -> dict:
     LinearSCVI.setup_anndata(adata)
     model = LinearSCVI(adata, n_latent=args.n_latent, seed=args.seed)
     cpu0 = time.process_time()
-    model.train(
-        max_epochs=args.epochs,
-        batch_size=args.batch_size,
-        accelerator=args.accelerator,
-        seed=args.seed,
-        progress_bar=False,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)  # e.g. a CUDA graph that could not be captured
+        model.train(
+            max_epochs=args.epochs,
+            batch_size=args.batch_size,
+            accelerator=args.accelerator,
+            seed=args.seed,
+            progress_bar=False,
+            cuda_graphs=False if args.cuda_graphs == "off" else None,
+        )
     cpu = time.process_time() - cpu0
     history = model.history
     epoch_times = history["train_time"]["train_time"].to_numpy()
@@ -104,6 +111,7 @@ def run_ours(adata, args) -> dict:
         held_out=float(held_out),
         latent_s=latent_s,
         cpu_s=cpu,
+        warnings=[str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
     )
 
 
@@ -166,6 +174,8 @@ def worker(args) -> None:
     adata = load(args.dataset)
     result = (run_ours if args.worker == "ours" else run_scvi)(adata, args)
     result.update(library=args.worker, n_cells=adata.n_obs, n_genes=adata.n_vars, peak_rss_mb=peak_rss_mb())
+    if args.accelerator == "gpu":
+        result.update(device=torch.cuda.get_device_name(), peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -175,7 +185,8 @@ def spawn(library: str, args) -> dict:
         for k, v in vars(args).items()
         if k not in ("worker", "repeats", "libraries", "from_log")
     ]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads))
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS=str(args.threads))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
@@ -213,7 +224,9 @@ def summarise(runs: list[dict], args) -> str:
     names = ["pyro_ldvae" if k == "ours" else "scvi-tools" for k in rows]
     lines = [
         f"{args.dataset}: {runs[0]['n_cells']} cells x {runs[0]['n_genes']} genes, {args.epochs} epochs, "
-        f"batch {args.batch_size}, {args.threads} threads, {args.accelerator}, {len(runs) // len(rows)} repeat(s), "
+        f"batch {args.batch_size}, {args.threads} threads, {args.accelerator}"
+        f"{'' if args.accelerator == 'cpu' else ' (' + runs[0].get('device', '?') + ', ours: cuda_graphs ' + args.cuda_graphs + ')'}, "
+        f"{len(runs) // len(rows)} repeat(s), "
         "medians"
     ]
     metrics = list(next(iter(rows.values())).keys())
@@ -236,6 +249,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument(
+        "--cuda-graphs",
+        choices=["auto", "off"],
+        default="auto",
+        help="ours on a GPU: replay the training step as a CUDA graph (auto) or launch it eagerly (off)",
+    )
     parser.add_argument("--n-latent", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2)

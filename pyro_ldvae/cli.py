@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     train.add_argument("--early-stopping", action="store_true", help="stop when the validation ELBO stalls")
     train.add_argument("--accelerator", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
+    train.add_argument("--no-cuda-graphs", action="store_true",
+                       help="on a GPU, launch each training step from Python instead of replaying a CUDA graph")  # fmt: skip
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     out = fit.add_argument_group("output")
     out.add_argument("--save-model", metavar="DIR", default=None, help="also save the fitted model to DIR")
@@ -134,11 +136,13 @@ def _read_h5ad(path: str):
 
 def _write_h5ad_atomic(adata, path: str) -> None:
     """Write to a temporary file in the target's directory, then rename: never a partial file."""
+    from .io import write_h5ad
+
     directory = os.path.dirname(os.path.abspath(path))
     handle, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp.h5ad", dir=directory)
     os.close(handle)
     try:
-        adata.write_h5ad(tmp)
+        write_h5ad(adata, tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
@@ -206,6 +210,7 @@ def run_fit(args: argparse.Namespace) -> int:
         early_stopping=args.early_stopping,
         plan_kwargs={"lr": args.lr},
         progress_bar=sys.stderr.isatty(),
+        cuda_graphs=False if args.no_cuda_graphs else None,
     )
     elapsed = time.perf_counter() - start
     interrupted = getattr(model, "stop_reason_", "completed") == "interrupted"

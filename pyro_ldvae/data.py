@@ -314,20 +314,34 @@ def cell_data(adata: AnnData, registry: Registry) -> CellData:
 class DeviceCells:
     """The counts and codes of a ``CellData``, resident on ``device``; minibatches are cut there.
 
-    On a GPU the whole matrix is copied to GPU memory once (as a CSR triplet when sparse) and
-    every minibatch is gathered on the device with a few vectorised index operations, so
-    training does no host-to-device copy of counts per step. It works on ``device='cpu'`` too
-    (that is how it is tested) and yields the same minibatches as ``CellData.minibatch``.
+    On a GPU the whole matrix is copied to GPU memory once and every minibatch is gathered on the
+    device with a few vectorised index operations, so training does no host-to-device copy of
+    counts per step. ``dense=True`` stores the counts as a dense ``(cells, genes)`` matrix
+    (written from sparse data a block of rows at a time): a minibatch is then one row gather
+    with a fixed shape, with no host synchronisation, which a CUDA graph can capture (see
+    ``cuda_graph``). Otherwise sparse counts stay a CSR triplet, and each minibatch reads its
+    number of non-zeros back to the host. It works on ``device='cpu'`` too (that is how it is
+    tested) and yields the same minibatches as ``CellData.minibatch``.
     """
 
-    def __init__(self, cells: CellData, device: torch.device | str = "cpu"):
+    # Rows densified per host-to-device copy: bounds the host memory the dense layout takes.
+    DENSIFY_ELEMENTS = 1 << 25
+
+    def __init__(self, cells: CellData, device: torch.device | str = "cpu", dense: bool = False):
         self.device = torch.device(device)
         self.n_obs, self.n_vars = cells.n_obs, cells.n_vars
-        self.sparse = sp.issparse(cells.X)
+        self.sparse = sp.issparse(cells.X) and not dense
         if self.sparse:
             self.crow = torch.from_numpy(cells.X.indptr.astype(np.int64)).to(self.device)  # (cells + 1,)
             self.col = torch.from_numpy(cells.X.indices.astype(np.int64)).to(self.device)  # (nnz,)
             self.val = torch.from_numpy(cells.X.data).to(self.device)  # (nnz,)
+        elif sp.issparse(cells.X):
+            self.X = torch.empty(
+                (self.n_obs, self.n_vars), dtype=torch.from_numpy(cells.X.data[:0]).dtype, device=self.device
+            )
+            step = max(1, self.DENSIFY_ELEMENTS // max(self.n_vars, 1))
+            for start in range(0, self.n_obs, step):
+                self.X[start : start + step] = torch.from_numpy(cells.X[start : start + step].toarray())
         else:
             self.X = torch.from_numpy(cells.X).to(self.device)  # (cells, genes)
         as_tensor = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
@@ -336,12 +350,16 @@ class DeviceCells:
         self.cat_covs, self.cont_covs = as_long(cells.cat_covs), as_tensor(cells.cont_covs)
 
     @staticmethod
-    def fits(cells: CellData, device: torch.device | str, fraction: float = 0.5) -> bool:
-        """Whether the counts take at most ``fraction`` of the device's free memory (always on CPU)."""
+    def fits(cells: CellData, device: torch.device | str, fraction: float = 0.5, dense: bool = False) -> bool:
+        """Whether the counts (as stored, or ``dense``) take at most ``fraction`` of the device's
+        free memory (always on CPU)."""
         device = torch.device(device)
         if device.type != "cuda":
             return True
-        n_bytes = cells.X.data.nbytes + cells.X.indices.nbytes * 2 if sp.issparse(cells.X) else cells.X.nbytes
+        if dense or not sp.issparse(cells.X):
+            n_bytes = cells.n_obs * cells.n_vars * cells.X.dtype.itemsize
+        else:
+            n_bytes = cells.X.data.nbytes + cells.X.indices.nbytes * 2
         return n_bytes <= fraction * torch.cuda.mem_get_info(device)[0]
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,12 @@ def init_from_env(accelerator: str = "auto") -> DistributedContext | None:
         return None
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = accelerator != "cpu" and torch.cuda.is_available()
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"torchrun started process {local_rank} on this node, which has {torch.cuda.device_count()} "
+            "visible GPU(s): start at most one process per GPU (--nproc_per_node), or train the "
+            "processes on the CPU with gloo (--accelerator cpu)."
+        )
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():

@@ -47,6 +47,23 @@ ADATA_FILE = "adata.h5ad"
 INDEX_CHUNK = 1 << 16  # cell indices turned into text at a time when saving
 
 
+def write_h5ad(adata: AnnData, path: str | os.PathLike) -> None:
+    """``adata.write_h5ad(path)``, also when names or labels are pandas string arrays.
+
+    pandas 3 makes every string index and column such an array, and anndata 0.11-0.12 refuses
+    to write one unless ``anndata.settings.allow_write_nullable_strings`` is set (files readers
+    older than anndata 0.11 cannot read). Under pandas 2 nothing changes.
+    """
+    import anndata
+
+    settings = anndata.settings
+    if not hasattr(settings, "allow_write_nullable_strings"):
+        adata.write_h5ad(path)
+        return
+    with settings.override(allow_write_nullable_strings=True):
+        adata.write_h5ad(path)
+
+
 def _package_version() -> str:
     from . import __version__
 
@@ -174,7 +191,7 @@ def save(
         torch.save(state, weights_path)
         meta["weights_sha256"] = _sha256(weights_path)
         if save_anndata:
-            model.adata.write_h5ad(tmp / meta["adata_file"])
+            write_h5ad(model.adata, tmp / meta["adata_file"])
         # The metadata file is written last: a directory without it is not a model.
         with open(tmp / (prefix + META_FILE), "w") as handle:
             indices = {"train_indices": model.train_indices, "validation_indices": model.validation_indices}

@@ -224,6 +224,7 @@ class LinearSCVI:
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 1,
         resume_from: str | None = None,
+        cuda_graphs: bool | None = None,
     ) -> LinearSCVI:
         """Train with SVI; arguments as ``scvi.model.LinearSCVI.train``.
 
@@ -251,7 +252,13 @@ class LinearSCVI:
         resume_from
             A ``checkpoint_dir`` (or its ``last.ckpt``) to continue from; use the same data,
             seed and split arguments. ``max_epochs`` counts the epochs already done, so the
-            resumed run ends bit-identical to an uninterrupted one.
+            resumed run ends bit-identical to an uninterrupted one on CPU. On a GPU with CUDA
+            graphs it ends equal to float rounding: the resumed run warms up and captures anew.
+        cuda_graphs
+            On a GPU, record one training step as a CUDA graph and replay it for every full
+            minibatch, instead of launching its few hundred kernels from Python each step.
+            Default: whenever it can (the counts fit in GPU memory as a dense matrix, no priors,
+            one process); ``False`` never; ``True`` raises if it cannot.
 
         Ctrl-C stops after the current step; the model keeps the last completed epoch and
         ``stop_reason_`` is 'interrupted'. If the loss becomes NaN or infinite, a
@@ -290,6 +297,7 @@ class LinearSCVI:
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=checkpoint_every,
             resume_from=resume_from,
+            cuda_graphs=cuda_graphs,
         )
         self.stop_reason_ = getattr(history, "stop_reason", "completed")
         self.history_ = _append_history(self.history_, dict(history))

@@ -32,6 +32,7 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.nn import PyroModule, PyroParam
 from pyro.nn.module import to_pyro_module_
+from pyro.poutine.subsample_messenger import _Subsample
 from torch.distributions import constraints, kl_divergence
 
 from .distributions import count_likelihood, total_counts
@@ -95,10 +96,25 @@ def _pyro_method(method: Callable) -> Callable:
     return wrapper
 
 
-def kl_warmup(kl_weight: float):
+def kl_warmup(kl_weight: float | torch.Tensor):
     """Scale the z terms by the KL warm-up weight; a weight of 0 (scvi-tools' first epoch) masks them,
-    since ``poutine.scale`` only takes positive scales."""
+    since ``poutine.scale`` only takes positive scales.
+
+    A 0-dim tensor weight (the CUDA-graph training step's, see ``cuda_graph``) scales as it is,
+    0 included: comparing it with 0 would read it back to the host, which a graph cannot do.
+    """
+    if isinstance(kl_weight, torch.Tensor):
+        return poutine.scale(scale=kl_weight)
     return poutine.scale(scale=kl_weight) if kl_weight > 0 else poutine.mask(mask=False)
+
+
+def one_hot(codes: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """``(cells, n_classes)`` indicators of integer ``codes`` (checked when the data are set up).
+
+    As a comparison rather than ``F.one_hot``, which on CPU reads the codes' range back to the
+    host: the CUDA-graph scan of the training step runs on CPU (``tests/test_cuda_graph.py``).
+    """
+    return codes.unsqueeze(-1) == torch.arange(n_classes, device=codes.device)
 
 
 class LDVAE(PyroModule):
@@ -271,7 +287,7 @@ class LDVAE(PyroModule):
         loadings, z_prior = self.global_latents()  # None, None without priors: the default model
         with self._cells_plate(mb, n_obs):
             with kl_warmup(kl_weight):
-                z_prior = dist.Normal(self._zeros(mb), 1.0).to_event(1) if z_prior is None else z_prior
+                z_prior = dist.Normal(self._zeros(mb), self._ones(mb)).to_event(1) if z_prior is None else z_prior
                 z = pyro.sample("z", z_prior)  # (cells, n_latent)
             if self.use_observed_lib_size:
                 library = torch.log(total_counts(mb.x))  # (cells,)
@@ -336,6 +352,11 @@ class LDVAE(PyroModule):
     def _zeros(self, mb: Minibatch) -> torch.Tensor:
         return self.library_log_means.new_zeros(mb.n_cells, self.n_latent)
 
+    def _ones(self, mb: Minibatch) -> torch.Tensor:
+        # A tensor, not the number 1.0: a Normal makes a device tensor of a number by a host copy,
+        # which a CUDA graph cannot capture.
+        return self.library_log_means.new_ones(mb.n_cells, self.n_latent)
+
     def z_transform(self, z: torch.Tensor) -> torch.Tensor:
         """What the decoder sees of z: z itself, or softmax(z) for the logistic normal."""
         return F.softmax(z, dim=-1) if self.latent_distribution == "ln" else z
@@ -344,10 +365,10 @@ class LDVAE(PyroModule):
         """Decoder columns after z: one-hot batch, one-hot categorical covariates, continuous ones."""
         columns = []
         if self.n_batch > 1:
-            columns.append(F.one_hot(mb.batch, self.n_batch))
+            columns.append(one_hot(mb.batch, self.n_batch))
         for i, n_cat in enumerate(self.n_cats_per_cov):
             if n_cat > 1:
-                columns.append(F.one_hot(mb.cat_covs[:, i], n_cat))
+                columns.append(one_hot(mb.cat_covs[:, i], n_cat))
         if self.n_continuous_cov:
             columns.append(mb.cont_covs)
         dtype = self.library_log_means.dtype
@@ -384,8 +405,8 @@ class LDVAE(PyroModule):
         elbo = 0.0
         per_cell = 0.0
         for name, site in model_trace.nodes.items():
-            if site["type"] != "sample" or site["infer"].get("_deterministic"):
-                continue
+            if site["type"] != "sample" or site["infer"].get("_deterministic") or isinstance(site["fn"], _Subsample):
+                continue  # the plate's subsample site has log-density 0
             if site["is_observed"]:
                 term = site["fn"].log_prob(site["value"])
             else:

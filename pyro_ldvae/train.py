@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
+from .cuda_graph import GraphedTrainingStep
 from .data import CellData, DeviceCells
 from .module import LDVAE, Minibatch
 
@@ -205,13 +206,72 @@ def keep_freed_memory() -> bool:
     return _allocator_tuned
 
 
-def make_optimizer(module: torch.nn.Module, plan: TrainingPlan) -> torch.optim.Optimizer:
-    """Adam with scvi-tools' settings; one fused kernel over all parameters where torch has one."""
+def make_optimizer(module: torch.nn.Module, plan: TrainingPlan, capturable: bool = False) -> torch.optim.Optimizer:
+    """Adam with scvi-tools' settings; one fused kernel over all parameters where torch has one.
+
+    ``capturable`` keeps the step count on the device, as a CUDA graph of the step needs."""
     params = list(module.parameters())
+    settings = dict(lr=plan.lr, eps=plan.eps, weight_decay=plan.weight_decay, capturable=capturable)
     try:
-        return torch.optim.Adam(params, lr=plan.lr, eps=plan.eps, weight_decay=plan.weight_decay, fused=True)
+        return torch.optim.Adam(params, **settings, fused=True)
     except (RuntimeError, TypeError):  # a device or dtype without a fused Adam
-        return torch.optim.Adam(params, lr=plan.lr, eps=plan.eps, weight_decay=plan.weight_decay, foreach=True)
+        return torch.optim.Adam(params, **settings, foreach=True)
+
+
+def resident_cells(data: CellData, device: torch.device | str, data_on_device: bool | None) -> DeviceCells | None:
+    """The counts to keep on ``device`` for training, or None to cut each minibatch on the host.
+
+    Default (``data_on_device=None``): on CUDA only, as a dense matrix when that takes at most
+    half the free GPU memory (minibatches are then one gather, which a CUDA graph can capture),
+    else as CSR when that fits, else on the host. ``True`` keeps them on ``device`` in any case
+    (dense on CUDA when that fits, CSR otherwise and on CPU); on-disk data never are.
+    """
+    device = torch.device(device)
+    if hasattr(data, "iter_epoch") or data_on_device is False:
+        return None
+    if device.type != "cuda":
+        return DeviceCells(data, device) if data_on_device else None
+    dense = DeviceCells.fits(data, device, dense=True)
+    if data_on_device is None and not dense and not DeviceCells.fits(data, device):
+        return None
+    return DeviceCells(data, device, dense=dense)
+
+
+class ResidentMinibatches:
+    """Each epoch's shuffled training minibatches, cut from counts resident on the device.
+
+    The epoch's permutation is copied to the device once. With ``yield_positions`` a full-size
+    minibatch comes as its positions in the training set (an int64 device tensor), for the
+    CUDA-graph step to gather itself (see ``cuda_graph``); an epoch's last, smaller minibatch
+    always comes as a ``Minibatch``.
+    """
+
+    def __init__(
+        self,
+        resident: DeviceCells,
+        train_idx: np.ndarray,
+        batch_size: int,
+        ddp: distributed.DistributedContext | None = None,
+        yield_positions: bool = False,
+    ):
+        self.resident, self.batch_size, self.ddp, self.yield_positions = resident, batch_size, ddp, yield_positions
+        self.n_train = len(train_idx)
+        self.train_cells = torch.from_numpy(np.asarray(train_idx, dtype=np.int64)).to(resident.device)
+
+    def minibatch(self, positions: torch.Tensor) -> Minibatch:
+        return self.resident.minibatch(self.train_cells[positions], plate_idx=positions)
+
+    def __call__(self, generator: torch.Generator) -> Iterator[Minibatch | torch.Tensor]:
+        order = torch.randperm(self.n_train, generator=generator)
+        if self.ddp is not None:
+            order = torch.from_numpy(self.ddp.shard(order.numpy()))
+        order = order.to(self.resident.device)  # one copy per epoch
+        for start in range(0, len(order), self.batch_size):
+            positions = order[start : start + self.batch_size]
+            if self.yield_positions and len(positions) == self.batch_size:
+                yield positions
+            elif len(positions) > 1:
+                yield self.minibatch(positions)
 
 
 def minibatch_source(
@@ -224,35 +284,38 @@ def minibatch_source(
 ) -> Callable[[torch.Generator], Iterator[Minibatch]]:
     """A function of the epoch's generator that yields that epoch's shuffled training minibatches.
 
-    In-memory data are cut per step from CSR (sparse ``x``); with ``data_on_device`` (default:
-    on CUDA when the counts fit) the matrix lives on ``device`` and each epoch's permutation is
-    copied there once. Data with their own epoch iterator (on-disk data) use it. Every path
-    draws the permutation from the same generator, so they visit cells in the same order.
+    In-memory data are cut per step from CSR (sparse ``x``), or from counts resident on the
+    device (see ``resident_cells``); data with their own epoch iterator (on-disk data) use it.
+    Every path draws the permutation from the same generator, so they visit cells in the same order.
     """
     device = torch.device(device)
     if hasattr(data, "iter_epoch"):
         return lambda generator: data.iter_epoch(train_idx, batch_size, generator, device, ddp)
-    if data_on_device is None:
-        data_on_device = device.type == "cuda" and DeviceCells.fits(data, device)
-    if not data_on_device:
-        return lambda generator: (
-            data.minibatch(train_idx[positions], device, plate_idx=positions, sparse=True)
-            for positions in _minibatch_indices(train_idx, batch_size, generator, ddp)
-        )
-    resident = DeviceCells(data, device)
-    train_cells = torch.from_numpy(np.asarray(train_idx, dtype=np.int64)).to(device)
+    resident = resident_cells(data, device, data_on_device)
+    if resident is not None:
+        return ResidentMinibatches(resident, train_idx, batch_size, ddp)
+    return lambda generator: (
+        data.minibatch(train_idx[positions], device, plate_idx=positions, sparse=True)
+        for positions in _minibatch_indices(train_idx, batch_size, generator, ddp)
+    )
 
-    def epoch(generator: torch.Generator) -> Iterator[Minibatch]:
-        order = torch.randperm(len(train_idx), generator=generator)
-        if ddp is not None:
-            order = torch.from_numpy(ddp.shard(order.numpy()))
-        order = order.to(device)  # one copy per epoch
-        for start in range(0, len(order), batch_size):
-            positions = order[start : start + batch_size]
-            if len(positions) > 1:
-                yield resident.minibatch(train_cells[positions], plate_idx=positions)
 
-    return epoch
+def use_cuda_graphs(
+    cuda_graphs: bool | None, module: LDVAE, source: Callable, device: torch.device, ddp: object | None
+) -> bool:
+    """Whether to replay the training step as a CUDA graph; ``True`` that cannot be met is an error."""
+    reasons = []
+    if device.type != "cuda":
+        reasons.append("it needs a CUDA device")
+    if not (isinstance(source, ResidentMinibatches) and not source.resident.sparse):
+        reasons.append("it needs the counts resident on the GPU as a dense matrix (data_on_device, memory)")
+    if module.loadings_prior is not None or module.z_prior is not None:
+        reasons.append("models with priors run eagerly (a prior may make tensors from numbers)")
+    if ddp is not None:
+        reasons.append("distributed training runs eagerly")
+    if cuda_graphs and reasons:
+        raise ValueError(f"cuda_graphs=True cannot be met: {'; '.join(reasons)}. Pass cuda_graphs=None or False.")
+    return cuda_graphs is not False and not reasons
 
 
 def train_svi(
@@ -275,11 +338,14 @@ def train_svi(
     checkpoint_every: int = 1,
     resume_from: str | None = None,
     data_on_device: bool | None = None,
+    cuda_graphs: bool | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Fit ``module`` to the cells ``train_idx`` of ``data`` by stochastic variational inference.
 
     ``data_on_device`` keeps the whole count matrix on ``device`` and cuts minibatches there
-    (default: on CUDA when the counts fit in half the free GPU memory); see ``minibatch_source``.
+    (default: on CUDA when the counts fit in half the free GPU memory); see ``resident_cells``.
+    ``cuda_graphs`` replays the training step as a CUDA graph (see ``cuda_graph``); default: on
+    CUDA whenever it can (dense resident counts, no priors, one process).
 
     Returns the history, scvi-tools style: a dict of one-column DataFrames indexed by epoch
     (``elbo_train``, ``elbo_validation``, ``reconstruction_loss_train``, ``kl_local_train``,
@@ -300,10 +366,12 @@ def train_svi(
     keep_freed_memory()  # see PAGE_FAULTS
     pyro.set_rng_seed(seed)
     generator = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
     module.to(device).train()
-    optimizer = make_optimizer(module, plan)
     ddp = distributed.current()  # under torchrun: shard cells, average gradients over ranks
     epoch_minibatches = minibatch_source(data, train_idx, batch_size, device, data_on_device, ddp)
+    graphed = use_cuda_graphs(cuda_graphs, module, epoch_minibatches, device, ddp)
+    optimizer = make_optimizer(module, plan, capturable=graphed)
     elbo_fn = module.elbo if ddp is None else distributed.wrap(module, ddp)
     n_train = len(train_idx)
     rows: list[dict[str, float]] = []
@@ -316,6 +384,30 @@ def train_svi(
         best, epochs_since_best = state["best"], state["epochs_since_best"]
         logger.info("Resuming from %s after epoch %d.", ckpt.checkpoint_path(resume_from), start_epoch - 1)
     params = [p for p in module.parameters() if p.requires_grad]
+    # Running sums over an epoch, updated in place (a CUDA graph writes to fixed addresses):
+    # the per-cell ELBO, and the loss, whose NaN/inf is read every FAULT_CHECK_EVERY steps.
+    elbo_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device)
+
+    def svi_step(mb: Minibatch, kl_weight: float | torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with pyro.validation_enabled(False):  # see NO_VALIDATION
+            elbo, per_cell = elbo_fn(mb, n_obs=n_train, kl_weight=kl_weight)
+        loss = -elbo / n_train
+        loss.backward()
+        if gradient_clip_val is not None:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        optimizer.step()
+        elbo_sum.add_(per_cell.detach().sum())
+        loss_sum.add_(loss.detach())
+
+    if graphed:
+        epoch_minibatches.yield_positions = True
+        graphed = GraphedTrainingStep(
+            lambda positions, kl_weight: svi_step(epoch_minibatches.minibatch(positions), kl_weight),
+            batch_size,
+            device,
+        )
     snapshot = ckpt.capture(
         module, optimizer, generator, start_epoch, rows, best, epochs_since_best, train_idx, val_idx
     )
@@ -335,29 +427,26 @@ def train_svi(
         for epoch in bar:
             start = time.perf_counter()
             kl_weight = plan.kl_weight(epoch)
-            elbo_sum = torch.zeros((), device=device)
-            loss_sum = torch.zeros((), device=device)  # running NaN/inf flag, read every FAULT_CHECK_EVERY steps
+            elbo_sum.zero_()
+            loss_sum.zero_()
+            if graphed:
+                graphed.set_kl_weight(kl_weight)
             for step, mb in enumerate(epoch_minibatches(generator)):
-                optimizer.zero_grad(set_to_none=True)
-                with pyro.validation_enabled(False):  # see NO_VALIDATION
-                    elbo, per_cell = elbo_fn(mb, n_obs=n_train, kl_weight=kl_weight)
-                loss = -elbo / n_train
-                loss.backward()
-                if gradient_clip_val is not None:
-                    torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-                optimizer.step()
-                elbo_sum += per_cell.detach().sum()
-                loss_sum += loss.detach()
+                if isinstance(mb, torch.Tensor):  # a full minibatch's positions: the graph gathers it
+                    graphed(mb)
+                else:
+                    svi_step(mb, kl_weight)
                 if (step + 1) % FAULT_CHECK_EVERY == 0 and not torch.isfinite(loss_sum + elbo_sum):
                     break
                 if guard.requested:
                     raise KeyboardInterrupt
             if not _all_finite([loss_sum + elbo_sum, *params, *module.buffers()]):
                 raise _fault(epoch, snapshot, module, optimizer)
+            epoch_elbo = elbo_sum
             if ddp is not None:  # sum the ranks' shares; align batch-norm running statistics
-                elbo_sum = ddp.all_reduce_sum(elbo_sum)
+                epoch_elbo = ddp.all_reduce_sum(elbo_sum)
                 ddp.sync_buffers(module)
-            row = {"epoch": epoch, "kl_weight": kl_weight, "elbo_train": -(elbo_sum / n_train).item()}
+            row = {"epoch": epoch, "kl_weight": kl_weight, "elbo_train": -(epoch_elbo / n_train).item()}
             row["train_time"] = time.perf_counter() - start
             if len(val_idx) and (epoch + 1) % check_val_every_n_epoch == 0:
                 if ddp is None:

@@ -13,6 +13,38 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(autouse=True)
+def cpu_unless_asked(monkeypatch):
+    """accelerator='auto' means the CPU in tests, also on a machine with a GPU.
+
+    The tests' expectations (bit-identical resumption, faults injected at a given step, exact
+    equality after save/load) are CPU facts; the GPU tests (tests/test_cuda_graph.py) ask for
+    the GPU by name.
+    """
+    from pyro_ldvae import model
+
+    resolve_device = model.resolve_device
+    monkeypatch.setattr(
+        model,
+        "resolve_device",
+        lambda accelerator="auto", device="auto": resolve_device(
+            "cpu" if accelerator == "auto" else accelerator, device
+        ),
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def write_string_arrays():
+    """Let fixtures' ``write_h5ad`` write pandas string arrays (pandas 3's names; see ``io.write_h5ad``)."""
+    import anndata
+
+    if hasattr(anndata.settings, "allow_write_nullable_strings"):
+        with anndata.settings.override(allow_write_nullable_strings=True):
+            yield
+    else:
+        yield
+
+
 def shared_dataset(name: str) -> Path:
     """Path of a dataset in ../shared/data; skips the test when it is not there."""
     path = SHARED_DATA / name

@@ -36,7 +36,7 @@ def test_help_is_complete(capsys):
     assert main(["fit", "--help"]) == 0
     text = capsys.readouterr().out
     for option in ("--output", "--layer", "--batch-key", "--labels-key", "--n-latent", "--gene-likelihood",
-                   "--dispersion", "--max-epochs", "--batch-size", "--accelerator", "--seed", "--save-model",
+                   "--dispersion", "--max-epochs", "--batch-size", "--accelerator", "--no-cuda-graphs", "--seed", "--save-model",
                    "--overwrite"):  # fmt: skip
         assert option in text, option
     assert main(["transform", "--help"]) == 0

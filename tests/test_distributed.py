@@ -65,7 +65,8 @@ def _torchrun_two_ranks(tmp_path, path, phases, mode: str = "memory") -> dict:
     """Train on ``path`` with 2 gloo ranks; check the ranks end bit-identical; rank 0's results."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    path_entries = [str(ROOT), os.environ.get("PYTHONPATH", "")]  # keep the caller's entries
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path_entries if p), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0"]
     cmd += ["--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", str(script), str(path), str(tmp_path)]
     cmd += [json.dumps(SETTINGS), json.dumps([dict(phase, **TRAIN) for phase in phases]), mode]
@@ -111,3 +112,15 @@ def test_two_gloo_ranks_train_on_data_on_disk(tmp_path):
     history = result["history"]
     assert np.isfinite(history).all() and history[-1] < 0.9 * history[0]
     assert history[-1] == pytest.approx(-result["held_out"], rel=0.01)
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    from pyro_ldvae import distributed
+
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RuntimeError, match="1 visible GPU.*--nproc_per_node.*--accelerator cpu"):
+        distributed.init_from_env("auto")

@@ -1,0 +1,225 @@
+"""The CUDA-graph training step (issue 5, GPU): capturable on CPU by a scan, equal to eager on a GPU.
+
+A CUDA graph cannot capture a host synchronisation, a host-to-device copy or a value-dependent
+shape. CI has no GPU, so the first tests run the very step that training captures (the real
+``train_svi`` with a stand-in for the graph that runs it eagerly) under a dispatch mode that
+records every operation that would be one of those on a GPU. The tests marked ``cuda`` run on a
+GPU machine: the captured step trains like the eager one.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pyro_ldvae import LinearSCVI, simulate
+from pyro_ldvae import train as train_mod
+from pyro_ldvae.data import CellData, DeviceCells, get_registry
+
+# Operations that read a value back to the host (a sync), make a tensor from host data (on a
+# GPU, a copy), or give a shape that depends on values.
+HOST_SYNC = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal"}
+HOST_COPY = {"aten::lift_fresh", "aten::lift_fresh_copy"}
+DYNAMIC_SHAPE = {"aten::nonzero", "aten::masked_select", "aten::unique", "aten::_unique2", "aten::repeat_interleave"}
+
+
+class CaptureHazards(TorchDispatchMode):
+    """Records the operations that a CUDA graph could not capture."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        empty_tensor = name in HOST_COPY and args and args[0].numel() == 0  # Pyro asks torch.tensor(()).device
+        masked = name in ("aten::index", "aten::index_put", "aten::index_put_") and any(
+            i is not None and i.dtype == torch.bool for i in args[1]
+        )  # x[mask] gathers a value-dependent number of elements
+        if (name in HOST_SYNC | HOST_COPY | DYNAMIC_SHAPE or masked) and not empty_tensor:
+            self.found.append(f"{name} (boolean mask)" if masked else name)
+        return func(*args, **(kwargs or {}))
+
+
+class ScannedStep:
+    """Stands in for ``GraphedTrainingStep`` on CPU: runs the step eagerly under the scan."""
+
+    instances: list[ScannedStep] = []
+
+    def __init__(self, step, batch_size, device):
+        self.step, self.batch_size = step, batch_size
+        self.positions = torch.zeros(batch_size, dtype=torch.int64)
+        self.kl_weight = torch.zeros(())
+        self.calls, self.hazards = 0, []
+        ScannedStep.instances.append(self)
+
+    def set_kl_weight(self, kl_weight):
+        self.kl_weight.fill_(kl_weight)
+
+    def __call__(self, positions):
+        assert positions.shape == (self.batch_size,)
+        self.positions.copy_(positions)
+        with CaptureHazards() as scan:
+            self.step(self.positions, self.kl_weight)
+        self.hazards += scan.found
+        self.calls += 1
+
+
+@pytest.fixture
+def graph_on_cpu(monkeypatch):
+    """train_svi on CPU takes its CUDA-graph path, with dense resident counts and the scan."""
+    ScannedStep.instances.clear()
+    monkeypatch.setattr(train_mod, "GraphedTrainingStep", ScannedStep)
+    monkeypatch.setattr(train_mod, "use_cuda_graphs", lambda *args: True)
+    monkeypatch.setattr(train_mod, "resident_cells", lambda data, device, flag: DeviceCells(data, device, dense=True))
+    make_optimizer = train_mod.make_optimizer  # capturable Adam needs CUDA: the plain one here
+    monkeypatch.setattr(train_mod, "make_optimizer", lambda module, plan, capturable: make_optimizer(module, plan))
+    return ScannedStep.instances
+
+
+@pytest.mark.parametrize(
+    "model_kwargs",
+    [
+        {},
+        {"gene_likelihood": "zinb", "dispersion": "gene-cell"},
+        {"gene_likelihood": "poisson", "latent_distribution": "ln", "use_observed_lib_size": True},
+        {"dispersion": "gene-batch", "gradient_clip_val": 1.0},
+    ],
+    ids=["nb", "zinb-gene-cell", "poisson-ln-observed-library", "gene-batch-clipped"],
+)
+def test_the_training_step_has_nothing_a_cuda_graph_cannot_capture(graph_on_cpu, model_kwargs):
+    adata = simulate(n_cells=300, n_genes=40, n_batch=2, seed=1)
+    LinearSCVI.setup_anndata(adata, batch_key="batch")
+    clip = model_kwargs.pop("gradient_clip_val", None)
+    model = LinearSCVI(adata, n_latent=3, seed=0, **model_kwargs)
+    cells = CellData(adata, get_registry(adata))
+    train_idx, val_idx = np.arange(270), np.arange(270, 300)
+    history = train_mod.train_svi(
+        model.module, cells, train_idx, val_idx, max_epochs=2, batch_size=64, progress_bar=False, gradient_clip_val=clip
+    )
+    (step,) = graph_on_cpu
+    assert step.calls == 2 * (270 // 64)  # every full minibatch went through the graph path
+    assert step.hazards == []
+    assert np.isfinite(history["elbo_validation"].to_numpy()).all()
+
+
+def test_the_scan_finds_what_a_graph_cannot_capture():
+    """The scan itself: a sync, a host copy and a value-dependent shape are each found."""
+    x = torch.arange(6.0)
+    with CaptureHazards() as scan:
+        float(x.sum())
+        torch.distributions.Normal(x, 1.0)  # the number 1.0 becomes a tensor: a host copy on a GPU
+        x[x > 2]
+        torch.repeat_interleave(torch.tensor([1, 2]).long()[:0])
+    assert "aten::_local_scalar_dense" in scan.found
+    assert "aten::lift_fresh" in scan.found
+    assert "aten::index (boolean mask)" in scan.found
+    assert "aten::repeat_interleave" in scan.found
+
+
+def test_cuda_graphs_true_without_a_gpu_names_the_reason():
+    adata = simulate(n_cells=100, n_genes=20, seed=0)
+    LinearSCVI.setup_anndata(adata)
+    model = LinearSCVI(adata, n_latent=2)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        model.train(max_epochs=1, accelerator="cpu", cuda_graphs=True, progress_bar=False)
+
+
+def test_dense_resident_counts_give_the_same_minibatches(monkeypatch):
+    adata = simulate(n_cells=500, n_genes=60, n_batch=2, seed=2)
+    LinearSCVI.setup_anndata(adata, batch_key="batch")
+    cells = CellData(adata, get_registry(adata))
+    monkeypatch.setattr(DeviceCells, "DENSIFY_ELEMENTS", 60 * 7)  # blocks of 7 rows, the last one short
+    dense = DeviceCells(cells, "cpu", dense=True)
+    csr = DeviceCells(cells, "cpu")
+    idx = torch.tensor([499, 0, 7, 7, 250, 13])
+    a, b = dense.minibatch(idx), csr.minibatch(idx)
+    assert not dense.sparse and a.x.layout == torch.strided
+    assert torch.equal(a.x, b.x.to_dense())
+    assert torch.equal(a.batch, b.batch)
+    np.testing.assert_array_equal(dense.X.numpy(), cells.X.toarray())
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_captured_training_matches_eager_training_on_gpu():
+    adata = simulate(n_cells=3000, n_genes=200, n_latent=4, seed=5)
+    LinearSCVI.setup_anndata(adata)
+    results = {}
+    for graphs in (False, True):
+        model = LinearSCVI(adata, n_latent=4, seed=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns: make it fail here
+            model.train(max_epochs=8, accelerator="gpu", cuda_graphs=graphs, progress_bar=False, seed=0)
+        results[graphs] = model.history["elbo_validation"]["elbo_validation"].to_numpy()
+    eager, graphed = results[False], results[True]
+    assert np.isfinite(graphed).all()
+    assert graphed[-1] < graphed[0]  # it learns
+    assert abs(graphed[-1] - eager[-1]) / abs(eager[-1]) < 0.01
+
+
+@cuda
+def test_a_replayed_step_equals_an_eager_step():
+    """From the same state and seed, an epoch whose last full step is a replay ends where an
+    all-eager epoch ends: the graph computes the same step, random draws included."""
+    adata = simulate(n_cells=600, n_genes=100, seed=8)
+    LinearSCVI.setup_anndata(adata)
+    cells = CellData(adata, get_registry(adata))
+    train_idx, val_idx = np.arange(540), np.arange(540, 600)  # 4 full minibatches of 128, then 28 cells
+    states = {}
+    for graphs in (False, True):
+        model = LinearSCVI(adata, n_latent=3, seed=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            train_mod.train_svi(
+                model.module,
+                cells,
+                train_idx,
+                val_idx,
+                max_epochs=2,
+                device="cuda",
+                progress_bar=False,
+                cuda_graphs=graphs,
+            )
+        states[graphs] = {k: v.detach().cpu() for k, v in model.module.state_dict().items()}
+    for name, eager in states[False].items():
+        torch.testing.assert_close(states[True][name], eager, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@cuda
+def test_gpu_inference_equals_cpu_inference_for_the_same_parameters():
+    adata = simulate(n_cells=400, n_genes=50, seed=6)
+    LinearSCVI.setup_anndata(adata)
+    model = LinearSCVI(adata, n_latent=3, seed=0)
+    model.train(max_epochs=2, accelerator="cpu", progress_bar=False)
+    on_cpu = model.get_latent_representation()
+    model.module.to("cuda")
+    np.testing.assert_allclose(model.get_latent_representation(), on_cpu, rtol=1e-4, atol=1e-5)
+    # the count likelihood of sparse and dense minibatches on the GPU, with the same draws
+    cells = CellData(adata, get_registry(adata))
+    idx = np.arange(0, 400, 3)
+    elbos = []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        elbo, per_cell = model.module.elbo(cells.minibatch(idx, "cuda", sparse=sparse))
+        elbos.append(per_cell.cpu())
+    torch.testing.assert_close(elbos[0], elbos[1], rtol=1e-5, atol=1e-3)
+
+
+@cuda
+def test_sparse_products_and_transpose_on_gpu():
+    from pyro_ldvae.nn import _csr_matmul, _csr_transpose
+
+    generator = torch.Generator().manual_seed(0)
+    dense = torch.rand(64, 300, generator=generator)
+    dense[dense < 0.9] = 0
+    x = dense.to_sparse_csr().cuda()
+    weight = torch.randn(300, 16, generator=generator).cuda()
+    torch.testing.assert_close(_csr_matmul(x, weight), dense.cuda() @ weight, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_csr_transpose(x).to_dense(), dense.t().cuda())
