@@ -13,24 +13,26 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-@pytest.fixture(autouse=True)
-def cpu_unless_asked(monkeypatch):
+@pytest.fixture(scope="session", autouse=True)
+def cpu_unless_asked():
     """accelerator='auto' means the CPU in tests, also on a machine with a GPU.
 
     The tests' expectations (bit-identical resumption, faults injected at a given step, exact
     equality after save/load) are CPU facts; the GPU tests (tests/test_cuda_graph.py) ask for
-    the GPU by name.
+    the GPU by name. Session-scoped, so that module-scoped fixtures train on the CPU too.
     """
     from pyro_ldvae import model
 
     resolve_device = model.resolve_device
-    monkeypatch.setattr(
-        model,
-        "resolve_device",
-        lambda accelerator="auto", device="auto": resolve_device(
-            "cpu" if accelerator == "auto" else accelerator, device
-        ),
-    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            model,
+            "resolve_device",
+            lambda accelerator="auto", device="auto": resolve_device(
+                "cpu" if accelerator == "auto" else accelerator, device
+            ),
+        )
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)
