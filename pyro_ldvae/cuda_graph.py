@@ -10,8 +10,9 @@ What a captured step must satisfy, and how the training step does it (``tests/te
 scans the step on CPU for each of these, so CI guards it without a GPU):
 
 - no host synchronisation (no ``.item()``, no shapes that depend on values): the counts are
-  resident on the GPU as a dense matrix (``DeviceCells(dense=True)``) and each minibatch is one
-  row gather by a static index tensor, inside the graph;
+  resident on the GPU and each minibatch is gathered inside the graph by a static index tensor,
+  as a dense ``(cells, genes)`` block: one row gather from a dense matrix, or from CSR a gather
+  into a fixed number of slots (``DeviceCells.fixed_shape_rows``);
 - no host-to-device copy (a Python number made into a device tensor is one): the model builds
   its distributions from tensors, and the KL warm-up weight is a device tensor set once an epoch;
 - fixed shapes: only full-size minibatches replay; an epoch's last, smaller one runs eagerly;

@@ -317,11 +317,12 @@ class DeviceCells:
     On a GPU the whole matrix is copied to GPU memory once and every minibatch is gathered on the
     device with a few vectorised index operations, so training does no host-to-device copy of
     counts per step. ``dense=True`` stores the counts as a dense ``(cells, genes)`` matrix
-    (written from sparse data a block of rows at a time): a minibatch is then one row gather
-    with a fixed shape, with no host synchronisation, which a CUDA graph can capture (see
-    ``cuda_graph``). Otherwise sparse counts stay a CSR triplet, and each minibatch reads its
-    number of non-zeros back to the host. It works on ``device='cpu'`` too (that is how it is
-    tested) and yields the same minibatches as ``CellData.minibatch``.
+    (written from sparse data a block of rows at a time): a minibatch is then one row gather.
+    Otherwise sparse counts stay a CSR triplet (a third of the memory at 10% non-zeros); a
+    sparse minibatch then reads its number of non-zeros back to the host, and
+    ``fixed_shape_rows`` cuts a dense one without doing so, for a CUDA graph (see
+    ``cuda_graph``). It works on ``device='cpu'`` too (that is how it is tested) and yields the
+    same minibatches as ``CellData.minibatch``.
     """
 
     # Rows densified per host-to-device copy: bounds the host memory the dense layout takes.
@@ -331,6 +332,7 @@ class DeviceCells:
         self.device = torch.device(device)
         self.n_obs, self.n_vars = cells.n_obs, cells.n_vars
         self.sparse = sp.issparse(cells.X) and not dense
+        self._capacity: dict[int, int] = {}
         if self.sparse:
             self.crow = torch.from_numpy(cells.X.indptr.astype(np.int64)).to(self.device)  # (cells + 1,)
             self.col = torch.from_numpy(cells.X.indices.astype(np.int64)).to(self.device)  # (nnz,)
@@ -378,12 +380,49 @@ class DeviceCells:
             crow, self.col[positions], self.val[positions], size=(len(idx), self.n_vars), check_invariants=False
         )
 
-    def minibatch(self, idx: torch.Tensor, plate_idx: torch.Tensor | None = None) -> Minibatch:
-        """Minibatch of cells ``idx`` (an int64 tensor on the device); ``x`` sparse CSR when stored sparse."""
+    def fixed_shape_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Counts of cells ``idx`` as a dense ``(cells, genes)`` matrix, computed with shapes that
+        depend only on ``len(idx)``: no host synchronisation, so a CUDA graph can capture it.
+
+        From CSR, the minibatch's entries are gathered into ``capacity(len(idx))`` slots (the most
+        non-zeros any ``len(idx)`` cells hold); the slots past the minibatch's own non-zeros add
+        zeros to the result.
+        """
+        if not self.sparse:
+            return self.X[idx]
+        n_cells, n_slots = len(idx), self.capacity(len(idx))
+        starts = self.crow[idx]
+        lengths = self.crow[idx + 1] - starts
+        ends = torch.cumsum(lengths, 0)  # end of each cell's entries among the minibatch's
+        slot = torch.arange(n_slots, device=self.device)
+        row = torch.searchsorted(ends, slot, right=True)  # the cell of each slot; n_cells past the end
+        filled = row < n_cells
+        row = row.clamp(max=n_cells - 1)
+        source = (starts[row] + slot - (ends[row] - lengths[row])).clamp(max=len(self.col) - 1)
+        dense = torch.zeros(n_cells * self.n_vars, dtype=self.val.dtype, device=self.device)
+        # added, not written: an empty slot adds 0 at a real entry's position instead of
+        # overwriting it (index_add_ is an atomic add on CUDA; index_put_ would sort the indices)
+        dense.index_add_(0, row * self.n_vars + self.col[source], self.val[source] * filled)
+        return dense.view(n_cells, self.n_vars)
+
+    def capacity(self, n_cells: int) -> int:
+        """The most non-zeros that any ``n_cells`` cells hold together (computed once per size)."""
+        if not self.sparse:
+            return n_cells * self.n_vars
+        if n_cells not in self._capacity:
+            per_cell = self.crow[1:] - self.crow[:-1]
+            self._capacity[n_cells] = max(1, int(torch.topk(per_cell, min(n_cells, self.n_obs)).values.sum()))
+        return self._capacity[n_cells]
+
+    def minibatch(
+        self, idx: torch.Tensor, plate_idx: torch.Tensor | None = None, fixed_shapes: bool = False
+    ) -> Minibatch:
+        """Minibatch of cells ``idx`` (an int64 tensor on the device); ``x`` sparse CSR when stored
+        sparse, unless ``fixed_shapes`` asks for a dense ``x`` cut without host synchronisation."""
         idx = torch.as_tensor(idx, device=self.device)
         take = lambda a: None if a is None else a[idx]  # noqa: E731
         return Minibatch(
-            x=self.rows(idx),
+            x=self.fixed_shape_rows(idx) if fixed_shapes else self.rows(idx),
             batch=self.batch[idx],
             labels=self.labels[idx],
             cat_covs=take(self.cat_covs),

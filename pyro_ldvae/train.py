@@ -243,7 +243,8 @@ class ResidentMinibatches:
     The epoch's permutation is copied to the device once. With ``yield_positions`` a full-size
     minibatch comes as its positions in the training set (an int64 device tensor), for the
     CUDA-graph step to gather itself (see ``cuda_graph``); an epoch's last, smaller minibatch
-    always comes as a ``Minibatch``.
+    always comes as a ``Minibatch``. Every minibatch then has a dense ``x``, also from CSR
+    (``DeviceCells.fixed_shape_rows``).
     """
 
     def __init__(
@@ -259,7 +260,9 @@ class ResidentMinibatches:
         self.train_cells = torch.from_numpy(np.asarray(train_idx, dtype=np.int64)).to(resident.device)
 
     def minibatch(self, positions: torch.Tensor) -> Minibatch:
-        return self.resident.minibatch(self.train_cells[positions], plate_idx=positions)
+        """With ``yield_positions`` (the CUDA-graph step), ``x`` is dense and cut with fixed shapes."""
+        cells = self.train_cells[positions]
+        return self.resident.minibatch(cells, plate_idx=positions, fixed_shapes=self.yield_positions)
 
     def __call__(self, generator: torch.Generator) -> Iterator[Minibatch | torch.Tensor]:
         order = torch.randperm(self.n_train, generator=generator)
@@ -307,8 +310,8 @@ def use_cuda_graphs(
     reasons = []
     if device.type != "cuda":
         reasons.append("it needs a CUDA device")
-    if not (isinstance(source, ResidentMinibatches) and not source.resident.sparse):
-        reasons.append("it needs the counts resident on the GPU as a dense matrix (data_on_device, memory)")
+    if not isinstance(source, ResidentMinibatches):
+        reasons.append("it needs the counts resident on the GPU (data_on_device; in-memory data that fit)")
     if module.loadings_prior is not None or module.z_prior is not None:
         reasons.append("models with priors run eagerly (a prior may make tensors from numbers)")
     if ddp is not None:
@@ -345,7 +348,7 @@ def train_svi(
     ``data_on_device`` keeps the whole count matrix on ``device`` and cuts minibatches there
     (default: on CUDA when the counts fit in half the free GPU memory); see ``resident_cells``.
     ``cuda_graphs`` replays the training step as a CUDA graph (see ``cuda_graph``); default: on
-    CUDA whenever it can (dense resident counts, no priors, one process).
+    CUDA whenever it can (counts resident on the GPU, no priors, one process).
 
     Returns the history, scvi-tools style: a dict of one-column DataFrames indexed by epoch
     (``elbo_train``, ``elbo_validation``, ``reconstruction_loss_train``, ``kl_local_train``,
@@ -403,6 +406,7 @@ def train_svi(
 
     if graphed:
         epoch_minibatches.yield_positions = True
+        epoch_minibatches.resident.capacity(batch_size)  # read once here, not inside the capture
         graphed = GraphedTrainingStep(
             lambda positions, kl_weight: svi_step(epoch_minibatches.minibatch(positions), kl_weight),
             batch_size,

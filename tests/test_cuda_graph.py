@@ -10,9 +10,11 @@ GPU machine: the captured step trains like the eager one.
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -69,16 +71,26 @@ class ScannedStep:
         self.calls += 1
 
 
-@pytest.fixture
-def graph_on_cpu(monkeypatch):
-    """train_svi on CPU takes its CUDA-graph path, with dense resident counts and the scan."""
+@pytest.fixture(params=["dense", "csr"])
+def graph_on_cpu(monkeypatch, request):
+    """train_svi on CPU takes its CUDA-graph path, with resident counts (dense or CSR) and the scan."""
     ScannedStep.instances.clear()
+    dense = request.param == "dense"
     monkeypatch.setattr(train_mod, "GraphedTrainingStep", ScannedStep)
     monkeypatch.setattr(train_mod, "use_cuda_graphs", lambda *args: True)
-    monkeypatch.setattr(train_mod, "resident_cells", lambda data, device, flag: DeviceCells(data, device, dense=True))
+    monkeypatch.setattr(train_mod, "resident_cells", lambda data, device, flag: DeviceCells(data, device, dense=dense))
     make_optimizer = train_mod.make_optimizer  # capturable Adam needs CUDA: the plain one here
     monkeypatch.setattr(train_mod, "make_optimizer", lambda module, plan, capturable: make_optimizer(module, plan))
-    return ScannedStep.instances
+    layouts = set()
+    minibatch = DeviceCells.minibatch
+
+    def recording_minibatch(self, *args, **kwargs):
+        mb = minibatch(self, *args, **kwargs)
+        layouts.add(mb.x.layout)
+        return mb
+
+    monkeypatch.setattr(DeviceCells, "minibatch", recording_minibatch)
+    return ScannedStep.instances, layouts
 
 
 @pytest.mark.parametrize(
@@ -101,8 +113,9 @@ def test_the_training_step_has_nothing_a_cuda_graph_cannot_capture(graph_on_cpu,
     history = train_mod.train_svi(
         model.module, cells, train_idx, val_idx, max_epochs=2, batch_size=64, progress_bar=False, gradient_clip_val=clip
     )
-    (step,) = graph_on_cpu
+    (step,), layouts = graph_on_cpu
     assert step.calls == 2 * (270 // 64)  # every full minibatch went through the graph path
+    assert layouts == {torch.strided}  # dense minibatches, also from CSR
     assert step.hazards == []
     assert np.isfinite(history["elbo_validation"].to_numpy()).all()
 
@@ -127,6 +140,27 @@ def test_cuda_graphs_true_without_a_gpu_names_the_reason():
     model = LinearSCVI(adata, n_latent=2)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         model.train(max_epochs=1, accelerator="cpu", cuda_graphs=True, progress_bar=False)
+
+
+def test_fixed_shape_rows_from_csr_equal_the_dense_rows():
+    """Duplicated cells, empty cells, the fullest cells (every slot filled) and a single cell."""
+    generator = np.random.default_rng(0)
+    counts = generator.poisson(0.4, size=(40, 30)).astype(np.float32)
+    counts[[3, 17]] = 0  # cells without counts
+    counts[5] = generator.poisson(5.0, size=30) + 1  # a full cell
+    cells = SimpleNamespace(
+        X=sp.csr_matrix(counts), n_obs=40, n_vars=30, batch=np.zeros(40, np.int64), labels=np.zeros(40, np.int64)
+    )
+    cells.cat_covs = cells.cont_covs = None
+    resident = DeviceCells(cells, "cpu")
+    fullest = np.argsort(-(counts > 0).sum(1))
+    for idx in ([3, 3, 5, 0, 17, 39, 5], fullest[:6], [17], list(range(40))):
+        idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        rows = resident.fixed_shape_rows(idx)
+        assert rows.layout == torch.strided
+        torch.testing.assert_close(rows, torch.from_numpy(counts)[idx], rtol=0, atol=0)
+        assert torch.equal(rows, resident.rows(idx).to_dense())
+    assert resident.capacity(6) == int((counts[fullest[:6]] > 0).sum())
 
 
 def test_dense_resident_counts_give_the_same_minibatches(monkeypatch):
@@ -190,6 +224,26 @@ def test_a_replayed_step_equals_an_eager_step():
         states[graphs] = {k: v.detach().cpu() for k, v in model.module.state_dict().items()}
     for name, eager in states[False].items():
         torch.testing.assert_close(states[True][name], eager, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@cuda
+def test_captured_training_from_csr_counts_on_gpu(monkeypatch):
+    """Counts too large for a dense copy stay CSR on the GPU; the captured step gathers them."""
+    fits = DeviceCells.fits
+    monkeypatch.setattr(DeviceCells, "fits", staticmethod(lambda cells, device, fraction=0.5, dense=False: not dense))
+    adata = simulate(n_cells=3000, n_genes=200, n_latent=4, seed=5)
+    LinearSCVI.setup_anndata(adata)
+    model = LinearSCVI(adata, n_latent=4, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        model.train(max_epochs=8, accelerator="gpu", cuda_graphs=True, progress_bar=False, seed=0)
+    monkeypatch.setattr(DeviceCells, "fits", fits)
+    eager = LinearSCVI(adata, n_latent=4, seed=0)
+    eager.train(max_epochs=8, accelerator="gpu", cuda_graphs=False, progress_bar=False, seed=0)
+    graphed_curve = model.history["elbo_validation"]["elbo_validation"].to_numpy()
+    eager_curve = eager.history["elbo_validation"]["elbo_validation"].to_numpy()
+    assert graphed_curve[-1] < graphed_curve[0]
+    assert abs(graphed_curve[-1] - eager_curve[-1]) / abs(eager_curve[-1]) < 0.01
 
 
 @cuda
