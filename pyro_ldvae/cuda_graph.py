@@ -57,10 +57,6 @@ class GraphedTrainingStep:
         self.failure: str | None = None
         self._warmup_left = WARMUP_STEPS
 
-    @property
-    def captured(self) -> bool:
-        return self.graph is not None
-
     def set_kl_weight(self, kl_weight: float) -> None:
         self.kl_weight.fill_(kl_weight)  # a kernel with the number as argument: no host copy
 

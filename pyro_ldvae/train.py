@@ -373,8 +373,8 @@ def train_svi(
     module.to(device).train()
     ddp = distributed.current()  # under torchrun: shard cells, average gradients over ranks
     epoch_minibatches = minibatch_source(data, train_idx, batch_size, device, data_on_device, ddp)
-    graphed = use_cuda_graphs(cuda_graphs, module, epoch_minibatches, device, ddp)
-    optimizer = make_optimizer(module, plan, capturable=graphed)
+    use_graph = use_cuda_graphs(cuda_graphs, module, epoch_minibatches, device, ddp)
+    optimizer = make_optimizer(module, plan, capturable=use_graph)
     elbo_fn = module.elbo if ddp is None else distributed.wrap(module, ddp)
     n_train = len(train_idx)
     rows: list[dict[str, float]] = []
@@ -404,10 +404,11 @@ def train_svi(
         elbo_sum.add_(per_cell.detach().sum())
         loss_sum.add_(loss.detach())
 
-    if graphed:
+    graphed_step = None
+    if use_graph:
         epoch_minibatches.yield_positions = True
         epoch_minibatches.resident.capacity(batch_size)  # read once here, not inside the capture
-        graphed = GraphedTrainingStep(
+        graphed_step = GraphedTrainingStep(
             lambda positions, kl_weight: svi_step(epoch_minibatches.minibatch(positions), kl_weight),
             batch_size,
             device,
@@ -433,11 +434,11 @@ def train_svi(
             kl_weight = plan.kl_weight(epoch)
             elbo_sum.zero_()
             loss_sum.zero_()
-            if graphed:
-                graphed.set_kl_weight(kl_weight)
+            if graphed_step is not None:
+                graphed_step.set_kl_weight(kl_weight)
             for step, mb in enumerate(epoch_minibatches(generator)):
                 if isinstance(mb, torch.Tensor):  # a full minibatch's positions: the graph gathers it
-                    graphed(mb)
+                    graphed_step(mb)
                 else:
                     svi_step(mb, kl_weight)
                 if (step + 1) % FAULT_CHECK_EVERY == 0 and not torch.isfinite(loss_sum + elbo_sum):
