@@ -18,9 +18,10 @@ scans the step on CPU for each of these, so CI guards it without a GPU):
 - fixed shapes: only full-size minibatches replay; an epoch's last, smaller one runs eagerly;
 - Adam's step count on the device (``torch.optim.Adam(capturable=True)``).
 
-Random draws (the reparameterised z, dropout) stay random: PyTorch advances the CUDA generator's
-offset on every replay. Models with priors on the loadings or on z run eagerly: a user's prior
-may create tensors from numbers, which a graph cannot capture.
+Random draws (the reparameterised z, dropout, the loadings drawn from the guide of a Bayesian
+model) stay random: PyTorch advances the CUDA generator's offset on every replay. The built-in
+priors are captured too (``priors.capturable``); a model with a user's prior runs eagerly, since
+that prior may create tensors from numbers, which a graph cannot capture.
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide import AutoNormal
 from pyro.infer.autoguide.initialization import init_to_median
 from torch import nn
+from torch.distributions.transforms import AbsTransform
 from torch.nn import functional as F
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class NormalLoadings:
         self.scale = float(scale)
 
     def __call__(self, n_genes: int, n_latent: int) -> torch.Tensor:
-        prior = dist.Normal(torch.zeros(n_genes, n_latent), self.scale).to_event(2)
+        prior = dist.Normal(torch.zeros(n_genes, n_latent), torch.full((n_genes, n_latent), self.scale)).to_event(2)
         return pyro.sample("loadings", prior)  # (genes, n_latent)
 
     def __repr__(self) -> str:
@@ -89,11 +90,28 @@ class LaplaceLoadings:
         self.scale = float(scale)
 
     def __call__(self, n_genes: int, n_latent: int) -> torch.Tensor:
-        prior = dist.Laplace(torch.zeros(n_genes, n_latent), self.scale).to_event(2)
+        prior = dist.Laplace(torch.zeros(n_genes, n_latent), torch.full((n_genes, n_latent), self.scale)).to_event(2)
         return pyro.sample("loadings", prior)  # (genes, n_latent)
 
     def __repr__(self) -> str:
         return f"LaplaceLoadings(scale={self.scale})"
+
+
+class TensorHalfCauchy(dist.HalfCauchy):
+    """``dist.HalfCauchy(scale)`` whose Cauchy base takes its zero location as a tensor.
+
+    torch's HalfCauchy makes that location from the number 0, which on a GPU is a host-to-device
+    copy that a CUDA graph of the training step cannot capture (see ``cuda_graph``). Density,
+    draws and support are HalfCauchy's: only the construction differs.
+    """
+
+    def __init__(self, scale: torch.Tensor, validate_args: bool | None = None):
+        base = dist.Cauchy(torch.zeros_like(scale), scale, validate_args=False)
+        torch.distributions.TransformedDistribution.__init__(self, base, AbsTransform(), validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(TensorHalfCauchy, _instance)
+        return super().expand(batch_shape, _instance=new)
 
 
 class Horseshoe:
@@ -131,15 +149,19 @@ class Horseshoe:
 
     def __call__(self, n_genes: int, n_latent: int) -> torch.Tensor:
         ones = torch.ones(n_latent)
-        tau = pyro.sample("loadings_global_scale", dist.HalfCauchy(self.global_scale * ones).to_event(1))  # (n_latent,)
-        lam = pyro.sample("loadings_local_scale", dist.HalfCauchy(torch.ones(n_genes, n_latent)).to_event(2))
+        tau = pyro.sample(
+            "loadings_global_scale", TensorHalfCauchy(self.global_scale * ones).to_event(1)
+        )  # (n_latent,)
+        lam = pyro.sample("loadings_local_scale", TensorHalfCauchy(torch.ones(n_genes, n_latent)).to_event(2))
         half_df = 0.5 * self.slab_df
         c2 = pyro.sample(
             "loadings_slab", dist.InverseGamma(half_df * ones, half_df * self.slab_scale**2 * ones).to_event(1)
         )  # (n_latent,)
         # tau * lambda~ = (1 / (tau lambda)^2 + 1 / c2)^(-1/2): the same, finite when lambda overflows
         scale = torch.rsqrt((tau * lam).pow(-2) + c2.reciprocal())  # (genes, n_latent)
-        raw = pyro.sample("loadings_raw", dist.Normal(torch.zeros(n_genes, n_latent), 1.0).to_event(2))
+        raw = pyro.sample(
+            "loadings_raw", dist.Normal(torch.zeros(n_genes, n_latent), torch.ones(n_genes, n_latent)).to_event(2)
+        )
         return pyro.deterministic("loadings", scale * raw, event_dim=2)  # (genes, n_latent)
 
     def __repr__(self) -> str:
@@ -249,6 +271,17 @@ class GaussianMixture(nn.Module):
     def forward(self, n_latent: int) -> dist.Distribution:
         components = dist.Normal(self.locs, F.softplus(self.unconstrained_scales) + 1e-3).to_event(1)
         return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
+
+
+def capturable(prior: object | None) -> bool:
+    """Whether the training step with this prior can be captured as a CUDA graph (``cuda_graph``).
+
+    True for no prior and the built-in priors, which build every distribution from tensors
+    (``tests/test_cuda_graph.py`` scans each). A user's prior, or a subclass, may make a tensor
+    from a number (``dist.Normal(0.0, 1.0)`` does), a host-to-device copy that a graph cannot hold.
+    """
+    builtin = (NormalLoadings, LaplaceLoadings, Horseshoe, ARD, LearnedScaleNormal, GaussianMixture)
+    return prior is None or type(prior) in builtin
 
 
 def _is_real(support: dist.constraints.Constraint) -> bool:

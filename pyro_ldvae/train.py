@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, priors
 from .cuda_graph import GraphedTrainingStep
 from .data import CellData, DeviceCells
 from .module import LDVAE, Minibatch
@@ -312,8 +312,8 @@ def use_cuda_graphs(
         reasons.append("it needs a CUDA device")
     if not isinstance(source, ResidentMinibatches):
         reasons.append("it needs the counts resident on the GPU (data_on_device; in-memory data that fit)")
-    if module.loadings_prior is not None or module.z_prior is not None:
-        reasons.append("models with priors run eagerly (a prior may make tensors from numbers)")
+    if not (priors.capturable(module.loadings_prior) and priors.capturable(module.z_prior)):
+        reasons.append("a prior other than the built-in ones runs eagerly (it may make tensors from numbers)")
     if ddp is not None:
         reasons.append("distributed training runs eagerly")
     if cuda_graphs and reasons:

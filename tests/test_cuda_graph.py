@@ -13,12 +13,14 @@ import warnings
 from types import SimpleNamespace
 
 import numpy as np
+import pyro
+import pyro.distributions as dist
 import pytest
 import scipy.sparse as sp
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pyro_ldvae import LinearSCVI, simulate
+from pyro_ldvae import LinearSCVI, priors, simulate
 from pyro_ldvae import train as train_mod
 from pyro_ldvae.data import CellData, DeviceCells, get_registry
 
@@ -100,8 +102,21 @@ def graph_on_cpu(monkeypatch, request):
         {"gene_likelihood": "zinb", "dispersion": "gene-cell"},
         {"gene_likelihood": "poisson", "latent_distribution": "ln", "use_observed_lib_size": True},
         {"dispersion": "gene-batch", "gradient_clip_val": 1.0},
+        {"loadings_prior": "horseshoe"},
+        {"loadings_prior": "normal", "z_prior": priors.LearnedScaleNormal(3)},
+        {"loadings_prior": "laplace"},
+        {"loadings_prior": "ard", "z_prior": priors.GaussianMixture(3)},
     ],
-    ids=["nb", "zinb-gene-cell", "poisson-ln-observed-library", "gene-batch-clipped"],
+    ids=[
+        "nb",
+        "zinb-gene-cell",
+        "poisson-ln-observed-library",
+        "gene-batch-clipped",
+        "horseshoe",
+        "normal-learned-scale-z",
+        "laplace",
+        "ard-mixture-z",
+    ],
 )
 def test_the_training_step_has_nothing_a_cuda_graph_cannot_capture(graph_on_cpu, model_kwargs):
     adata = simulate(n_cells=300, n_genes=40, n_batch=2, seed=1)
@@ -140,6 +155,36 @@ def test_cuda_graphs_true_without_a_gpu_names_the_reason():
     model = LinearSCVI(adata, n_latent=2)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         model.train(max_epochs=1, accelerator="cpu", cuda_graphs=True, progress_bar=False)
+
+
+def test_only_built_in_priors_are_captured():
+    """A user's prior may make tensors from numbers: its model trains eagerly."""
+
+    def students_t(n_genes, n_latent):
+        return pyro.sample("loadings", dist.StudentT(3.0, 0.0, 0.3).expand([n_genes, n_latent]).to_event(2))
+
+    assert priors.capturable(None) and priors.capturable(priors.Horseshoe()) and priors.capturable(priors.ARD())
+    assert priors.capturable(priors.GaussianMixture(3))
+    assert not priors.capturable(students_t)
+    assert not priors.capturable(type("MyHorseshoe", (priors.Horseshoe,), {})())  # a subclass may differ
+    adata = simulate(n_cells=100, n_genes=20, seed=0)
+    LinearSCVI.setup_anndata(adata)
+    model = LinearSCVI(adata, n_latent=2, loadings_prior=students_t)
+    with pytest.raises(ValueError, match="a prior other than the built-in ones"):
+        model.train(max_epochs=1, accelerator="cpu", cuda_graphs=True, progress_bar=False)
+
+
+def test_tensor_half_cauchy_is_torchs_half_cauchy():
+    scale = torch.rand(5) + 0.1
+    ours, torchs = priors.TensorHalfCauchy(scale), dist.HalfCauchy(scale)
+    value = torch.rand(5) * 4
+    torch.testing.assert_close(ours.log_prob(value), torchs.log_prob(value), rtol=0, atol=0)
+    assert ours.support == torchs.support
+    torch.manual_seed(0)
+    drawn = ours.sample((3,))
+    torch.manual_seed(0)
+    assert torch.equal(drawn, torchs.sample((3,)))
+    assert ours.expand([2, 5]).log_prob(value).shape == (2, 5)
 
 
 def test_fixed_shape_rows_from_csr_equal_the_dense_rows():
