@@ -227,12 +227,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @cuda
-def test_captured_training_matches_eager_training_on_gpu():
+@pytest.mark.parametrize("model_kwargs", [{}, {"loadings_prior": "horseshoe"}], ids=["point-loadings", "horseshoe"])
+def test_captured_training_matches_eager_training_on_gpu(model_kwargs):
     adata = simulate(n_cells=3000, n_genes=200, n_latent=4, seed=5)
     LinearSCVI.setup_anndata(adata)
     results = {}
     for graphs in (False, True):
-        model = LinearSCVI(adata, n_latent=4, seed=0)
+        model = LinearSCVI(adata, n_latent=4, seed=0, **model_kwargs)
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns: make it fail here
             model.train(max_epochs=8, accelerator="gpu", cuda_graphs=graphs, progress_bar=False, seed=0)
