@@ -258,7 +258,7 @@ class LinearSCVI:
             On a GPU, record one training step as a CUDA graph and replay it for every full
             minibatch, instead of launching its few hundred kernels from Python each step.
             Default: whenever it can (in-memory counts that fit in half the free GPU memory,
-            no priors, one process); ``False`` never; ``True`` raises if it cannot.
+            no prior of the user's own, one process); ``False`` never; ``True`` raises if it cannot.
 
         Ctrl-C stops after the current step; the model keeps the last completed epoch and
         ``stop_reason_`` is 'interrupted'. If the loss becomes NaN or infinite, a

@@ -348,7 +348,7 @@ def train_svi(
     ``data_on_device`` keeps the whole count matrix on ``device`` and cuts minibatches there
     (default: on CUDA when the counts fit in half the free GPU memory); see ``resident_cells``.
     ``cuda_graphs`` replays the training step as a CUDA graph (see ``cuda_graph``); default: on
-    CUDA whenever it can (counts resident on the GPU, no priors, one process).
+    CUDA whenever it can (counts resident on the GPU, built-in priors only, one process).
 
     Returns the history, scvi-tools style: a dict of one-column DataFrames indexed by epoch
     (``elbo_train``, ``elbo_validation``, ``reconstruction_loss_train``, ``kl_local_train``,
