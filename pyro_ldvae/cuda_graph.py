@@ -63,23 +63,20 @@ class GraphedTrainingStep:
 
     def __call__(self, positions: torch.Tensor) -> None:
         self.positions.copy_(positions)
-        if self.graph is not None:
-            self.graph.replay()
-        elif self.failure is not None:
-            self.step(self.positions, self.kl_weight)
-        elif self._warmup_left > 0:
+        if self._warmup_left > 0:
             self._warmup_left -= 1
             side = torch.cuda.Stream(device=self.positions.device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 self.step(self.positions, self.kl_weight)
             torch.cuda.current_stream().wait_stream(side)
-        else:
+            return
+        if self.graph is None and self.failure is None:
             self._capture()
-            if self.graph is not None:
-                self.graph.replay()  # capturing records the step without running it
-            else:
-                self.step(self.positions, self.kl_weight)
+        if self.graph is not None:
+            self.graph.replay()  # also right after the capture, which records the step without running it
+        else:
+            self.step(self.positions, self.kl_weight)
 
     def _capture(self) -> None:
         graph = torch.cuda.CUDAGraph()

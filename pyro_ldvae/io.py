@@ -23,6 +23,8 @@ import pickle
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,20 +49,26 @@ ADATA_FILE = "adata.h5ad"
 INDEX_CHUNK = 1 << 16  # cell indices turned into text at a time when saving
 
 
-def write_h5ad(adata: AnnData, path: str | os.PathLike) -> None:
-    """``adata.write_h5ad(path)``, also when names or labels are pandas string arrays.
+@contextmanager
+def string_arrays_writable() -> Iterator[None]:
+    """Let anndata write pandas string arrays while inside (``allow_write_nullable_strings``).
 
     pandas 3 makes every string index and column such an array, and anndata 0.11-0.12 refuses
-    to write one unless ``anndata.settings.allow_write_nullable_strings`` is set (files readers
-    older than anndata 0.11 cannot read). Under pandas 2 nothing changes.
+    to write one unless that setting is on (readers older than anndata 0.11 cannot read them).
+    Under pandas 2 nothing changes.
     """
     import anndata
 
-    settings = anndata.settings
-    if not hasattr(settings, "allow_write_nullable_strings"):
-        adata.write_h5ad(path)
+    if not hasattr(anndata.settings, "allow_write_nullable_strings"):
+        yield
         return
-    with settings.override(allow_write_nullable_strings=True):
+    with anndata.settings.override(allow_write_nullable_strings=True):
+        yield
+
+
+def write_h5ad(adata: AnnData, path: str | os.PathLike) -> None:
+    """``adata.write_h5ad(path)``, also when names or labels are pandas string arrays (pandas 3)."""
+    with string_arrays_writable():
         adata.write_h5ad(path)
 
 

@@ -103,9 +103,9 @@ def kl_warmup(kl_weight: float | torch.Tensor):
     A 0-dim tensor weight (the CUDA-graph training step's, see ``cuda_graph``) scales as it is,
     0 included: comparing it with 0 would read it back to the host, which a graph cannot do.
     """
-    if isinstance(kl_weight, torch.Tensor):
+    if isinstance(kl_weight, torch.Tensor) or kl_weight > 0:
         return poutine.scale(scale=kl_weight)
-    return poutine.scale(scale=kl_weight) if kl_weight > 0 else poutine.mask(mask=False)
+    return poutine.mask(mask=False)
 
 
 def one_hot(codes: torch.Tensor, n_classes: int) -> torch.Tensor:

@@ -38,25 +38,7 @@ def cpu_unless_asked():
 @pytest.fixture(scope="session", autouse=True)
 def write_string_arrays():
     """Let fixtures' ``write_h5ad`` write pandas string arrays (pandas 3's names; see ``io.write_h5ad``)."""
-    import anndata
+    from pyro_ldvae.io import string_arrays_writable
 
-    if hasattr(anndata.settings, "allow_write_nullable_strings"):
-        with anndata.settings.override(allow_write_nullable_strings=True):
-            yield
-    else:
+    with string_arrays_writable():
         yield
-
-
-def shared_dataset(name: str) -> Path:
-    """Path of a dataset in ../shared/data; skips the test when it is not there."""
-    path = SHARED_DATA / name
-    if not path.exists():
-        pytest.skip(f"{path} not available (../shared/data is absent)")
-    return path
-
-
-@pytest.fixture(scope="session")
-def small_adata():
-    import pyro_ldvae
-
-    return pyro_ldvae.simulate(n_cells=300, n_genes=60, n_latent=3, n_batch=2, seed=3)
