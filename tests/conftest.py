@@ -42,3 +42,18 @@ def write_string_arrays():
 
     with string_arrays_writable():
         yield
+
+
+def shared_dataset(name: str) -> Path:
+    """Path of a dataset in ../shared/data; skips the test when it is not there."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} not available (../shared/data is absent)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_adata():
+    import pyro_ldvae
+
+    return pyro_ldvae.simulate(n_cells=300, n_genes=60, n_latent=3, n_batch=2, seed=3)
