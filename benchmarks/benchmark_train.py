@@ -94,6 +94,7 @@ def run_ours(adata, args) -> dict:
             seed=args.seed,
             progress_bar=False,
             cuda_graphs=False if args.cuda_graphs == "off" else None,
+            traced_step={"auto": None, "on": True, "off": False}[args.traced_step],
         )
     cpu = time.process_time() - cpu0
     history = model.history
@@ -225,6 +226,7 @@ def summarise(runs: list[dict], args) -> str:
     lines = [
         f"{args.dataset}: {runs[0]['n_cells']} cells x {runs[0]['n_genes']} genes, {args.epochs} epochs, "
         f"batch {args.batch_size}, {args.threads} threads, {args.accelerator}"
+        f"{', ours: traced_step ' + args.traced_step if args.accelerator == 'cpu' else ''}"
         f"{'' if args.accelerator == 'cpu' else ' (' + runs[0].get('device', '?') + ', ours: cuda_graphs ' + args.cuda_graphs + ')'}, "
         f"{len(runs) // len(rows)} repeat(s), "
         "medians"
@@ -254,6 +256,13 @@ def main() -> None:
         choices=["auto", "off"],
         default="auto",
         help="ours on a GPU: replay the training step as a CUDA graph (auto) or launch it eagerly (off)",
+    )
+    parser.add_argument(
+        "--traced-step",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="ours on CPU: replay the training step from a recorded graph (on), take eager steps (off), "
+        "or let train() decide (auto: runs of 1,000+ full minibatches)",
     )
     parser.add_argument("--n-latent", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)

@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--accelerator", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
     train.add_argument("--no-cuda-graphs", action="store_true",
                        help="on a GPU, launch each training step from Python instead of replaying a CUDA graph")  # fmt: skip
+    train.add_argument("--no-traced-step", action="store_true",
+                       help="on CPU, take eager steps instead of replaying a recorded graph of the step")  # fmt: skip
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     out = fit.add_argument_group("output")
     out.add_argument("--save-model", metavar="DIR", default=None, help="also save the fitted model to DIR")
@@ -211,6 +213,7 @@ def run_fit(args: argparse.Namespace) -> int:
         plan_kwargs={"lr": args.lr},
         progress_bar=sys.stderr.isatty(),
         cuda_graphs=False if args.no_cuda_graphs else None,
+        traced_step=False if args.no_traced_step else None,
     )
     elapsed = time.perf_counter() - start
     interrupted = getattr(model, "stop_reason_", "completed") == "interrupted"

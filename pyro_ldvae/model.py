@@ -225,6 +225,7 @@ class LinearSCVI:
         checkpoint_every: int = 1,
         resume_from: str | None = None,
         cuda_graphs: bool | None = None,
+        traced_step: bool | None = None,
     ) -> LinearSCVI:
         """Train with SVI; arguments as ``scvi.model.LinearSCVI.train``.
 
@@ -259,6 +260,12 @@ class LinearSCVI:
             minibatch, instead of launching its few hundred kernels from Python each step.
             Default: whenever it can (in-memory counts that fit in half the free GPU memory,
             no prior of the user's own, one process); ``False`` never; ``True`` raises if it cannot.
+        traced_step
+            On CPU, record one training step (guide, model, ELBO and gradients) as a graph of
+            torch ops and replay it for every full minibatch, without Pyro's and autograd's
+            Python overhead. The results are the eager step's, bit for bit. Default: for runs of
+            at least 1,000 full minibatches (the recording costs about 1-2 s), no prior of the
+            user's own, one process; ``False`` never; ``True`` always, or raises if it cannot.
 
         Ctrl-C stops after the current step; the model keeps the last completed epoch and
         ``stop_reason_`` is 'interrupted'. If the loss becomes NaN or infinite, a
@@ -298,6 +305,7 @@ class LinearSCVI:
             checkpoint_every=checkpoint_every,
             resume_from=resume_from,
             cuda_graphs=cuda_graphs,
+            traced_step=traced_step,
         )
         self.stop_reason_ = getattr(history, "stop_reason", "completed")
         self.history_ = _append_history(self.history_, dict(history))

@@ -35,7 +35,7 @@ from pyro.nn.module import to_pyro_module_
 from pyro.poutine.subsample_messenger import _Subsample
 from torch.distributions import constraints, kl_divergence
 
-from .distributions import count_likelihood, total_counts
+from .distributions import count_likelihood, log1p_counts, total_counts
 from .nn import Encoder, LinearHead, narrow_linear
 from .priors import GlobalNormalGuide, LoadingsPrior, ZPrior, resolve_loadings_prior
 from .validate import check_model_args
@@ -311,7 +311,7 @@ class LDVAE(PyroModule):
         With priors, also q of the global sites (mean-field Normal, :class:`GlobalNormalGuide`)."""
         if self.global_guide is not None:
             self.global_guide()
-        encoder_input = torch.log1p(mb.x) if self.log_variational else mb.x
+        encoder_input = log1p_counts(mb.x) if self.log_variational else mb.x
         with self._cells_plate(mb, n_obs):
             z_loc, z_var = self.z_encoder(encoder_input)
             with kl_warmup(kl_weight):

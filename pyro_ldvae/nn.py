@@ -9,15 +9,11 @@ variance = exp(.) + 1e-4.
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # scipy's C kernel behind csr_matrix.tocsc(); private, so the public route is kept as a fallback
-    from scipy.sparse._sparsetools import csr_tocsc as _csr_tocsc
-except ImportError:
-    _csr_tocsc = None
+from .distributions import SparseCounts, csr_transpose_arrays
 
 BN_MOMENTUM = 0.01
 BN_EPS = 1e-3
@@ -25,20 +21,19 @@ VAR_EPS = 1e-4
 
 
 class _SparseLinear(torch.autograd.Function):
-    """``x @ W + b`` for a sparse CSR ``x`` ``(cells, n_in)`` and ``W`` ``(n_in, n_out)``; gradients
-    for ``W`` and ``b`` only."""
+    """``x @ W + b`` for sparse ``x`` ``(cells, n_in)`` (torch CSR or ``SparseCounts``) and ``W``
+    ``(n_in, n_out)``; gradients for ``W`` and ``b`` only."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x)
+    def forward(ctx, x: torch.Tensor | SparseCounts, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.x = x  # data, not a result of this function: no reference cycle through ctx
         ctx.has_bias = bias is not None
         out = _csr_matmul(x, weight_t)  # (cells, n_out)
         return out + bias if bias is not None else out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        (x,) = ctx.saved_tensors
-        grad_weight = _sparse_t_matmul(x, grad_out) if ctx.needs_input_grad[1] else None  # (n_in, n_out)
+        grad_weight = _sparse_t_matmul(ctx.x, grad_out) if ctx.needs_input_grad[1] else None  # (n_in, n_out)
         grad_bias = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return None, grad_weight, grad_bias
 
@@ -51,20 +46,21 @@ def _csr_matmul(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     at 7% non-zeros, W (2000, 128)) to 4x (x.T @ grad) faster than torch's CSR product on the
     2-core benchmark machine. Elsewhere torch's sparse product (cuSPARSE on CUDA).
     """
-    if x.device.type != "cpu":
+    if isinstance(x, SparseCounts):
+        crow, col, val = x.crow, x.col, x.val
+    elif x.device.type != "cpu":
         return x.matmul(dense)
-    return F.embedding_bag(
-        x.col_indices(),
-        dense.contiguous(),
-        x.crow_indices(),
-        mode="sum",
-        per_sample_weights=x.values(),
-        include_last_offset=True,
-    )
+    else:
+        crow, col, val = x.crow_indices(), x.col_indices(), x.values()
+    return F.embedding_bag(col, dense.contiguous(), crow, mode="sum", per_sample_weights=val, include_last_offset=True)
 
 
 def _sparse_t_matmul(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     """``x.T @ dense`` for a sparse CSR ``x``, as a dense tensor."""
+    if isinstance(x, SparseCounts):  # its transpose was built with it, outside the step
+        return F.embedding_bag(
+            x.col_t, dense.contiguous(), x.crow_t, mode="sum", per_sample_weights=x.val_t, include_last_offset=True
+        )
     return _csr_matmul(_csr_transpose(x), dense)
 
 
@@ -85,16 +81,7 @@ def _csr_transpose_uncached(x: torch.Tensor) -> torch.Tensor:
         return x.t().to_sparse_csr()
     n_rows, n_cols = x.shape
     indptr, indices, values = x.crow_indices().numpy(), x.col_indices().numpy(), x.values().detach().numpy()
-    if _csr_tocsc is not None and indptr.dtype == indices.dtype:
-        # scipy's C routine on the arrays as they are: half the time of building a csr_matrix,
-        # whose constructor checks and converts (about 60 us a step at 17k non-zeros).
-        t_indptr = np.empty(n_cols + 1, dtype=indptr.dtype)
-        t_indices = np.empty(len(indices), dtype=indices.dtype)
-        t_values = np.empty(len(values), dtype=values.dtype)
-        _csr_tocsc(n_rows, n_cols, indptr, indices, values, t_indptr, t_indices, t_values)
-    else:
-        transposed = sp.csr_matrix((values, indices, indptr), shape=(n_rows, n_cols)).tocsc()  # CSC of x = CSR of x.T
-        t_indptr, t_indices, t_values = transposed.indptr, transposed.indices, transposed.data
+    t_indptr, t_indices, t_values = csr_transpose_arrays(n_rows, n_cols, indptr, indices, values)
     return torch.sparse_csr_tensor(
         torch.from_numpy(t_indptr.astype(np.int64, copy=False)),
         torch.from_numpy(t_indices.astype(np.int64, copy=False)),
@@ -127,7 +114,7 @@ class InputLinear(nn.Module):
         return self.weight_t.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.layout == torch.sparse_csr:
+        if isinstance(x, SparseCounts) or x.layout == torch.sparse_csr:
             return _SparseLinear.apply(x, self.weight_t, self.bias)
         return torch.addmm(self.bias, x, self.weight_t)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_ldvae import nn as nn_module
+from pyro_ldvae import distributions
 from pyro_ldvae.nn import Encoder, InputLinear, narrow_linear
 
 
@@ -69,7 +69,7 @@ def test_sparse_products_handle_cells_and_genes_without_counts(monkeypatch, scip
     sparse first layer: output and weight gradient equal the dense layer's, with the transpose of the
     backward taken by scipy's C kernel or by its public csr_matrix route."""
     if not scipy_kernel:
-        monkeypatch.setattr(nn_module, "_csr_tocsc", None)
+        monkeypatch.setattr(distributions, "_csr_tocsc", None)
     x = _sparse_input(cells=6, genes=12)
     x[[1, 4]] = 0.0  # two cells without counts
     x[:, [0, 7, 11]] = 0.0  # three genes without counts

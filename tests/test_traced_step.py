@@ -1,0 +1,215 @@
+"""The CPU training step replayed from a recorded graph (issue 5, CPU): the eager step's results, bit for bit."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import scipy.sparse as sp
+import torch
+
+from pyro_ldvae import LinearSCVI, priors, simulate
+from pyro_ldvae import traced_step as traced_mod
+from pyro_ldvae import train as train_mod
+from pyro_ldvae.data import CellData, get_registry
+from pyro_ldvae.distributions import SparseCounts
+
+N_CELLS, BATCH = 300, 64
+N_TRAIN = 270
+
+
+class CountingStep(traced_mod.TracedTrainingStep):
+    """The real traced step, counting its replays and the numbers of non-zeros it saw."""
+
+    instances: list[CountingStep] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.replays, self.non_zeros = 0, set()
+        CountingStep.instances.append(self)
+
+    def __call__(self, mb, kl_weight):
+        result = super().__call__(mb, kl_weight)
+        if result is not None:
+            self.replays += 1
+            self.non_zeros.add(int(mb.x.values().shape[0]))
+        return result
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    CountingStep.instances.clear()
+    monkeypatch.setattr(train_mod, "TracedTrainingStep", CountingStep)
+    return CountingStep.instances
+
+
+def _train(model_kwargs: dict, traced: bool, epochs: int = 3, batch_key: str | None = "batch"):
+    adata = simulate(n_cells=N_CELLS, n_genes=40, n_batch=2, seed=1)
+    adata.obs["site"] = np.where(np.arange(N_CELLS) % 3 == 0, "a", "b")
+    adata.obs["depth"] = np.linspace(-1.0, 1.0, N_CELLS)
+    model_kwargs = dict(model_kwargs)
+    covariates = model_kwargs.pop("covariates", False)
+    LinearSCVI.setup_anndata(
+        adata,
+        batch_key=batch_key,
+        categorical_covariate_keys=["site"] if covariates else None,
+        continuous_covariate_keys=["depth"] if covariates else None,
+    )
+    clip = model_kwargs.pop("gradient_clip_val", None)
+    model = LinearSCVI(adata, n_latent=3, seed=0, **model_kwargs)
+    cells = CellData(adata, get_registry(adata))
+    # KL warm-up over 2 epochs: epoch 0 (weight 0) records the graph and steps eagerly, the later
+    # epochs replay it
+    plan = train_mod.TrainingPlan(n_epochs_kl_warmup=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed recording would fall back silently
+        history = train_mod.train_svi(
+            model.module,
+            cells,
+            np.arange(N_TRAIN),
+            np.arange(N_TRAIN, N_CELLS),
+            max_epochs=epochs,
+            plan=plan,
+            batch_size=BATCH,
+            progress_bar=False,
+            gradient_clip_val=clip,
+            traced_step=traced,
+        )
+    return model.module.state_dict(), history
+
+
+# Functions, so that each training gets its own prior objects (a prior module's weights train).
+MODELS = {
+    "nb": lambda: {},
+    "zinb-gene-cell": lambda: {"gene_likelihood": "zinb", "dispersion": "gene-cell"},
+    "poisson-ln-observed-library": lambda: {
+        "gene_likelihood": "poisson",
+        "latent_distribution": "ln",
+        "use_observed_lib_size": True,
+    },
+    "gene-batch-clipped-covariates": lambda: {"dispersion": "gene-batch", "gradient_clip_val": 1.0, "covariates": True},
+    "horseshoe": lambda: {"loadings_prior": "horseshoe"},
+    "normal-learned-scale-z": lambda: {"loadings_prior": "normal", "z_prior": priors.LearnedScaleNormal(3)},
+    "ard-mixture-z": lambda: {"loadings_prior": "ard", "z_prior": priors.GaussianMixture(3)},
+}
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_replayed_training_equals_eager_training_bit_for_bit(counting, model):
+    eager_state, eager_history = _train(MODELS[model](), traced=False)
+    assert counting == []
+    traced_state, traced_history = _train(MODELS[model](), traced=True)
+    (step,) = counting
+    assert step.graph is not None and step.failure is None
+    assert step.replays == 2 * (N_TRAIN // BATCH)  # every full minibatch after the warm-up epoch 0
+    assert len(step.non_zeros) > 3  # one graph served minibatches with different numbers of non-zeros
+    assert eager_state.keys() == traced_state.keys()
+    for name, value in eager_state.items():
+        assert torch.equal(value, traced_state[name]), name  # parameters and batch-norm statistics
+    for key in ("elbo_train", "elbo_validation"):
+        np.testing.assert_array_equal(eager_history[key].to_numpy(), traced_history[key].to_numpy())
+
+
+def test_sparse_counts_hold_the_matrix_and_its_transpose():
+    matrix = sp.random(7, 11, density=0.3, format="csr", dtype=np.float32, random_state=0)
+    matrix.data = np.ceil(matrix.data * 5)
+    counts = SparseCounts.from_scipy(matrix)
+    dense = torch.from_numpy(matrix.toarray())
+    assert torch.equal(counts.to_dense(), dense)
+    transposed = matrix.T.tocsr()
+    assert np.array_equal(counts.crow_t.numpy(), transposed.indptr)
+    assert np.array_equal(counts.col_t.numpy(), transposed.indices)
+    assert np.array_equal(counts.val_t.numpy(), transposed.data)
+    logged = counts.map_values(torch.log1p)
+    assert torch.equal(logged.val, torch.log1p(counts.val)) and torch.equal(logged.val_t, torch.log1p(counts.val_t))
+    assert counts.row.dtype == counts.col_t.dtype == torch.int64
+    from_torch = SparseCounts.from_torch_csr(torch.from_numpy(matrix.toarray()).to_sparse_csr())
+    assert all(torch.equal(a, b) for a, b in zip(from_torch.tensors(), counts.tensors()))
+
+
+def test_the_encoder_and_likelihood_read_sparse_counts_as_dense_counts():
+    """SparseCounts give the dense input's encoder output, weight gradient and NB log-density."""
+    from pyro_ldvae.distributions import NegativeBinomial
+    from pyro_ldvae.nn import InputLinear
+
+    torch.manual_seed(0)
+    matrix = sp.random(16, 30, density=0.2, format="csr", dtype=np.float32, random_state=1)
+    matrix.data = np.ceil(matrix.data * 9)
+    counts, dense = SparseCounts.from_scipy(matrix), torch.from_numpy(matrix.toarray())
+    layer = InputLinear(30, 8)
+    out_sparse = layer(counts)
+    (grad_sparse,) = torch.autograd.grad(out_sparse.square().sum(), layer.weight_t)
+    out_dense = layer(dense)
+    (grad_dense,) = torch.autograd.grad(out_dense.square().sum(), layer.weight_t)
+    torch.testing.assert_close(out_sparse, out_dense)
+    torch.testing.assert_close(grad_sparse, grad_dense)
+    mu, theta = torch.rand(16, 30) * 3 + 0.1, torch.rand(30) + 0.5
+    nb = NegativeBinomial(mu, theta)
+    torch.testing.assert_close(nb.log_prob(counts), nb.log_prob(dense))
+
+
+def test_recording_refuses_a_step_that_depends_on_the_number_of_non_zeros():
+    """A graph specialised to one minibatch's number of non-zeros would be wrong for the next one."""
+    matrix = sp.random(6, 9, density=0.4, format="csr", dtype=np.float32, random_state=2)
+    counts = SparseCounts.from_scipy(matrix)
+    data = (counts.tensors(),)
+    weight = torch.ones(9, requires_grad=True)
+
+    def plain(params, buffers, data):
+        col, val = data[0][2], data[0][3]
+        return (params[0][col] * val).sum()
+
+    def branching(params, buffers, data):
+        val = data[0][3]
+        scale = 2.0 if val.shape[0] > 10 else 1.0  # a condition on the shape: a guard
+        return (params[0][data[0][2]] * val).sum() * scale
+
+    graph = traced_mod.record(plain, [weight], [], data, counts)
+    other = SparseCounts.from_scipy(sp.random(6, 9, density=0.7, format="csr", dtype=np.float32, random_state=3))
+    assert other.val.shape != counts.val.shape
+    torch.testing.assert_close(graph([weight], [], (other.tensors(),)), plain([weight], [], (other.tensors(),)))
+    with pytest.raises(RuntimeError, match="depends on the shapes"):
+        traced_mod.record(branching, [weight], [], data, counts)
+
+
+def test_a_failed_recording_warns_and_training_goes_on_eagerly(monkeypatch, counting):
+    def failing_record(*args, **kwargs):
+        raise NotImplementedError("no graph today")
+
+    monkeypatch.setattr(traced_mod, "record", failing_record)
+    adata = simulate(n_cells=200, n_genes=30, seed=0)
+    LinearSCVI.setup_anndata(adata)
+    model = LinearSCVI(adata, n_latent=2, seed=0)
+    with pytest.warns(RuntimeWarning, match="no graph today.*traced_step=False"):
+        model.train(max_epochs=2, batch_size=32, traced_step=True, progress_bar=False)
+    (step,) = counting
+    assert step.replays == 0 and step.failure is not None
+    assert np.isfinite(model.history["elbo_validation"].to_numpy()).all()
+
+
+def test_when_the_step_is_traced(counting):
+    """By default for runs of TRACED_STEP_MIN_STEPS full minibatches; True that cannot be met names why."""
+    adata = simulate(n_cells=200, n_genes=30, seed=0)
+    LinearSCVI.setup_anndata(adata)
+    model = LinearSCVI(adata, n_latent=2, seed=0)
+    use = train_mod.use_traced_step
+    cpu = torch.device("cpu")
+    many, few = train_mod.TRACED_STEP_MIN_STEPS, train_mod.TRACED_STEP_MIN_STEPS - 1
+    assert use(None, model.module, cpu, None, many) and not use(None, model.module, cpu, None, few)
+    assert use(True, model.module, cpu, None, 1) and not use(False, model.module, cpu, None, many)
+    assert not use(None, model.module, torch.device("cuda"), None, many)
+    with pytest.raises(ValueError, match="distributed training runs eagerly"):
+        use(True, model.module, cpu, object(), many)
+
+    def students_t(n_genes, n_latent):
+        return pyro.sample("loadings", dist.StudentT(3.0, 0.0, 0.3).expand([n_genes, n_latent]).to_event(2))
+
+    custom = LinearSCVI(adata, n_latent=2, loadings_prior=students_t)
+    assert not use(None, custom.module, cpu, None, many)
+    with pytest.raises(ValueError, match="a prior other than the built-in ones"):
+        custom.train(max_epochs=1, traced_step=True, progress_bar=False)
+    model.train(max_epochs=2, batch_size=32, progress_bar=False)  # 10 full steps: eager by default
+    assert counting == []
