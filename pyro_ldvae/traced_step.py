@@ -30,10 +30,13 @@ training goes on eagerly.
 from __future__ import annotations
 
 import logging
+import operator
 import warnings
+from collections.abc import Callable
 
 import pyro
 import torch
+from torch.utils import _pytree as pytree
 
 from .distributions import SparseCounts, is_sparse_counts
 from .module import LDVAE, Minibatch
@@ -68,6 +71,7 @@ class TracedTrainingStep:
         self.buffers = [b for _, b in module.named_buffers()]
         self.elbo = _Elbo(module)
         self.graph: torch.fx.GraphModule | None = None
+        self.replay: Callable | None = None
         self.failure: str | None = None
 
     def accepts(self, mb: Minibatch) -> bool:
@@ -95,7 +99,7 @@ class TracedTrainingStep:
         if self.graph is None or kl_weight <= 0:
             return None
         with torch.no_grad():
-            loss, elbo_sum, grads = self.graph(self.params, self.buffers, data)
+            loss, elbo_sum, grads = self.replay(self.params, self.buffers, data)
         for param, grad in zip(self.params, grads):
             param.grad = grad
         return loss, elbo_sum
@@ -122,6 +126,7 @@ class TracedTrainingStep:
                 return self._loss_and_grads(params, buffers, data)
 
             self.graph = record(step, self.params, self.buffers, data, counts)
+            self.replay = compile_replay(self.graph)
         except Exception as error:  # noqa: BLE001 - any failure falls back to eager steps
             self.failure = f"{type(error).__name__}: {error}"
             warnings.warn(
@@ -130,6 +135,7 @@ class TracedTrainingStep:
                 RuntimeWarning,
                 stacklevel=4,
             )
+            self.graph = None
             return
         logger.info("Training step recorded as a graph of %d nodes.", len(self.graph.graph.nodes))
 
@@ -175,3 +181,63 @@ def record(fn, params: list, buffers: list, data: tuple, counts: SparseCounts) -
         if not (isinstance(expr, sympy.Eq) and expr.free_symbols <= nnz and all(s.is_Symbol for s in expr.args)):
             raise RuntimeError(f"the recorded step depends on the shapes through {expr}")
     return graph
+
+
+def compile_replay(graph: torch.fx.GraphModule) -> Callable:
+    """A Python function that runs ``graph``'s ops as ``graph(*args)`` would, with less overhead.
+
+    The graph's own code calls each op as ``torch.ops.aten.mul.Tensor(...)``, about 2.6 us a call;
+    calling the op's C++ handle directly takes 1.7 us, which over the ~370 ops of a step saves
+    0.3-0.5 ms (measured on the 2-core benchmark machine). ``detach`` (a no-op here: the replay
+    runs under ``no_grad``) and unused results are dropped first.
+    """
+    nodes = graph.graph
+    for node in list(nodes.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.detach.default:
+            node.replace_all_uses_with(node.args[0])
+            nodes.erase_node(node)
+    nodes.eliminate_dead_code()  # keeps ops that write to their inputs (batch norm's statistics)
+    graph.recompile()
+    names: dict[torch.fx.Node, str] = {}
+    scope: dict[str, object] = {}
+    lines, inputs = [], []
+
+    def source(value) -> str:
+        if isinstance(value, torch.fx.Node):
+            return names[value]
+        if isinstance(value, (list, tuple)):
+            inner = "".join(f"{source(v)}, " for v in value)
+            return f"[{inner}]" if isinstance(value, list) else f"({inner})"
+        if value is None or isinstance(value, (bool, int, str)):
+            return repr(value)
+        name = f"constant_{len(scope)}"  # floats (inf, nan), dtypes, devices, tensors
+        scope[name] = value
+        return name
+
+    for i, node in enumerate(nodes.nodes):
+        if node.op == "placeholder":
+            names[node] = f"input_{i}"
+            inputs.append(names[node])
+        elif node.op == "get_attr":
+            names[node] = source(operator.attrgetter(node.target)(graph))
+        elif node.op == "call_function":
+            op = node.target._op if isinstance(node.target, torch._ops.OpOverload) else node.target
+            scope[f"op_{i}"] = op
+            args = [source(a) for a in node.args] + [f"{k}={source(v)}" for k, v in node.kwargs.items()]
+            names[node] = f"value_{i}"
+            lines.append(f"    value_{i} = op_{i}({', '.join(args)})")
+        elif node.op == "output":
+            lines.append(f"    return {source(node.args[0])}")
+        else:
+            raise NotImplementedError(f"graph node {node.op!r}")
+    code = f"def replay({', '.join(inputs)}):\n" + "\n".join(lines) + "\n"
+    exec(compile(code, "<recorded training step>", "exec"), scope)  # noqa: S102 - code generated above
+    flat_replay, out_spec = scope["replay"], graph._out_spec
+
+    def replay(*args):
+        flat = pytree.arg_tree_leaves(*args)
+        if len(flat) != len(inputs):
+            raise ValueError(f"the recorded step takes {len(inputs)} tensors, got {len(flat)}")
+        return pytree.tree_unflatten(flat_replay(*flat), out_spec)
+
+    return replay
