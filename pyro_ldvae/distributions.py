@@ -24,7 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-from pyro.distributions import TorchDistribution, constraints
+from pyro.distributions import Independent, TorchDistribution, constraints
 from torch.autograd.function import once_differentiable
 from torch.distributions.utils import broadcast_all
 
@@ -347,6 +347,97 @@ class _SparseNBLogProb(torch.autograd.Function):
         return grad_mu, grad_theta, None, None, None
 
 
+class _SparseNBCellLogProb(torch.autograd.Function):
+    """Per-cell NB log-density ``(cells,)`` of sparse counts: ``_SparseNBLogProb`` summed over genes,
+    for ``theta`` of shape ``(genes,)``, without forming the ``(cells, genes)`` array of densities.
+
+    On CPU every fresh ``(cells, genes)`` array costs about as much as the arithmetic written into
+    it (at 128 x 2,000, 100-250 us in a training step, against 25-50 us for the same operation on
+    a buffer in cache). The x = 0 term summed over genes is a matrix-vector product,
+
+        sum_g theta_g (log(theta_g + eps) - log D_ng) = sum_g theta_g log(theta_g + eps) - (log D @ theta)_n,
+
+    so the forward makes two arrays (``D`` and ``log D``), and the backward one (the gradient for
+    ``mu``), against seven for the elementwise densities summed by ``Independent``. The per-gene
+    sums of the backward are matrix-vector products too:
+
+        d/dtheta_g = sum_n g_n (log(theta_g + eps) + theta_g / (theta_g + eps) - log D_ng - theta_g / D_ng)
+                   + count terms,
+
+    where ``-sum_n g_n theta_g / D_ng`` is the column sum of the x = 0 part of the ``mu`` gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, mu, theta, rows, cols, counts):
+        flat = rows * mu.shape[-1] + cols
+        theta_eps = theta + EPS
+        log_theta_eps = torch.log(theta_eps)
+        denom = mu + theta_eps
+        log_denom = torch.log(denom)
+        out = torch.mv(log_denom, theta).neg_().add_(torch.dot(theta, log_theta_eps))  # the x = 0 term, summed
+        count_terms = (
+            counts * (torch.log(mu.view(-1).index_select(0, flat) + EPS) - log_denom.view(-1).index_select(0, flat))
+            + torch.lgamma(counts + theta.index_select(0, cols))
+            - torch.lgamma(theta).index_select(0, cols)
+            - torch.lgamma(counts + 1)
+        )
+        out.index_add_(0, rows, count_terms)
+        ctx.save_for_backward(mu, theta, rows, cols, flat, counts, denom, log_denom, log_theta_eps)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        mu, theta, rows, cols, flat, counts, denom, log_denom, log_theta_eps = ctx.saved_tensors
+        grad_nz = grad.index_select(0, rows)
+        denom_nz = denom.view(-1).index_select(0, flat)
+        grad_mu = torch.div(theta, denom).mul_(grad.neg().unsqueeze(-1))  # -g theta / D, the x = 0 part
+        grad_theta = None
+        if ctx.needs_input_grad[1]:
+            per_theta = log_theta_eps + theta / (theta + EPS)
+            theta_nz = theta.index_select(0, cols)
+            count_terms = grad_nz * (
+                torch.digamma(counts + theta_nz) - torch.digamma(theta).index_select(0, cols) - counts / denom_nz
+            )
+            grad_theta = per_theta * grad.sum() - torch.mv(log_denom.t(), grad) + grad_mu.sum(0)
+            grad_theta.index_add_(0, cols, count_terms)
+        mu_terms = grad_nz * counts * (1 / (mu.view(-1).index_select(0, flat) + EPS) - 1 / denom_nz)
+        grad_mu.view(-1).index_add_(0, flat, mu_terms)
+        return grad_mu, grad_theta, None, None, None
+
+
+def sparse_nb_cell_log_prob(value: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor | None:
+    """NB log-density of sparse counts summed over genes, ``(cells,)``; None unless ``theta`` is one
+    value per gene (``(genes,)`` or ``(1, genes)``), for which it is ``sparse_nb_log_prob(...).sum(-1)``."""
+    if theta.dim() == 2 and theta.shape[0] == 1:
+        theta = theta[0]
+    if theta.dim() != 1 or mu.dim() != 2:
+        return None
+    rows, cols, counts = csr_entries(value)
+    theta = theta.clamp(THETA_MIN, THETA_MAX)  # as log_nb bounds it
+    return _SparseNBCellLogProb.apply(mu.contiguous(), theta, rows, cols, counts.to(mu.dtype))
+
+
+class CellCounts(Independent):
+    """The counts of a cell's genes as one event: what ``.to_event(1)`` of our count likelihoods gives.
+
+    With sparse counts and an NB of one ``theta`` per gene, ``log_prob`` computes each cell's sum
+    directly (``_SparseNBCellLogProb``); otherwise it is ``Independent``'s sum of the elementwise
+    log-densities.
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        base = self.base_dist
+        if self.reinterpreted_batch_ndims == 1 and isinstance(base, NegativeBinomial) and is_sparse_counts(value):
+            per_cell = sparse_nb_cell_log_prob(value, base.mu, base.theta)
+            if per_cell is not None:
+                return per_cell
+        return super().log_prob(value)
+
+    def expand(self, batch_shape, _instance=None):
+        return super().expand(batch_shape, _instance=self._get_checked_instance(CellCounts, _instance))
+
+
 def _gather(param: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """``param[rows, cols]`` for a ``(cells, genes)`` tensor; one flat gather when it is contiguous."""
     return param.view(-1).index_select(0, flat) if param.is_contiguous() else param[rows, cols]
@@ -414,6 +505,12 @@ class NegativeBinomial(TorchDistribution):
     @property
     def variance(self) -> torch.Tensor:
         return (self.mu + self.mu**2 / self.theta).expand(self.batch_shape)
+
+    def to_event(self, reinterpreted_batch_ndims: int | None = None) -> Independent:
+        """As ``TorchDistribution.to_event``, as a ``CellCounts``: per-cell sums computed directly."""
+        if reinterpreted_batch_ndims is None:
+            reinterpreted_batch_ndims = len(self.batch_shape)
+        return CellCounts(self, reinterpreted_batch_ndims) if reinterpreted_batch_ndims else self
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if is_sparse_counts(value):

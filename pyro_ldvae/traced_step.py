@@ -1,4 +1,4 @@
-"""The CPU training step recorded once as a graph of aten ops and replayed for every full minibatch.
+"""The CPU training step recorded once as a graph of aten ops and replayed for every minibatch.
 
 Why: at batch size 128 on CPU, about half of a step's time is Python rather than arithmetic:
 Pyro's traces of guide and model, the module calls, and the autograd engine walking a few
@@ -20,8 +20,8 @@ What the graph takes:
 - the KL warm-up weight, as a 0-dim tensor.
 
 Every shape is fixed at recording except the number of non-zeros, which stays symbolic: one graph
-serves every full-size minibatch. An epoch's last, smaller minibatch runs eagerly. Adam and
-gradient clipping run after the graph, as after the eager step's backward.
+serves every minibatch of its size, and a second one is recorded for an epoch's last, smaller
+minibatch. Adam and gradient clipping run after the graph, as after the eager step's backward.
 
 When: see ``train.use_traced_step``. If the recording fails, a warning names the reason and
 training goes on eagerly.
@@ -58,33 +58,35 @@ class _Elbo(torch.nn.Module):
 class TracedTrainingStep:
     """Loss, per-cell ELBO sum and gradients of one SVI step, replayed from a recorded graph.
 
-    Call it with a minibatch it ``accepts`` (``batch_size`` cells, sparse counts on CPU) and the
-    KL weight: it sets each parameter's ``.grad`` and returns ``(loss, elbo_sum)``, or None when
-    the caller must take an eager step (at KL weight 0, and after a failed recording).
+    Call it with a minibatch it ``accepts`` (sparse counts on CPU) and the KL weight: it sets each
+    parameter's ``.grad`` and returns ``(loss, elbo_sum)``, or None when the caller must take an
+    eager step (at KL weight 0, and after a failed recording). One graph is recorded per
+    minibatch size, for at most ``MAX_SIZES`` sizes: the full minibatches and an epoch's last one.
     """
 
-    def __init__(self, module: LDVAE, n_obs: int, batch_size: int):
-        self.module, self.n_obs, self.batch_size = module, n_obs, batch_size
+    MAX_SIZES = 2
+
+    def __init__(self, module: LDVAE, n_obs: int):
+        self.module, self.n_obs = module, n_obs
         named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
         self.param_names, self.params = [n for n, _ in named], [p for _, p in named]
         self.buffer_names = [name for name, _ in module.named_buffers()]
         self.buffers = [b for _, b in module.named_buffers()]
         self.elbo = _Elbo(module)
-        self.graph: torch.fx.GraphModule | None = None
-        self.replay: Callable | None = None
+        self.graphs: dict[int, torch.fx.GraphModule] = {}  # by number of cells
+        self.replays: dict[int, Callable] = {}
         self.failure: str | None = None
 
     def accepts(self, mb: Minibatch) -> bool:
         return (
             self.failure is None
-            and mb.n_cells == self.batch_size
             and is_sparse_counts(mb.x)
             and mb.x.device.type == "cpu"
-            and mb.x.shape[0] == self.batch_size
+            and (mb.n_cells in self.replays or len(self.replays) < self.MAX_SIZES)
         )
 
     def __call__(self, mb: Minibatch, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Replay the step on ``mb``, recording the graph first if needed. None: take an eager step.
+        """Replay the step on ``mb``, recording its graph first if needed. None: take an eager step.
 
         At KL weight 0 (the first epoch of the warm-up) the graph is recorded but not replayed:
         the eager step leaves the z term out (``module.kl_warmup``), the graph would multiply it
@@ -94,12 +96,13 @@ class TracedTrainingStep:
         if counts.val.shape[0] < 2:  # the recording assumes at least 2 non-zeros (torch's 0/1 specialisation)
             return None
         data = (counts.tensors(), mb.batch, mb.labels, mb.cat_covs, mb.cont_covs, mb.idx, torch.tensor(kl_weight))
-        if self.graph is None:
-            self._record(counts, data)
-        if self.graph is None or kl_weight <= 0:
+        replay = self.replays.get(mb.n_cells)
+        if replay is None:
+            replay = self._record(counts, data, mb.n_cells)
+        if replay is None or kl_weight <= 0:
             return None
         with torch.no_grad():
-            loss, elbo_sum, grads = self.replay(self.params, self.buffers, data)
+            loss, elbo_sum, grads = replay(self.params, self.buffers, data)
         for param, grad in zip(self.params, grads):
             param.grad = grad
         return loss, elbo_sum
@@ -119,14 +122,14 @@ class TracedTrainingStep:
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         return loss.detach(), per_cell.detach().sum(), grads
 
-    def _record(self, counts: SparseCounts, data: tuple) -> None:
+    def _record(self, counts: SparseCounts, data: tuple, n_cells: int) -> Callable | None:
         try:
             # A plain function: make_fx counts the arguments of the function's code, self included.
             def step(params, buffers, data):
                 return self._loss_and_grads(params, buffers, data)
 
-            self.graph = record(step, self.params, self.buffers, data, counts)
-            self.replay = compile_replay(self.graph)
+            graph = record(step, self.params, self.buffers, data, counts)
+            self.replays[n_cells] = replay = compile_replay(graph)
         except Exception as error:  # noqa: BLE001 - any failure falls back to eager steps
             self.failure = f"{type(error).__name__}: {error}"
             warnings.warn(
@@ -135,9 +138,10 @@ class TracedTrainingStep:
                 RuntimeWarning,
                 stacklevel=4,
             )
-            self.graph = None
-            return
-        logger.info("Training step recorded as a graph of %d nodes.", len(self.graph.graph.nodes))
+            return None
+        self.graphs[n_cells] = graph
+        logger.info("Training step for %d cells recorded as a graph of %d nodes.", n_cells, len(graph.graph.nodes))
+        return replay
 
 
 def record(fn, params: list, buffers: list, data: tuple, counts: SparseCounts) -> torch.fx.GraphModule:

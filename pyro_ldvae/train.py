@@ -424,7 +424,7 @@ def train_svi(
     planned_steps = (max_epochs - start_epoch) * (n_train // batch_size)
     traced = None
     if use_traced_step(traced_step, module, device, ddp, planned_steps):
-        traced = TracedTrainingStep(module, n_train, batch_size)
+        traced = TracedTrainingStep(module, n_train)
 
     def svi_step(mb: Minibatch, kl_weight: float | torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
