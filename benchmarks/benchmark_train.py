@@ -218,6 +218,9 @@ def summarise(runs: list[dict], args) -> str:
                 [1e3 * r["cpu_s"] / (len(r["epoch_times"]) * np.ceil(n_train / args.batch_size)) for r in rs]
             ),
             "held-out -ELBO": med([r["held_out"] for r in rs]),
+            # the validation ELBO moves by about 1% from one epoch to the next (the last minibatches'
+            # noise); the mean of the last 3 epochs compares the trajectories, not one epoch's draw
+            "held-out -ELBO, last 3 epochs": med([float(np.mean(r["val_curve"][-3:])) for r in rs]),
             f"s to -ELBO<={target:.1f}": med([time_to_target(r, target) for r in rs]),
             "peak RSS MB": med([r["peak_rss_mb"] for r in rs]),
             "latent cells/s": med([n_cells / r["latent_s"] for r in rs]),
@@ -239,8 +242,9 @@ def summarise(runs: list[dict], args) -> str:
         ratio = f" {vals[0] / vals[1]:.2f} |" if len(rows) == 2 else ""
         lines.append(f"| {m} | " + " | ".join(f"{v:,.2f}" for v in vals) + " |" + ratio)
     if len(rows) == 2:
-        gap = (rows["ours"]["held-out -ELBO"] - rows["scvi"]["held-out -ELBO"]) / abs(rows["scvi"]["held-out -ELBO"])
-        lines.append(f"held-out ELBO relative difference (ours - scvi) / |scvi|: {100 * gap:+.3f}%")
+        for key in ("held-out -ELBO", "held-out -ELBO, last 3 epochs"):
+            gap = (rows["ours"][key] - rows["scvi"][key]) / abs(rows["scvi"][key])
+            lines.append(f"{key} relative difference (ours - scvi) / |scvi|: {100 * gap:+.3f}%")
     return "\n".join(lines)
 
 

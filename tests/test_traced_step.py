@@ -213,3 +213,25 @@ def test_when_the_step_is_traced(counting):
         custom.train(max_epochs=1, traced_step=True, progress_bar=False)
     model.train(max_epochs=2, batch_size=32, progress_bar=False)  # 10 full steps: eager by default
     assert counting == []
+
+
+def test_replayed_training_on_disk_equals_eager_training(tmp_path, counting):
+    """Counts read from an .h5ad opened with backed='r' (torch CSR minibatches) replay too."""
+    import anndata
+
+    adata = simulate(n_cells=N_CELLS, n_genes=40, n_batch=2, seed=1)
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    states = []
+    for traced in (False, True):
+        backed = anndata.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+        LinearSCVI.setup_anndata(backed, batch_key="batch")
+        model = LinearSCVI(backed, n_latent=3, seed=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            model.train(max_epochs=3, batch_size=BATCH, traced_step=traced, progress_bar=False)
+        states.append(model.module.state_dict())
+        backed.file.close()
+    (step,) = counting
+    assert step.replayed > 0 and step.failure is None
+    for name, value in states[0].items():
+        assert torch.equal(value, states[1][name]), name
