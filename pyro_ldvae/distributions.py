@@ -300,12 +300,7 @@ class _SparseNBLogProb(torch.autograd.Function):
         lgamma_theta_nz = torch.lgamma(theta).index_select(0, cols) if per_gene else torch.lgamma(theta_nz)
         log_denom_nz = log_denom.view(-1).index_select(0, flat)
         out.view(-1).index_add_(
-            0,
-            flat,
-            counts * (torch.log(_gather(mu, rows, cols, flat) + EPS) - log_denom_nz)
-            + torch.lgamma(counts + theta_nz)
-            - lgamma_theta_nz
-            - torch.lgamma(counts + 1),
+            0, flat, _nb_count_terms(counts, _gather(mu, rows, cols, flat), log_denom_nz, theta_nz, lgamma_theta_nz)
         )
         ctx.save_for_backward(mu, theta, rows, cols, flat, counts, denom, log_denom, log_theta_eps)
         return out
@@ -375,11 +370,12 @@ class _SparseNBCellLogProb(torch.autograd.Function):
         denom = mu + theta_eps
         log_denom = torch.log(denom)
         out = torch.mv(log_denom, theta).neg_().add_(torch.dot(theta, log_theta_eps))  # the x = 0 term, summed
-        count_terms = (
-            counts * (torch.log(mu.view(-1).index_select(0, flat) + EPS) - log_denom.view(-1).index_select(0, flat))
-            + torch.lgamma(counts + theta.index_select(0, cols))
-            - torch.lgamma(theta).index_select(0, cols)
-            - torch.lgamma(counts + 1)
+        count_terms = _nb_count_terms(
+            counts,
+            mu.view(-1).index_select(0, flat),
+            log_denom.view(-1).index_select(0, flat),
+            theta.index_select(0, cols),
+            torch.lgamma(theta).index_select(0, cols),
         )
         out.index_add_(0, rows, count_terms)
         ctx.save_for_backward(mu, theta, rows, cols, flat, counts, denom, log_denom, log_theta_eps)
@@ -436,6 +432,17 @@ class CellCounts(Independent):
 
     def expand(self, batch_shape, _instance=None):
         return super().expand(batch_shape, _instance=self._get_checked_instance(CellCounts, _instance))
+
+
+def _nb_count_terms(counts, mu_nz, log_denom_nz, theta_nz, lgamma_theta_nz) -> torch.Tensor:
+    """``log_nb``'s terms that vanish at x = 0, at the non-zeros: ``x (log(mu + eps) - log D)
+    + lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)``."""
+    return (
+        counts * (torch.log(mu_nz + EPS) - log_denom_nz)
+        + torch.lgamma(counts + theta_nz)
+        - lgamma_theta_nz
+        - torch.lgamma(counts + 1)
+    )
 
 
 def _gather(param: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:

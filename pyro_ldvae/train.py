@@ -308,6 +308,23 @@ def minibatch_source(
     )
 
 
+def _eager_only(module: LDVAE, ddp: object | None) -> list[str]:
+    """Why a step could not be replayed from a graph on any device (CUDA graph or traced CPU step)."""
+    reasons = []
+    if not (priors.capturable(module.loadings_prior) and priors.capturable(module.z_prior)):
+        reasons.append("a prior other than the built-in ones runs eagerly (it may build tensors or compute in Python)")
+    if ddp is not None:
+        reasons.append("distributed training runs eagerly")
+    return reasons
+
+
+def _replay_wanted(option: str, value: bool | None, reasons: list[str]) -> bool:
+    """``value`` of the option ``option`` against the ``reasons`` it cannot be met; ``True`` unmet is an error."""
+    if value and reasons:
+        raise ValueError(f"{option}=True cannot be met: {'; '.join(reasons)}. Pass {option}=None or False.")
+    return value is not False and not reasons
+
+
 def use_cuda_graphs(
     cuda_graphs: bool | None, module: LDVAE, source: Callable, device: torch.device, ddp: object | None
 ) -> bool:
@@ -317,33 +334,18 @@ def use_cuda_graphs(
         reasons.append("it needs a CUDA device")
     if not isinstance(source, ResidentMinibatches):
         reasons.append("it needs the counts resident on the GPU (data_on_device; in-memory data that fit)")
-    if not (priors.capturable(module.loadings_prior) and priors.capturable(module.z_prior)):
-        reasons.append("a prior other than the built-in ones runs eagerly (it may make tensors from numbers)")
-    if ddp is not None:
-        reasons.append("distributed training runs eagerly")
-    if cuda_graphs and reasons:
-        raise ValueError(f"cuda_graphs=True cannot be met: {'; '.join(reasons)}. Pass cuda_graphs=None or False.")
-    return cuda_graphs is not False and not reasons
+    return _replay_wanted("cuda_graphs", cuda_graphs, reasons + _eager_only(module, ddp))
 
 
 def use_traced_step(
     traced_step: bool | None, module: LDVAE, device: torch.device, ddp: object | None, planned_steps: int
 ) -> bool:
     """Whether to replay the CPU training step from a recorded graph (``traced_step``); ``True`` that
-    cannot be met is an error. By default only for runs of at least ``TRACED_STEP_MIN_STEPS`` full
+    cannot be met is an error. By default only for runs of at least ``TRACED_STEP_MIN_STEPS``
     minibatches, which repay the recording."""
-    reasons = []
-    if device.type != "cpu":
-        reasons.append("it runs on CPU (on CUDA the step is a CUDA graph, see cuda_graphs)")
-    if not (priors.capturable(module.loadings_prior) and priors.capturable(module.z_prior)):
-        reasons.append("a prior other than the built-in ones runs eagerly (it may compute in Python)")
-    if ddp is not None:
-        reasons.append("distributed training runs eagerly")
-    if traced_step and reasons:
-        raise ValueError(f"traced_step=True cannot be met: {'; '.join(reasons)}. Pass traced_step=None or False.")
-    if traced_step is None:
-        return not reasons and planned_steps >= TRACED_STEP_MIN_STEPS
-    return bool(traced_step)
+    reasons = [] if device.type == "cpu" else ["it runs on CPU (on CUDA the step is a CUDA graph, see cuda_graphs)"]
+    wanted = _replay_wanted("traced_step", traced_step, reasons + _eager_only(module, ddp))
+    return wanted and (traced_step is not None or planned_steps >= TRACED_STEP_MIN_STEPS)
 
 
 def train_svi(
