@@ -47,20 +47,21 @@ def _csr_matmul(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     2-core benchmark machine. Elsewhere torch's sparse product (cuSPARSE on CUDA).
     """
     if isinstance(x, SparseCounts):
-        crow, col, val = x.crow, x.col, x.val
-    elif x.device.type != "cpu":
+        return _row_sums(x.crow, x.col, x.val, dense)
+    if x.device.type != "cpu":
         return x.matmul(dense)
-    else:
-        crow, col, val = x.crow_indices(), x.col_indices(), x.values()
+    return _row_sums(x.crow_indices(), x.col_indices(), x.values(), dense)
+
+
+def _row_sums(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """Row i of the result: ``sum_k val[k] * dense[col[k]]`` over the entries ``crow[i]:crow[i + 1]``."""
     return F.embedding_bag(col, dense.contiguous(), crow, mode="sum", per_sample_weights=val, include_last_offset=True)
 
 
 def _sparse_t_matmul(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     """``x.T @ dense`` for a sparse CSR ``x``, as a dense tensor."""
     if isinstance(x, SparseCounts):  # its transpose was built with it, outside the step
-        return F.embedding_bag(
-            x.col_t, dense.contiguous(), x.crow_t, mode="sum", per_sample_weights=x.val_t, include_last_offset=True
-        )
+        return _row_sums(x.crow_t, x.col_t, x.val_t, dense)
     return _csr_matmul(_csr_transpose(x), dense)
 
 

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 # Recording the CPU step as a graph (traced_step) costs 0.3-0.7 s, plus about 1 s to import
 # torch's tracing machinery once per process; a replayed step saves about 2 ms on the 2-core
-# benchmark machine. By default a run records only when it plans at least this many full steps.
+# benchmark machine. By default a run records only when it plans at least this many steps.
 TRACED_STEP_MIN_STEPS = 1000
 # Steps between host-side checks of the running NaN/inf flag (one device sync each).
 FAULT_CHECK_EVERY = 100
@@ -377,8 +377,8 @@ def train_svi(
     (default: on CUDA when the counts fit in half the free GPU memory); see ``resident_cells``.
     ``cuda_graphs`` replays the training step as a CUDA graph (see ``cuda_graph``); default: on
     CUDA whenever it can (counts resident on the GPU, built-in priors only, one process).
-    ``traced_step`` replays the CPU step from a graph recorded at the first full minibatch (see
-    ``traced_step``); default: on CPU for runs of at least ``TRACED_STEP_MIN_STEPS`` full
+    ``traced_step`` replays the CPU step from a graph recorded at the first minibatch of each size
+    (see ``traced_step``); default: on CPU for runs of at least ``TRACED_STEP_MIN_STEPS``
     minibatches, with built-in priors only, in one process. The results are the eager step's.
 
     Returns the history, scvi-tools style: a dict of one-column DataFrames indexed by epoch
