@@ -125,7 +125,7 @@ class SparseCounts:
     ``row``, ``col`` and ``val``; the transpose (CSR of ``(genes, cells)``) is ``crow_t``
     ``(genes + 1,)`` with ``col_t`` (the cell of each entry) and ``val_t``. The data path builds
     the transpose with scipy, outside the step: the encoders' weight gradient ``x.T @ grad`` reads
-    it (``nn._csr_matmul``), and computing it inside the step would need a sort.
+    it (``nn._sparse_t_matmul``), and computing it inside the step would need a sort.
     """
 
     crow: torch.Tensor
@@ -180,10 +180,6 @@ class SparseCounts:
     @property
     def device(self) -> torch.device:
         return self.val.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.val.dtype
 
     def to_dense(self) -> torch.Tensor:
         return self.val.new_zeros(self.shape).index_put_((self.row, self.col), self.val)
