@@ -36,11 +36,28 @@ def test_help_is_complete(capsys):
     assert main(["fit", "--help"]) == 0
     text = capsys.readouterr().out
     for option in ("--output", "--layer", "--batch-key", "--labels-key", "--n-latent", "--gene-likelihood",
-                   "--dispersion", "--max-epochs", "--batch-size", "--accelerator", "--no-cuda-graphs", "--seed", "--save-model",
+                   "--dispersion", "--max-epochs", "--batch-size", "--accelerator", "--no-cuda-graphs", "--no-traced-step",
+                   "--seed", "--save-model",
                    "--overwrite"):  # fmt: skip
         assert option in text, option
     assert main(["transform", "--help"]) == 0
     assert "MODEL_DIR" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-traced-step", "--no-cuda-graphs"]], ids=["default", "off"])
+def test_fit_passes_the_step_options_to_train(counts_file, tmp_path, monkeypatch, flags):
+    seen = {}
+    train = pyro_ldvae.LinearSCVI.train
+
+    def recording_train(self, **kwargs):
+        seen.update(kwargs)
+        return train(self, **kwargs)
+
+    monkeypatch.setattr(pyro_ldvae.LinearSCVI, "train", recording_train)
+    argv = ["fit", str(counts_file), "-o", str(tmp_path / "out.h5ad"), "--max-epochs", "1", "--accelerator", "cpu"]
+    assert main(argv + flags) == 0
+    expected = False if flags else None  # None: train() decides
+    assert seen["traced_step"] is expected and seen["cuda_graphs"] is expected
 
 
 def test_fit_save_model_and_transform(counts_file, tmp_path, capsys):
