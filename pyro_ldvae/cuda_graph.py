@@ -39,6 +39,15 @@ logger = logging.getLogger(__name__)
 WARMUP_STEPS = 3
 
 
+def warn_eager_fallback(attempt: str, failure: str, option: str) -> None:
+    """Warn that ``attempt`` failed with ``failure`` and that training goes on with eager steps."""
+    warnings.warn(
+        f"Could not {attempt} ({failure}); training goes on with eager steps. Pass {option}=False to skip the attempt.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 class GraphedTrainingStep:
     """Run ``step(positions, kl_weight)`` as a replayed CUDA graph for ``batch_size`` positions.
 
@@ -85,12 +94,7 @@ class GraphedTrainingStep:
                 self.step(self.positions, self.kl_weight)
         except Exception as error:  # noqa: BLE001 - any failure falls back to eager steps
             self.failure = f"{type(error).__name__}: {error}"
-            warnings.warn(
-                f"Could not capture the training step as a CUDA graph ({self.failure}); training "
-                "goes on with eager steps. Pass cuda_graphs=False to skip the attempt.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            warn_eager_fallback("capture the training step as a CUDA graph", self.failure, "cuda_graphs")
             torch.cuda.synchronize()
             return
         self.graph = graph

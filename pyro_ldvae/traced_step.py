@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import logging
 import operator
-import warnings
 from collections.abc import Callable
 
 import pyro
 import torch
 from torch.utils import _pytree as pytree
 
+from .cuda_graph import warn_eager_fallback
 from .distributions import SparseCounts, is_sparse_counts
 from .module import LDVAE, Minibatch
 
@@ -132,12 +132,7 @@ class TracedTrainingStep:
             self.replays[n_cells] = replay = compile_replay(graph)
         except Exception as error:  # noqa: BLE001 - any failure falls back to eager steps
             self.failure = f"{type(error).__name__}: {error}"
-            warnings.warn(
-                f"Could not record the training step as a graph ({self.failure}); training goes on "
-                "with eager steps. Pass traced_step=False to skip the attempt.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            warn_eager_fallback("record the training step as a graph", self.failure, "traced_step")
             return None
         self.graphs[n_cells] = graph
         logger.info("Training step for %d cells recorded as a graph of %d nodes.", n_cells, len(graph.graph.nodes))
