@@ -17,11 +17,12 @@ What the graph takes:
 - the parameters and the buffers; batch norm's running statistics are updated in place by the
   graph, as by the eager step;
 - the minibatch as plain tensors, its counts as ``SparseCounts`` (CSR and its transpose);
-- the KL warm-up weight, as a 0-dim tensor.
+- the KL warm-up weight, as a 0-dim tensor (a weight of 0 has graphs of its own, which take
+  None instead, see ``TracedTrainingStep``).
 
 Every shape is fixed at recording except the number of non-zeros, which stays symbolic: one graph
-serves every minibatch of its size, and a second one is recorded for an epoch's last, smaller
-minibatch. Adam and gradient clipping run after the graph, as after the eager step's backward.
+serves every minibatch of its size, and another one is recorded for an epoch's last, smaller
+minibatch if training runs for long enough to use it. Adam and gradient clipping run after the graph, as after the eager step's backward.
 
 When: see ``train.use_traced_step``. If the recording fails, a warning names the reason and
 training goes on eagerly.
@@ -31,6 +32,8 @@ from __future__ import annotations
 
 import logging
 import operator
+import typing
+import warnings
 from collections.abc import Callable
 
 import pyro
@@ -60,11 +63,15 @@ class TracedTrainingStep:
 
     Call it with a minibatch it ``accepts`` (sparse counts on CPU) and the KL weight: it sets each
     parameter's ``.grad`` and returns ``(loss, elbo_sum)``, or None when the caller must take an
-    eager step (at KL weight 0, and after a failed recording). One graph is recorded per
-    minibatch size, for at most ``MAX_SIZES`` sizes: the full minibatches and an epoch's last one.
+    eager step. A graph is recorded per minibatch size and per kind of KL weight (0, where the
+    eager step masks the z terms out, or positive, where it scales them by a tensor input), at
+    the second step that asks for it: the full minibatches' graphs are recorded at once, while the
+    epoch's last, smaller minibatch is recorded only if training runs long enough to see it
+    again (a recording costs 0.3-0.7 s, a step a few ms). At most ``MAX_GRAPHS`` graphs.
     """
 
-    MAX_SIZES = 2
+    MAX_GRAPHS = 4
+    RECORD_AT_REQUEST = 2
 
     def __init__(self, module: LDVAE, n_obs: int):
         self.module, self.n_obs = module, n_obs
@@ -73,34 +80,40 @@ class TracedTrainingStep:
         self.buffer_names = [name for name, _ in module.named_buffers()]
         self.buffers = [b for _, b in module.named_buffers()]
         self.elbo = _Elbo(module)
-        self.graphs: dict[int, torch.fx.GraphModule] = {}  # by number of cells
-        self.replays: dict[int, Callable] = {}
+        # by (number of cells, z terms masked out: KL weight 0)
+        self.graphs: dict[tuple[int, bool], torch.fx.GraphModule] = {}
+        self.replays: dict[tuple[int, bool], Callable] = {}
+        self.requests: dict[tuple[int, bool], int] = {}
         self.failure: str | None = None
 
     def accepts(self, mb: Minibatch) -> bool:
-        return (
-            self.failure is None
-            and is_sparse_counts(mb.x)
-            and mb.x.device.type == "cpu"
-            and (mb.n_cells in self.replays or len(self.replays) < self.MAX_SIZES)
-        )
+        return self.failure is None and is_sparse_counts(mb.x) and mb.x.device.type == "cpu"
 
     def __call__(self, mb: Minibatch, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Replay the step on ``mb``, recording its graph first if needed. None: take an eager step.
+        """Replay the step on ``mb``, recording its graph first if due. None: take an eager step.
 
-        At KL weight 0 (the first epoch of the warm-up) the graph is recorded but not replayed:
-        the eager step leaves the z term out (``module.kl_warmup``), the graph would multiply it
-        by 0, and the gradients would then differ by float rounding.
+        At KL weight 0 (the first epoch of the warm-up) the eager step leaves the z terms out
+        (``module.kl_warmup``); a graph that multiplied them by a weight of 0 would give gradients
+        that differ by float rounding, so weight 0 has graphs of its own, recorded with the
+        terms masked out as in the eager step.
         """
+        masked = float(kl_weight) == 0.0
+        key = (mb.n_cells, masked)
+        replay = self.replays.get(key)
+        if replay is None:
+            self.requests[key] = self.requests.get(key, 0) + 1
+            if self.requests[key] < self.RECORD_AT_REQUEST or len(self.replays) >= self.MAX_GRAPHS:
+                return None
         counts = mb.x if isinstance(mb.x, SparseCounts) else SparseCounts.from_torch_csr(mb.x)
         if counts.val.shape[0] < 2:  # the recording assumes at least 2 non-zeros (torch's 0/1 specialisation)
             return None
-        data = (counts.tensors(), mb.batch, mb.labels, mb.cat_covs, mb.cont_covs, mb.idx, torch.tensor(kl_weight))
-        replay = self.replays.get(mb.n_cells)
+        # The weight enters as a 0-dim tensor input; None (weight 0) masks the z terms out.
+        weight = None if masked else torch.tensor(kl_weight)
+        data = (counts.tensors(), mb.batch, mb.labels, mb.cat_covs, mb.cont_covs, mb.idx, weight)
         if replay is None:
-            replay = self._record(counts, data, mb.n_cells)
-        if replay is None or kl_weight <= 0:
-            return None
+            replay = self._record(counts, data, key)
+            if replay is None:
+                return None
         with torch.no_grad():
             loss, elbo_sum, grads = replay(self.params, self.buffers, data)
         for param, grad in zip(self.params, grads):
@@ -110,6 +123,7 @@ class TracedTrainingStep:
     def _loss_and_grads(self, params, buffers, data):
         """What the graph records: one SVI step's loss, per-cell ELBO sum and gradients."""
         counts, batch, labels, cat_covs, cont_covs, idx, kl_weight = data
+        kl_weight = 0.0 if kl_weight is None else kl_weight
         x = SparseCounts(*counts, shape=torch.Size((batch.shape[0], self.module.n_input)))
         mb = Minibatch(x=x, batch=batch, labels=labels, cat_covs=cat_covs, cont_covs=cont_covs, idx=idx)
         state = {f"module.{name}": value for name, value in zip(self.param_names, params)}
@@ -122,20 +136,26 @@ class TracedTrainingStep:
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         return loss.detach(), per_cell.detach().sum(), grads
 
-    def _record(self, counts: SparseCounts, data: tuple, n_cells: int) -> Callable | None:
+    def _record(self, counts: SparseCounts, data: tuple, key: tuple[int, bool]) -> Callable | None:
         try:
             # A plain function: make_fx counts the arguments of the function's code, self included.
             def step(params, buffers, data):
                 return self._loss_and_grads(params, buffers, data)
 
             graph = record(step, self.params, self.buffers, data, counts)
-            self.replays[n_cells] = replay = compile_replay(graph)
+            self.replays[key] = replay = compile_replay(graph)
         except Exception as error:  # noqa: BLE001 - any failure falls back to eager steps
             self.failure = f"{type(error).__name__}: {error}"
             warn_eager_fallback("record the training step as a graph", self.failure, "traced_step")
             return None
-        self.graphs[n_cells] = graph
-        logger.info("Training step for %d cells recorded as a graph of %d nodes.", n_cells, len(graph.graph.nodes))
+        self.graphs[key] = graph
+        logger.info(
+            "Training step for %d cells%s recorded as a graph of %d nodes, replayed by %s.",
+            key[0],
+            " at KL weight 0" if key[1] else "",
+            len(graph.graph.nodes),
+            replay.interpreter,
+        )
         return replay
 
 
@@ -183,12 +203,12 @@ def record(fn, params: list, buffers: list, data: tuple, counts: SparseCounts) -
 
 
 def compile_replay(graph: torch.fx.GraphModule) -> Callable:
-    """A Python function that runs ``graph``'s ops as ``graph(*args)`` would, with less overhead.
+    """A function that runs ``graph``'s ops as ``graph(*args)`` would, with less overhead.
 
-    The graph's own code calls each op as ``torch.ops.aten.mul.Tensor(...)``, about 2.6 us a call;
-    calling the op's C++ handle directly takes 1.7 us, which over the ~370 ops of a step saves
-    0.3-0.5 ms (measured on the 2-core benchmark machine). ``detach`` (a no-op here: the replay
-    runs under ``no_grad``) and unused results are dropped first.
+    ``detach`` (a no-op here: the replay runs under ``no_grad``) and unused results are dropped
+    first. Then the graph runs in TorchScript's interpreter, which calls the ops from C++
+    (``script_replay``); where TorchScript cannot take the graph, generated Python code calls
+    each op's C++ handle (``python_replay``). Both give the graph's results bit for bit.
     """
     nodes = graph.graph
     for node in list(nodes.nodes):
@@ -197,6 +217,72 @@ def compile_replay(graph: torch.fx.GraphModule) -> Callable:
             nodes.erase_node(node)
     nodes.eliminate_dead_code()  # keeps ops that write to their inputs (batch norm's statistics)
     graph.recompile()
+    n_inputs = sum(node.op == "placeholder" for node in nodes.nodes)
+    scripted = script_replay(graph)
+    flat_replay = scripted or python_replay(graph)
+    out_spec = graph._out_spec
+
+    def replay(*args):
+        flat = pytree.arg_tree_leaves(*args)
+        if len(flat) != n_inputs:
+            raise ValueError(f"the recorded step takes {n_inputs} tensors, got {len(flat)}")
+        return pytree.tree_unflatten(flat_replay(*flat), out_spec)
+
+    replay.interpreter = "torchscript" if scripted is not None else "python"
+    return replay
+
+
+def script_replay(graph: torch.fx.GraphModule) -> Callable | None:
+    """``graph`` as a TorchScript function of its flat inputs, returning its flat outputs; None if
+    TorchScript cannot compile it.
+
+    Why: the interpreter dispatches each op from C++, without a Python call per op. A replayed
+    step at 128 cells x 2,000 genes took 4.3-5.0 ms against 5.7-6.2 ms for ``python_replay``
+    (interleaved runs on the 2-core benchmark machine, ``benchmarks/README.md``), and scripting
+    takes 0.1 s. TorchScript's CPU fuser is off by default (and without LLVM in torch's CPU
+    wheels), so the ops run unfused and the results equal the eager step's bit for bit
+    (``tests/test_traced_step.py``). ``torch.jit.script`` is deprecated in favour of
+    ``torch.compile``; ``torch.compile``'s inductor would fuse the ops and could be faster still,
+    but compiles for 5-40 s with a C++ compiler, and its fused arithmetic rounds differently.
+    """
+    copy = torch.fx.Graph()
+    outputs = list(copy.graph_copy(graph.graph, {}))
+    # TorchScript returns tensors: constants and None (a parameter without a gradient) are put
+    # back around its results.
+    computed = [i for i, value in enumerate(outputs) if isinstance(value, torch.fx.Node)]
+    copy.output(tuple(outputs[i] for i in computed))
+    for node in copy.nodes:
+        if node.op == "placeholder" and not isinstance(node.meta.get("val"), torch.Tensor):
+            if node.users:
+                return None  # a non-tensor input that the step reads: TorchScript would type it as a tensor
+            node.type = typing.Any  # an unused one (a number the recording made a constant)
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            node.target = node.target.overloadpacket  # TorchScript resolves the overload itself
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.script's deprecation and type-system notes
+            scripted = torch.jit.script(torch.fx.GraphModule(graph, copy))
+    except Exception as error:  # noqa: BLE001 - the Python replay runs the same graph
+        logger.info("TorchScript could not compile the recorded step (%s); replaying it from Python.", error)
+        return None
+
+    def flat_replay(*flat):
+        results = list(outputs)
+        for i, value in zip(computed, scripted(*flat)):
+            results[i] = value
+        return results
+
+    return flat_replay
+
+
+def python_replay(graph: torch.fx.GraphModule) -> Callable:
+    """Generated Python code that calls each op of ``graph`` on its flat inputs.
+
+    The graph's own code calls each op as ``torch.ops.aten.mul.Tensor(...)``, about 2.6 us a call;
+    calling the op's C++ handle directly takes 1.7 us, which over the ~370 ops of a step saves
+    0.3-0.5 ms (measured on the 2-core benchmark machine).
+    """
+    nodes = graph.graph
     names: dict[torch.fx.Node, str] = {}
     scope: dict[str, object] = {}
     lines, inputs = [], []
@@ -231,12 +317,4 @@ def compile_replay(graph: torch.fx.GraphModule) -> Callable:
             raise NotImplementedError(f"graph node {node.op!r}")
     code = f"def replay({', '.join(inputs)}):\n" + "\n".join(lines) + "\n"
     exec(compile(code, "<recorded training step>", "exec"), scope)  # noqa: S102 - code generated above
-    flat_replay, out_spec = scope["replay"], graph._out_spec
-
-    def replay(*args):
-        flat = pytree.arg_tree_leaves(*args)
-        if len(flat) != len(inputs):
-            raise ValueError(f"the recorded step takes {len(inputs)} tensors, got {len(flat)}")
-        return pytree.tree_unflatten(flat_replay(*flat), out_spec)
-
-    return replay
+    return scope["replay"]

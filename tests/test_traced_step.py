@@ -61,8 +61,8 @@ def _train(model_kwargs: dict, traced: bool, epochs: int = 3, batch_key: str | N
     clip = model_kwargs.pop("gradient_clip_val", None)
     model = LinearSCVI(adata, n_latent=3, seed=0, **model_kwargs)
     cells = CellData(adata, get_registry(adata))
-    # KL warm-up over 2 epochs: epoch 0 (weight 0) records the graph and steps eagerly, the later
-    # epochs replay it
+    # KL warm-up over 2 epochs: epoch 0 (weight 0, z terms masked out) and the later epochs
+    # (a positive weight) replay graphs of their own
     plan = train_mod.TrainingPlan(n_epochs_kl_warmup=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a failed recording would fall back silently
@@ -99,12 +99,28 @@ MODELS = {
 
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_replayed_training_equals_eager_training_bit_for_bit(counting, model):
+    _check_replay_equals_eager(counting, model, interpreter="torchscript")
+
+
+def test_the_python_replay_also_equals_eager_training(counting, monkeypatch):
+    """Where TorchScript cannot take a graph, generated Python code replays it, with the same results."""
+    monkeypatch.setattr(traced_mod, "script_replay", lambda graph: None)
+    _check_replay_equals_eager(counting, "gene-batch-clipped-covariates", interpreter="python")
+
+
+def _check_replay_equals_eager(counting, model: str, interpreter: str) -> None:
     eager_state, eager_history = _train(MODELS[model](), traced=False)
     assert counting == []
     traced_state, traced_history = _train(MODELS[model](), traced=True)
     (step,) = counting
-    assert step.failure is None and set(step.graphs) == {BATCH, N_TRAIN % BATCH}
-    assert step.replayed == 2 * (N_TRAIN // BATCH + 1)  # every minibatch after the warm-up epoch 0
+    # Each graph is recorded at the second step that asks for it: epoch 0's full minibatches
+    # (weight 0) from the second one on, the later epochs' from epoch 1's second one, and the
+    # last, smaller minibatch's at a positive weight in epoch 2; at weight 0 it comes only once.
+    assert step.failure is None
+    assert set(step.graphs) == {(BATCH, True), (BATCH, False), (N_TRAIN % BATCH, False)}
+    assert {replay.interpreter for replay in step.replays.values()} == {interpreter}
+    full = N_TRAIN // BATCH
+    assert step.replayed == (full - 1) + (full - 1) + full + 1
     assert len(step.non_zeros) > 3  # one graph served minibatches with different numbers of non-zeros
     assert eager_state.keys() == traced_state.keys()
     for name, value in eager_state.items():
