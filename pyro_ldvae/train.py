@@ -348,6 +348,20 @@ def use_traced_step(
     return wanted and (traced_step is not None or planned_steps >= TRACED_STEP_MIN_STEPS)
 
 
+def planned_step_kinds(
+    plan: TrainingPlan, start_epoch: int, max_epochs: int, n_train: int, batch_size: int
+) -> dict[tuple[int, bool], int]:
+    """How many steps of each ``(cells, KL weight is 0)`` kind the epochs to come will take
+    (``TracedTrainingStep`` records a graph only for kinds that repay the recording)."""
+    sizes = [batch_size] * (n_train // batch_size) + ([n_train % batch_size] if n_train % batch_size > 1 else [])
+    planned: dict[tuple[int, bool], int] = {}
+    for epoch in range(start_epoch, max_epochs):
+        masked = plan.kl_weight(epoch) == 0
+        for size in sizes:
+            planned[size, masked] = planned.get((size, masked), 0) + 1
+    return planned
+
+
 def train_svi(
     module: LDVAE,
     data: CellData,
@@ -426,7 +440,9 @@ def train_svi(
     planned_steps = (max_epochs - start_epoch) * (n_train // batch_size)
     traced = None
     if use_traced_step(traced_step, module, device, ddp, planned_steps):
-        traced = TracedTrainingStep(module, n_train)
+        traced = TracedTrainingStep(
+            module, n_train, planned_step_kinds(plan, start_epoch, max_epochs, n_train, batch_size)
+        )
 
     def svi_step(mb: Minibatch, kl_weight: float | torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)

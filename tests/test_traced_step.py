@@ -43,6 +43,8 @@ class CountingStep(traced_mod.TracedTrainingStep):
 def counting(monkeypatch):
     CountingStep.instances.clear()
     monkeypatch.setattr(train_mod, "TracedTrainingStep", CountingStep)
+    # Record every kind of step, however few: these short runs then replay all their steps.
+    monkeypatch.setattr(CountingStep, "MIN_REPLAYS", 1)
     return CountingStep.instances
 
 
@@ -113,14 +115,13 @@ def _check_replay_equals_eager(counting, model: str, interpreter: str) -> None:
     assert counting == []
     traced_state, traced_history = _train(MODELS[model](), traced=True)
     (step,) = counting
-    # Each graph is recorded at the second step that asks for it: epoch 0's full minibatches
-    # (weight 0) from the second one on, the later epochs' from epoch 1's second one, and the
-    # last, smaller minibatch's at a positive weight in epoch 2; at weight 0 it comes only once.
+    # One graph per minibatch size (full, last) and KL weight (0 in epoch 0, positive after);
+    # every step replays.
     assert step.failure is None
-    assert set(step.graphs) == {(BATCH, True), (BATCH, False), (N_TRAIN % BATCH, False)}
+    full, last = N_TRAIN // BATCH, N_TRAIN % BATCH
+    assert set(step.graphs) == {(BATCH, True), (last, True), (BATCH, False), (last, False)}
     assert {replay.interpreter for replay in step.replays.values()} == {interpreter}
-    full = N_TRAIN // BATCH
-    assert step.replayed == (full - 1) + (full - 1) + full + 1
+    assert step.replayed == 3 * (full + 1)
     assert len(step.non_zeros) > 3  # one graph served minibatches with different numbers of non-zeros
     assert eager_state.keys() == traced_state.keys()
     for name, value in eager_state.items():
@@ -229,6 +230,35 @@ def test_when_the_step_is_traced(counting):
         custom.train(max_epochs=1, traced_step=True, progress_bar=False)
     model.train(max_epochs=2, batch_size=32, progress_bar=False)  # 10 full steps: eager by default
     assert counting == []
+
+
+def test_only_kinds_of_steps_that_repay_a_recording_are_recorded():
+    """Steps are counted by (cells, KL weight 0) over the epochs to come; a kind is recorded only
+    if it will take at least MIN_REPLAYS steps."""
+    plan = train_mod.TrainingPlan(n_epochs_kl_warmup=2)
+    assert train_mod.planned_step_kinds(plan, 0, 3, N_TRAIN, BATCH) == {
+        (64, True): 4,
+        (14, True): 1,
+        (64, False): 8,
+        (14, False): 2,
+    }
+    assert train_mod.planned_step_kinds(plan, 1, 3, N_TRAIN + 1 - 14, BATCH) == {
+        (64, False): 8
+    }  # a last cell alone is dropped
+    never_zero = train_mod.TrainingPlan(n_epochs_kl_warmup=2, min_kl_weight=0.1)
+    assert train_mod.planned_step_kinds(never_zero, 0, 2, 128, BATCH) == {(64, False): 4}
+
+    adata = simulate(n_cells=N_CELLS, n_genes=40, seed=1)
+    LinearSCVI.setup_anndata(adata)
+    model = LinearSCVI(adata, n_latent=3, seed=0)
+    cells = CellData(adata, get_registry(adata))
+    mb = cells.minibatch(np.arange(BATCH), sparse=True)
+    need = traced_mod.TracedTrainingStep.MIN_REPLAYS
+    few = traced_mod.TracedTrainingStep(model.module, N_TRAIN, {(BATCH, False): need - 1})
+    assert few.accepts(mb) and few(mb, 0.5) is None and few.graphs == {}
+    enough = traced_mod.TracedTrainingStep(model.module, N_TRAIN, {(BATCH, False): need})
+    assert enough(mb, 0.5) is not None and set(enough.graphs) == {(BATCH, False)}
+    assert enough(mb, 0.0) is None and set(enough.graphs) == {(BATCH, False)}  # weight 0 is another kind
 
 
 def test_replayed_training_on_disk_equals_eager_training(tmp_path, counting):
