@@ -262,10 +262,12 @@ class LinearSCVI:
             no prior of the user's own, one process); ``False`` never; ``True`` raises if it cannot.
         traced_step
             On CPU, record one training step (guide, model, ELBO and gradients) as a graph of
-            torch ops and replay it for every full minibatch, without Pyro's and autograd's
-            Python overhead. The results are the eager step's, bit for bit. Default: for runs of
-            at least 1,000 full minibatches (the recording costs about 1-2 s), no prior of the
-            user's own, one process; ``False`` never; ``True`` always, or raises if it cannot.
+            torch ops and replay it (in TorchScript's interpreter) for every later minibatch of
+            its kind, without Pyro's and autograd's Python overhead. The results are the eager
+            step's, bit for bit. A kind (a minibatch size, at KL weight 0 or not) is recorded
+            only if the run takes at least 200 steps of it (a recording costs about 0.5 s).
+            Default: for runs of at least 1,000 full minibatches, no prior of the user's own, one
+            process; ``False`` never; ``True`` always, or raises if it cannot.
 
         Ctrl-C stops after the current step; the model keeps the last completed epoch and
         ``stop_reason_`` is 'interrupted'. If the loss becomes NaN or infinite, a

@@ -6,7 +6,7 @@ hundred nodes. (On the 2-core benchmark machine a step on 20 genes, almost no ar
 4.6 ms; on 2,000 genes it takes 8-9 ms.) ``make_fx`` runs one real step on fake tensors (the
 guide, the model, the ELBO and ``torch.autograd.grad``) and records every aten op it
 dispatches, forward and backward. Replaying the recording runs the same ops on the next
-minibatch without the Python around them.
+minibatch without the Python around them, from TorchScript's interpreter (``script_replay``).
 
 The Pyro program stays the single source of truth: the graph is recorded from it at the start of
 each training run. A replayed step gives the eager step's loss, gradients and batch-norm
@@ -22,7 +22,8 @@ What the graph takes:
 
 Every shape is fixed at recording except the number of non-zeros, which stays symbolic: one graph
 serves every minibatch of its size, and another one is recorded for an epoch's last, smaller
-minibatch if training runs for long enough to use it. Adam and gradient clipping run after the graph, as after the eager step's backward.
+minibatch if training runs for long enough to repay it. Adam and gradient clipping run after
+the graph, as after the eager step's backward.
 
 When: see ``train.use_traced_step``. If the recording fails, a warning names the reason and
 training goes on eagerly.
@@ -77,8 +78,7 @@ class TracedTrainingStep:
     MIN_REPLAYS = 200
 
     def __init__(self, module: LDVAE, n_obs: int, planned_steps: dict[tuple[int, bool], int] | None = None):
-        self.planned_steps = planned_steps
-        self.module, self.n_obs = module, n_obs
+        self.module, self.n_obs, self.planned_steps = module, n_obs, planned_steps
         named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
         self.param_names, self.params = [n for n, _ in named], [p for _, p in named]
         self.buffer_names = [name for name, _ in module.named_buffers()]

@@ -391,9 +391,10 @@ def train_svi(
     (default: on CUDA when the counts fit in half the free GPU memory); see ``resident_cells``.
     ``cuda_graphs`` replays the training step as a CUDA graph (see ``cuda_graph``); default: on
     CUDA whenever it can (counts resident on the GPU, built-in priors only, one process).
-    ``traced_step`` replays the CPU step from a graph recorded at the first minibatch of each size
-    (see ``traced_step``); default: on CPU for runs of at least ``TRACED_STEP_MIN_STEPS``
-    minibatches, with built-in priors only, in one process. The results are the eager step's.
+    ``traced_step`` replays the CPU step from a graph recorded at the first minibatch of each kind
+    that the run takes often enough (``planned_step_kinds``, see ``traced_step``); default: on CPU
+    for runs of at least ``TRACED_STEP_MIN_STEPS`` minibatches, with built-in priors only, in one
+    process. The results are the eager step's.
 
     Returns the history, scvi-tools style: a dict of one-column DataFrames indexed by epoch
     (``elbo_train``, ``elbo_validation``, ``reconstruction_loss_train``, ``kl_local_train``,
