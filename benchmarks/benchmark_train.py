@@ -248,7 +248,7 @@ def summarise(runs: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="cbmc")
     parser.add_argument("--epochs", type=int, default=10)
@@ -274,7 +274,11 @@ def main() -> None:
     parser.add_argument("--libraries", default="ours,scvi", help="comma-separated subset of ours,scvi")
     parser.add_argument("--from-log", default=None, help="re-summarise the 'repeat' lines of a saved run")
     parser.add_argument("--worker", choices=["ours", "scvi"], default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.from_log:
         with open(args.from_log) as f:
             runs = [json.loads(line.split(": ", 1)[1]) for line in f if line.startswith("repeat ")]
