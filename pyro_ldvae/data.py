@@ -20,7 +20,7 @@ import torch
 from anndata import AnnData
 
 from . import validate
-from .distributions import scipy_to_torch_csr
+from .distributions import SparseCounts, scipy_to_torch_csr
 from .module import Minibatch
 
 logger = logging.getLogger(__name__)
@@ -276,16 +276,23 @@ class CellData:
         device: torch.device | str = "cpu",
         plate_idx: np.ndarray | None = None,
         sparse: bool = False,
+        sparse_counts: bool = False,
     ) -> Minibatch:
         """The cells ``idx`` as tensors on ``device``; ``plate_idx`` (default ``idx``) indexes the plate.
 
         With ``sparse=True`` a sparse count matrix gives ``x`` as a torch sparse CSR tensor, which
-        the likelihoods and encoders consume in O(non-zeros); the default is a dense ``x``.
+        the likelihoods and encoders consume in O(non-zeros); the default is a dense ``x``. With
+        ``sparse_counts=True`` a CSR matrix on CPU gives ``x`` as :class:`SparseCounts`, the traced
+        training step's input, cut directly (``SparseCounts.from_scipy_rows``).
         """
         idx = np.asarray(idx)
         as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a[idx], dtype=np.int64)).to(device)  # noqa: E731
+        if sparse_counts and torch.device(device).type == "cpu" and sp.issparse(self.X) and self.X.format == "csr":
+            x = SparseCounts.from_scipy_rows(self.X, idx)
+        else:
+            x = self.rows_tensor(idx, device, sparse or sparse_counts)
         return Minibatch(
-            x=self.rows_tensor(idx, device, sparse),
+            x=x,
             batch=as_long(self.batch),
             labels=as_long(self.labels),
             cat_covs=None if self.cat_covs is None else as_long(self.cat_covs),

@@ -302,10 +302,29 @@ def minibatch_source(
     resident = resident_cells(data, device, data_on_device)
     if resident is not None:
         return ResidentMinibatches(resident, train_idx, batch_size, ddp)
-    return lambda generator: (
-        data.minibatch(train_idx[positions], device, plate_idx=positions, sparse=True)
-        for positions in _minibatch_indices(train_idx, batch_size, generator, ddp)
-    )
+    return CutMinibatches(data, train_idx, batch_size, device, ddp)
+
+
+class CutMinibatches:
+    """An epoch's shuffled training minibatches cut from in-memory counts on the host, per step.
+
+    ``x`` is a torch sparse CSR tensor, or :class:`SparseCounts` with ``sparse_counts`` (set for
+    the traced CPU step, which takes that form: cutting it directly saves a conversion per step).
+    """
+
+    def __init__(self, data: CellData, train_idx: np.ndarray, batch_size: int, device: torch.device, ddp=None):
+        self.data, self.train_idx, self.batch_size, self.device, self.ddp = data, train_idx, batch_size, device, ddp
+        self.sparse_counts = False
+
+    def __call__(self, generator: torch.Generator) -> Iterator[Minibatch]:
+        for positions in _minibatch_indices(self.train_idx, self.batch_size, generator, self.ddp):
+            yield self.data.minibatch(
+                self.train_idx[positions],
+                self.device,
+                plate_idx=positions,
+                sparse=True,
+                sparse_counts=self.sparse_counts,
+            )
 
 
 def _eager_only(module: LDVAE, ddp: object | None) -> list[str]:
@@ -444,6 +463,8 @@ def train_svi(
         traced = TracedTrainingStep(
             module, n_train, planned_step_kinds(plan, start_epoch, max_epochs, n_train, batch_size)
         )
+        if isinstance(epoch_minibatches, CutMinibatches):
+            epoch_minibatches.sparse_counts = True
 
     def svi_step(mb: Minibatch, kl_weight: float | torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
