@@ -9,9 +9,12 @@ dispatches, forward and backward. Replaying the recording runs the same ops on t
 minibatch without the Python around them, from TorchScript's interpreter (``script_replay``).
 
 The Pyro program stays the single source of truth: the graph is recorded from it at the start of
-each training run. A replayed step gives the eager step's loss, gradients and batch-norm
-statistics exactly, random draws included, because the graph draws from torch's generator in
-the eager step's order (``tests/test_traced_step.py``).
+each training run. A replayed step runs the eager step's ops in the eager order, random draws
+included (the graph draws from torch's generator in the same order), so it gives the eager
+step's loss, gradients and batch-norm statistics: bit for bit in ``tests/test_traced_step.py``.
+On real data, a rare step can differ at the rounding level. On cbmc, one epoch-end minibatch
+out of 240 steps differed by 6e-8 in a gradient. The cause is not established (see
+benchmarks/README.md, "Bit-identity on real data").
 
 What the graph takes:
 - the parameters and the buffers; batch norm's running statistics are updated in place by the
