@@ -11,17 +11,15 @@ minibatch without the Python around them, from TorchScript's interpreter (``scri
 The Pyro program stays the single source of truth: the graph is recorded from it at the start of
 each training run. A replayed step runs the eager step's ops in the eager order, random draws
 included (the graph draws from torch's generator in the same order), so it gives the eager
-step's loss, gradients and batch-norm statistics: bit for bit in ``tests/test_traced_step.py``.
-On real data, a rare step can differ at the rounding level. On cbmc, one epoch-end minibatch
-out of 240 steps differed by 6e-8 in a gradient. The cause is not established (see
-benchmarks/README.md, "Bit-identity on real data").
+step's loss, gradients and batch-norm statistics bit for bit (``tests/test_traced_step.py``,
+on simulated data and on cbmc's counts).
 
 What the graph takes:
 - the parameters and the buffers; batch norm's running statistics are updated in place by the
   graph, as by the eager step;
 - the minibatch as plain tensors, its counts as ``SparseCounts`` (CSR and its transpose);
-- the KL warm-up weight, as a 0-dim tensor (a weight of 0 has graphs of its own, which take
-  None instead, see ``TracedTrainingStep``).
+- the KL warm-up weight, as a 0-dim float64 tensor (a weight of 0 has graphs of its own,
+  which take None instead, see ``TracedTrainingStep``).
 
 Every shape is fixed at recording except the number of non-zeros, which stays symbolic: one graph
 serves every minibatch of its size, and another one is recorded for an epoch's last, smaller
@@ -111,8 +109,11 @@ class TracedTrainingStep:
         counts = mb.x if isinstance(mb.x, SparseCounts) else SparseCounts.from_torch_csr(mb.x)
         if counts.val.shape[0] < 2:  # the recording assumes at least 2 non-zeros (torch's 0/1 specialisation)
             return None
-        # The weight enters as a 0-dim tensor input; None (weight 0) masks the z terms out.
-        weight = None if masked else torch.tensor(kl_weight)
+        # The weight enters as a 0-dim float64 tensor, as exact as the eager step's Python float
+        # (a float32 weight changed the z terms' gradients by rounding on some minibatches, see
+        # test_replayed_training_on_real_counts_equals_eager_training); None (weight 0) masks
+        # the z terms out.
+        weight = None if masked else torch.tensor(kl_weight, dtype=torch.float64)
         data = (counts.tensors(), mb.batch, mb.labels, mb.cat_covs, mb.cont_covs, mb.idx, weight)
         if replay is None:
             replay = self._record(counts, data, key)
