@@ -371,7 +371,8 @@ def planned_step_kinds(
     plan: TrainingPlan, start_epoch: int, max_epochs: int, n_train: int, batch_size: int
 ) -> dict[tuple[int, bool], int]:
     """How many steps of each ``(cells, KL weight is 0)`` kind the epochs to come will take
-    (``TracedTrainingStep`` records a graph only for kinds that repay the recording)."""
+    (``TracedTrainingStep`` records a graph only for kinds that repay the recording). The sizes
+    are those ``_minibatch_indices`` yields: full minibatches, then the rest unless it is one cell."""
     sizes = [batch_size] * (n_train // batch_size) + ([n_train % batch_size] if n_train % batch_size > 1 else [])
     planned: dict[tuple[int, bool], int] = {}
     for epoch in range(start_epoch, max_epochs):
