@@ -40,7 +40,7 @@ def write_tiled(path: Path, n_cells: int, source: Path, chunk: int = 50_000) -> 
     import pandas as pd
     from anndata.io import sparse_dataset, write_elem
 
-    from pyro_ldvae.io import write_h5ad
+    from pyro_ldvae.api.io import write_h5ad
 
     block = anndata.read_h5ad(source)
     X = block.X.tocsr()

@@ -55,7 +55,7 @@ def simulated_path(n_cells: int = 100_000, n_genes: int = 2000) -> Path:
     path = RESULTS / f"sim_{n_cells // 1000}k_{n_genes}.h5ad"
     if not path.exists():
         from pyro_ldvae import simulate
-        from pyro_ldvae.io import write_h5ad
+        from pyro_ldvae.api.io import write_h5ad
 
         RESULTS.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial.h5ad")  # renamed when complete: never a half-written cache

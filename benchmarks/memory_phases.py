@@ -71,8 +71,8 @@ def main() -> None:
     import torch
 
     from pyro_ldvae import LinearSCVI
-    from pyro_ldvae.data_backed import BackedCellData
-    from pyro_ldvae.train import evaluate_elbo
+    from pyro_ldvae.data.backed import BackedCellData
+    from pyro_ldvae.infer.train import evaluate_elbo
 
     torch.set_num_threads(1)
     phases = Phases(args.trace)

@@ -21,7 +21,7 @@ def cpu_unless_asked():
     equality after save/load) are CPU facts; the GPU tests (tests/test_cuda_graph.py) ask for
     the GPU by name. Session-scoped, so that module-scoped fixtures train on the CPU too.
     """
-    from pyro_ldvae import model
+    from pyro_ldvae.api import linear_scvi as model
 
     resolve_device = model.resolve_device
     with pytest.MonkeyPatch.context() as patch:
@@ -38,7 +38,7 @@ def cpu_unless_asked():
 @pytest.fixture(scope="session", autouse=True)
 def write_string_arrays():
     """Let fixtures' ``write_h5ad`` write pandas string arrays (pandas 3's names; see ``io.write_h5ad``)."""
-    from pyro_ldvae.io import string_arrays_writable
+    from pyro_ldvae.api.io import string_arrays_writable
 
     with string_arrays_writable():
         yield

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import pyro_ldvae
-from pyro_ldvae.cli import main
+from pyro_ldvae.api.cli import main
 
 ROOT = Path(__file__).parents[1]
 

@@ -21,8 +21,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyro_ldvae import LinearSCVI, priors, simulate
-from pyro_ldvae import train as train_mod
-from pyro_ldvae.data import CellData, DeviceCells, get_registry
+from pyro_ldvae.data.cells import CellData, DeviceCells
+from pyro_ldvae.data.registry import get_registry
+from pyro_ldvae.infer import train as train_mod
 
 # Operations that read a value back to the host (a sync), make a tensor from host data (on a
 # GPU, a copy), or give a shape that depends on values.
@@ -314,7 +315,7 @@ def test_gpu_inference_equals_cpu_inference_for_the_same_parameters():
 
 @cuda
 def test_sparse_products_and_transpose_on_gpu():
-    from pyro_ldvae.nn import _csr_matmul, _csr_transpose
+    from pyro_ldvae.kernels.linear import _csr_matmul, _csr_transpose
 
     generator = torch.Generator().manual_seed(0)
     dense = torch.rand(64, 300, generator=generator)

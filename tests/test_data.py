@@ -13,13 +13,14 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-import pyro_ldvae.io
-import pyro_ldvae.validate
+import pyro_ldvae.api.io
+import pyro_ldvae.data.validate
 from pyro_ldvae import LinearSCVI, simulate
-from pyro_ldvae.data import CellData, DeviceCells, cell_data, get_registry
-from pyro_ldvae.data_backed import BackedCellData, read_backed
-from pyro_ldvae.module import Minibatch
-from pyro_ldvae.train import minibatch_source
+from pyro_ldvae.data.backed import BackedCellData, cell_data, read_backed
+from pyro_ldvae.data.cells import CellData, DeviceCells
+from pyro_ldvae.data.minibatch import Minibatch
+from pyro_ldvae.data.registry import get_registry
+from pyro_ldvae.infer.train import minibatch_source
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_backed_epoch_visits_every_training_cell_once_in_shuffled_blocks(adata, 
 def test_backed_ddp_ranks_read_their_own_blocks_and_take_equal_steps(adata, files, monkeypatch, world_size):
     """Under DDP each rank streams only its share of an epoch's blocks; together the ranks visit
     every training cell once (but for fewer than world_size left over), with equal step counts."""
-    from pyro_ldvae.distributed import DistributedContext
+    from pyro_ldvae.infer.distributed import DistributedContext
 
     cells = CellData(adata, get_registry(adata))
     train_idx = np.sort(np.random.default_rng(2).permutation(700)[:610])
@@ -145,7 +146,7 @@ def test_device_resident_training_equals_cut_per_step(adata):
     states = []
     for flag in (False, True):
         model = LinearSCVI(adata, seed=0)
-        from pyro_ldvae.train import train_svi
+        from pyro_ldvae.infer.train import train_svi
 
         train_svi(
             model.module, cells, train_idx, np.arange(600, 700), max_epochs=2, progress_bar=False, data_on_device=flag
@@ -232,8 +233,8 @@ def test_backed_memory_per_cell_stays_small(tmp_path, monkeypatch):
     them the result), variance 9, save 0 bytes per cell. Before: construct 32 (int64 codes, a
     copied log), train 94 (every minibatch stayed in memory), save 85 (a million Python ints).
     """
-    monkeypatch.setattr(pyro_ldvae.validate, "CHUNK_VALUES", 4096)
-    monkeypatch.setattr(pyro_ldvae.io, "INDEX_CHUNK", 1000)
+    monkeypatch.setattr(pyro_ldvae.data.validate, "CHUNK_VALUES", 4096)
+    monkeypatch.setattr(pyro_ldvae.api.io, "INDEX_CHUNK", 1000)
     _write_cells(tmp_path / "warm.h5ad", 1000)
     _phase_peaks(tmp_path / "warm.h5ad", tmp_path / "model")  # first-call costs (imports, caches) out of the way
     sizes, peaks = (5000, 25000), []

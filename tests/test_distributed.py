@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pyro_ldvae import LinearSCVI, simulate
-from pyro_ldvae.distributed import DistributedContext
+from pyro_ldvae.infer.distributed import DistributedContext
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two phases: 40 epochs at lr 1e-2 (KL warm-up 10), then 20 at lr 1e-3. The held-out ELBO is
@@ -32,7 +32,7 @@ WORKER = textwrap.dedent(
     import json, sys
     import anndata, torch
     from pyro_ldvae import LinearSCVI
-    from pyro_ldvae.distributed import init_from_env, current
+    from pyro_ldvae.infer.distributed import init_from_env, current
     torch.set_num_threads(1)
     ctx = init_from_env("cpu")
     assert ctx is not None and ctx.world_size == 2
@@ -115,7 +115,7 @@ def test_two_gloo_ranks_train_on_data_on_disk(tmp_path):
 
 
 def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
-    from pyro_ldvae import distributed
+    from pyro_ldvae.infer import distributed
 
     for key, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "1"}.items():
         monkeypatch.setenv(key, value)

@@ -5,13 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyro_ldvae.distributions import (
-    NegativeBinomial,
-    Poisson,
-    ZeroInflatedNegativeBinomial,
-    csr_entries,
-    total_counts,
-)
+from pyro_ldvae.kernels.sparse import csr_entries, total_counts
+from pyro_ldvae.models.likelihoods import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
 
 
 def _counts(cells: int = 40, genes: int = 60, density: float = 0.1, seed: int = 0) -> torch.Tensor:
@@ -89,7 +84,8 @@ def test_module_elbo_is_the_same_for_sparse_and_dense_counts(gene_likelihood, di
     import pyro
 
     from pyro_ldvae import simulate
-    from pyro_ldvae.module import LDVAE, Minibatch
+    from pyro_ldvae.data.minibatch import Minibatch
+    from pyro_ldvae.models.ldvae import LDVAE
 
     adata = simulate(n_cells=64, n_genes=50, n_batch=2, seed=0)
     x = torch.as_tensor(adata.X.toarray())
@@ -127,7 +123,7 @@ def test_module_elbo_is_the_same_for_sparse_and_dense_counts(gene_likelihood, di
 def test_sparse_nb_hand_written_gradient_passes_gradcheck(theta_shape):
     """The fused NB log-density's backward is written by hand; check it against finite differences
     in float64, with a non-uniform upstream gradient (not only the per-cell sum)."""
-    from pyro_ldvae.distributions import sparse_nb_log_prob
+    from pyro_ldvae.models.likelihoods import sparse_nb_log_prob
 
     g = torch.Generator().manual_seed(3)
     x = (torch.rand(7, 12, generator=g) < 0.4) * torch.randint(1, 9, (7, 12), generator=g)
@@ -142,7 +138,7 @@ def test_sparse_nb_hand_written_gradient_passes_gradcheck(theta_shape):
 def test_per_cell_sparse_nb_is_the_sum_of_the_elementwise_densities():
     """CellCounts (``NegativeBinomial.to_event(1)``) sums over genes without the (cells, genes) array:
     equal to the elementwise densities' sum, with a hand-written backward checked by finite differences."""
-    from pyro_ldvae.distributions import CellCounts, NegativeBinomial, sparse_nb_cell_log_prob, sparse_nb_log_prob
+    from pyro_ldvae.models.likelihoods import CellCounts, NegativeBinomial, sparse_nb_cell_log_prob, sparse_nb_log_prob
 
     g = torch.Generator().manual_seed(4)
     x = (torch.rand(9, 15, generator=g) < 0.3) * torch.randint(1, 12, (9, 15), generator=g)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import pyro_ldvae
-from pyro_ldvae import io
+from pyro_ldvae.api import io
 
 
 def _seeded_elbo(model, adata=None, seed=0):

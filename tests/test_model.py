@@ -151,7 +151,8 @@ def test_held_out_cells_and_early_stopping(small_adata):
 
 
 def test_sparse_input_is_not_densified(small_adata, monkeypatch):
-    from pyro_ldvae.data import CellData, get_registry
+    from pyro_ldvae.data.cells import CellData
+    from pyro_ldvae.data.registry import get_registry
 
     adata = small_adata.copy()
     LinearSCVI.setup_anndata(adata)

@@ -197,7 +197,7 @@ def test_running_moments_equal_variance_of_all_rows():
     """Variances merged block by block (no (cells, genes) matrix held) equal torch.var of all rows."""
     import torch
 
-    from pyro_ldvae.tasks import RunningMoments
+    from pyro_ldvae.tasks.posterior import RunningMoments
 
     rows = torch.randn(1000, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3 + 100
     moments = RunningMoments()

@@ -9,7 +9,8 @@ import torch
 from pyro import poutine
 from pyro.infer import TraceMeanField_ELBO
 
-from pyro_ldvae.module import LDVAE, Minibatch
+from pyro_ldvae.data.minibatch import Minibatch
+from pyro_ldvae.models.ldvae import LDVAE
 
 
 def _minibatch(n_cells: int, n_genes: int, n_batch: int, seed: int = 0) -> Minibatch:

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_ldvae import distributions
-from pyro_ldvae.nn import Encoder, InputLinear, narrow_linear
+from pyro_ldvae.kernels.linear import narrow_linear
+from pyro_ldvae.models import likelihoods as distributions
+from pyro_ldvae.models.nn import Encoder, InputLinear
 
 
 def _sparse_input(cells: int = 9, genes: int = 30, seed: int = 0) -> torch.Tensor:

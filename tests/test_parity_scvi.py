@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_ldvae.io import module_from_scvi
-from pyro_ldvae.module import LDVAE, Minibatch
+from pyro_ldvae.api.io import module_from_scvi
+from pyro_ldvae.data.minibatch import Minibatch
+from pyro_ldvae.models.ldvae import LDVAE
 
 scvi = pytest.importorskip("scvi")
 

@@ -13,11 +13,6 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from scipy.linalg import orthogonal_procrustes
-from scipy.optimize import linear_sum_assignment
-from scipy.stats import rankdata
-
-from pyro_ldvae import LDVAE, LinearSCVI, Minibatch, simulate
 from pyro_ldvae.priors import (
     ARD,
     GaussianMixture,
@@ -26,6 +21,11 @@ from pyro_ldvae.priors import (
     NormalLoadings,
     resolve_loadings_prior,
 )
+from scipy.linalg import orthogonal_procrustes
+from scipy.optimize import linear_sum_assignment
+from scipy.stats import rankdata
+
+from pyro_ldvae import LDVAE, LinearSCVI, Minibatch, simulate
 
 FAST = dict(n_epochs_kl_warmup=None, lr=3e-2)
 

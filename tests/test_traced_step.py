@@ -12,10 +12,11 @@ import scipy.sparse as sp
 import torch
 
 from pyro_ldvae import LinearSCVI, priors, simulate
-from pyro_ldvae import traced_step as traced_mod
-from pyro_ldvae import train as train_mod
-from pyro_ldvae.data import CellData, get_registry
-from pyro_ldvae.distributions import SparseCounts
+from pyro_ldvae.data.cells import CellData
+from pyro_ldvae.data.registry import get_registry
+from pyro_ldvae.infer import traced_step as traced_mod
+from pyro_ldvae.infer import train as train_mod
+from pyro_ldvae.kernels.sparse import SparseCounts
 
 from .conftest import shared_dataset
 
@@ -157,8 +158,8 @@ def test_sparse_counts_hold_the_matrix_and_its_transpose():
 
 def test_the_encoder_and_likelihood_read_sparse_counts_as_dense_counts():
     """SparseCounts give the dense input's encoder output, weight gradient and NB log-density."""
-    from pyro_ldvae.distributions import NegativeBinomial
-    from pyro_ldvae.nn import InputLinear
+    from pyro_ldvae.models.likelihoods import NegativeBinomial
+    from pyro_ldvae.models.nn import InputLinear
 
     torch.manual_seed(0)
     matrix = sp.random(16, 30, density=0.2, format="csr", dtype=np.float32, random_state=1)

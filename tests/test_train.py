@@ -13,9 +13,9 @@ import scipy.sparse as sp
 import torch
 
 from pyro_ldvae import LinearSCVI, simulate
-from pyro_ldvae import checkpoint as ckpt
-from pyro_ldvae import train as train_mod
-from pyro_ldvae.distributions import THETA_MAX, THETA_MIN, log_nb, log_poisson, log_zinb
+from pyro_ldvae.infer import checkpoint as ckpt
+from pyro_ldvae.infer import train as train_mod
+from pyro_ldvae.models.likelihoods import THETA_MAX, THETA_MIN, log_nb, log_poisson, log_zinb
 
 EPOCH_KW = {"batch_size": 64, "progress_bar": False}  # 200 cells: 180 train (3 steps), 20 validation
 
@@ -206,8 +206,8 @@ def test_cli_ctrl_c(adata, tmp_path, capsys, monkeypatch, interrupt_call, writte
     when no epoch was completed."""
     import anndata
 
-    from pyro_ldvae import cli
-    from pyro_ldvae.module import LDVAE
+    from pyro_ldvae.api import cli
+    from pyro_ldvae.models.ldvae import LDVAE
 
     path, out = tmp_path / "in.h5ad", tmp_path / "out.h5ad"
     adata.write_h5ad(path)

@@ -18,8 +18,9 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from pyro_ldvae import LinearSCVI, cli, simulate
-from pyro_ldvae.data import SETUP_KEY
+from pyro_ldvae import LinearSCVI, simulate
+from pyro_ldvae.api import cli
+from pyro_ldvae.data.registry import SETUP_KEY
 
 
 @pytest.fixture(scope="module")
@@ -383,7 +384,7 @@ def test_matrix_formats_give_the_canonical_result(base):
 
 def test_value_checks_on_backed_matrices(tmp_path):
     """On-disk (backed) sparse and dense matrices are read in row chunks, never whole."""
-    from pyro_ldvae import validate
+    from pyro_ldvae.data import validate
 
     dense = np.ones((40, 6), dtype=np.float32)
     dense[33, 2] = 0.25
@@ -399,7 +400,7 @@ def test_value_checks_on_backed_matrices(tmp_path):
 def test_value_checks_on_every_matrix_type():
     """The checks read sparse matrices' stored values (COO too, which AnnData itself refuses in X)
     and dense ones in row chunks."""
-    from pyro_ldvae import validate
+    from pyro_ldvae.data import validate
 
     dense = np.zeros((50, 7), dtype=np.float64)
     dense[40, 3] = 0.5
@@ -480,7 +481,7 @@ def test_successive_new_anndatas_are_not_confused(base, monkeypatch):
     """Inference on temporary AnnData objects: a freed object's id() is reused by the next one,
     which must not get the cached cells of the first (a silent wrong answer). Worst case made
     deterministic: every object has the same id()."""
-    import pyro_ldvae.model as model_mod
+    import pyro_ldvae.api.linear_scvi as model_mod
 
     model = _fit(base.copy())
     expected = model.get_latent_representation(base[30:].copy())

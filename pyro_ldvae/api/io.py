@@ -33,11 +33,11 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from . import data as data_mod
-from .module import LDVAE
+from ..data.registry import SETUP_KEY, Registry
+from ..models.ldvae import LDVAE
 
 if TYPE_CHECKING:
-    from .model import LinearSCVI
+    from .linear_scvi import LinearSCVI
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def write_h5ad(adata: AnnData, path: str | os.PathLike) -> None:
 
 
 def _package_version() -> str:
-    from . import __version__
+    from .._version import __version__
 
     return __version__
 
@@ -317,11 +317,11 @@ def _match_genes(adata: AnnData, var_names: list[str], source: str) -> AnnData:
     return adata[:, var_names].copy()
 
 
-def _build(adata: AnnData, registry: data_mod.Registry, init_params: dict, seed: int, source: str) -> LinearSCVI:
+def _build(adata: AnnData, registry: Registry, init_params: dict, seed: int, source: str) -> LinearSCVI:
     """A LinearSCVI on ``adata`` with the given setup (registered into ``adata.uns``)."""
-    from .model import LinearSCVI
+    from .linear_scvi import LinearSCVI
 
-    adata.uns[data_mod.SETUP_KEY] = registry.to_json()
+    adata.uns[SETUP_KEY] = registry.to_json()
     try:
         return LinearSCVI(adata, seed=seed, **init_params)
     except TypeError as err:
@@ -363,7 +363,7 @@ def load(
     """
     import anndata
 
-    from .model import resolve_device
+    from .linear_scvi import resolve_device
 
     directory = Path(dir_path)
     meta = read_metadata(directory, prefix)
@@ -380,7 +380,7 @@ def load(
             raise ValueError(f"{adata_path} cannot be read ({type(err).__name__}: {err}).") from err
     target_device = resolve_device(accelerator, device)
     state = read_weights(directory / meta["weights_file"], meta["weights_sha256"], target_device)
-    registry = data_mod.Registry(**meta["registry"])
+    registry = Registry(**meta["registry"])
     adata = _match_genes(adata, list(meta["var_names"]), str(meta_path))
     code = {"loadings_prior": loadings_prior, "z_prior": z_prior}
     settings = _settings_with_code(meta["init_params"], code, str(meta_path), directory)
@@ -501,10 +501,10 @@ def module_from_scvi(scvi_module) -> LDVAE:
     return module.eval()
 
 
-def _scvi_registry(scvi_model) -> data_mod.Registry:
+def _scvi_registry(scvi_model) -> Registry:
     manager = scvi_model.adata_manager
     setup = manager.registry["setup_args"]
-    registry = data_mod.Registry(
+    registry = Registry(
         layer=setup.get("layer"),
         batch_key=setup.get("batch_key"),
         labels_key=setup.get("labels_key"),

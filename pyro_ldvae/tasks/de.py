@@ -26,10 +26,10 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .tasks import importance_resample, normalized_expression
+from .posterior import importance_resample, normalized_expression
 
 if TYPE_CHECKING:
-    from .model import LinearSCVI
+    from ..api.linear_scvi import LinearSCVI
 
 logger = logging.getLogger(__name__)
 

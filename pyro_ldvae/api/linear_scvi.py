@@ -11,10 +11,14 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from . import data as data_mod
-from . import de, tasks, validate
-from .module import LDVAE
-from .train import TrainingPlan, evaluate_elbo, keep_freed_memory, split_indices, train_svi
+from ..data import validate
+from ..data.backed import cell_data
+from ..data.cells import CellData
+from ..data.registry import get_registry, register
+from ..infer.train import TrainingPlan, evaluate_elbo, keep_freed_memory, split_indices, train_svi
+from ..models.ldvae import LDVAE
+from ..tasks import de
+from ..tasks import posterior as tasks
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +78,7 @@ class LinearSCVI:
     ):
         keep_freed_memory()  # training and the Monte Carlo tasks reuse freed buffers (train.PAGE_FAULTS)
         self.adata = adata
-        self.registry = data_mod.get_registry(adata)
+        self.registry = get_registry(adata)
         validate.check_model_args(
             n_hidden, n_latent, n_layers, dropout_rate, dispersion, gene_likelihood, latent_distribution
         )
@@ -82,7 +86,7 @@ class LinearSCVI:
         validate.check_shape(adata)
         self.seed = seed
         self.var_names = pd.Index(adata.var_names)
-        cells = data_mod.cell_data(adata, self.registry)
+        cells = cell_data(adata, self.registry)
         validate.check_totals(cells.X, adata.obs_names, warn_genes=False)
         library_log_means, library_log_vars = (None, None) if use_observed_lib_size else cells.library_prior()
         self.init_params_ = dict(
@@ -122,7 +126,7 @@ class LinearSCVI:
         self.train_indices = self.validation_indices = np.zeros(0, dtype=np.int64)
         # Keyed by a weak reference, not id(): a freed AnnData's id is reused by the next one,
         # which returned another dataset's cells (a silent wrong answer).
-        self._data_cache: tuple[weakref.ref, data_mod.CellData] | None = (weakref.ref(adata), cells)
+        self._data_cache: tuple[weakref.ref, CellData] | None = (weakref.ref(adata), cells)
 
     # ------------------------------------------------------------------------------------
     @classmethod
@@ -160,7 +164,7 @@ class LinearSCVI:
             For a missing layer or key, missing values in a batch/label column, a non-numeric
             continuous covariate, an empty AnnData, or counts that are not raw counts.
         """
-        data_mod.register(
+        register(
             adata,
             layer,
             batch_key,
@@ -188,7 +192,7 @@ class LinearSCVI:
         return self.module.device
 
     # ------------------------------------------------------------------------------------
-    def _cells(self, adata: AnnData | None) -> data_mod.CellData:
+    def _cells(self, adata: AnnData | None) -> CellData:
         """The registered cells of ``adata`` (default: the training AnnData), checked against the model."""
         adata = self.adata if adata is None else adata
         if self._data_cache is not None and self._data_cache[0]() is adata:
@@ -196,11 +200,11 @@ class LinearSCVI:
         key = weakref.ref(adata)
         validate.check_shape(adata)
         adata = validate.align_genes(adata, self.var_names)  # reorders when all genes are present
-        cells = data_mod.cell_data(adata, self.registry)
+        cells = cell_data(adata, self.registry)
         self._data_cache = (key, cells)
         return cells
 
-    def _indices(self, cells: data_mod.CellData, indices: Sequence[int] | None) -> np.ndarray:
+    def _indices(self, cells: CellData, indices: Sequence[int] | None) -> np.ndarray:
         return np.arange(cells.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
 
     # ------------------------------------------------------------------------------------
@@ -645,7 +649,7 @@ class LinearSCVI:
         DataFrame indexed by gene; one block per comparison sorted by ``bayes_factor`` (vanilla)
         or ``proba_de`` (change), with ``comparison``, ``group1`` and ``group2`` columns.
         """
-        from .de import differential_expression
+        from ..tasks.de import differential_expression
 
         return differential_expression(
             self, adata, groupby, group1, group2, idx1, idx2, mode, delta, batch_size, all_stats,

@@ -24,9 +24,10 @@ import pandas as pd
 import torch
 from pyro import poutine
 
-from .data import CellData
-from .distributions import count_likelihood
-from .module import LDVAE, Minibatch
+from ..data.cells import CellData
+from ..data.minibatch import Minibatch
+from ..models.ldvae import LDVAE
+from ..models.likelihoods import count_likelihood
 
 # At most this many (cell x sample) rows times genes are materialized at once. Small enough for
 # the (rows, genes) temporaries of one pass to stay in cache: on the 2-core machine, 8 samples

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from anndata import AnnData
 
-from .model import LinearSCVI
+from .linear_scvi import LinearSCVI
 
 
 def ldvae(

@@ -42,9 +42,10 @@ import pyro
 import torch
 from torch.utils import _pytree as pytree
 
+from ..data.minibatch import Minibatch
+from ..kernels.sparse import SparseCounts, is_sparse_counts
+from ..models.ldvae import LDVAE
 from .cuda_graph import warn_eager_fallback
-from .distributions import SparseCounts, is_sparse_counts
-from .module import LDVAE, Minibatch
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from anndata import AnnData
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from .model import LinearSCVI
+    from .linear_scvi import LinearSCVI
 
 
 def _finish(fig, axes, name: str, show: bool | None, save: str | bool | None):

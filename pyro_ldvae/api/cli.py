@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from . import __version__
+    from .._version import __version__
 
     parser.add_argument("--version", action="version", version=f"pyro-ldvae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,transform}", parser_class=_Parser)
@@ -175,9 +175,9 @@ def _summary(model, adata, elapsed: float, n_top: int) -> None:
 
 
 def run_fit(args: argparse.Namespace) -> int:
+    from ..infer.distributed import init_from_env, is_main_process
     from . import datasets
-    from .distributed import init_from_env, is_main_process
-    from .model import LinearSCVI
+    from .linear_scvi import LinearSCVI
 
     init_from_env(args.accelerator)  # under torchrun: join the process group (DDP training)
     _check_output(args.output, args.overwrite)
@@ -236,7 +236,7 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def run_transform(args: argparse.Namespace) -> None:
-    from .model import LinearSCVI
+    from .linear_scvi import LinearSCVI
 
     _check_output(args.output, args.overwrite)
     if not os.path.isdir(args.model_dir):

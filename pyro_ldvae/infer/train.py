@@ -26,11 +26,13 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
+from ..data.cells import CellData, DeviceCells
+from ..data.minibatch import Minibatch
+from ..models import priors
+from ..models.ldvae import LDVAE
 from . import checkpoint as ckpt
-from . import distributed, priors
+from . import distributed
 from .cuda_graph import GraphedTrainingStep
-from .data import CellData, DeviceCells
-from .module import LDVAE, Minibatch
 from .traced_step import TracedTrainingStep
 
 logger = logging.getLogger(__name__)

@@ -27,9 +27,10 @@ import torch
 from anndata import AnnData
 from anndata.abc import CSCDataset, CSRDataset
 
-from .data import CellData, Registry, get_counts, index_dtype
-from .distributions import scipy_to_torch_csr
-from .module import Minibatch
+from ..kernels.sparse import scipy_to_torch_csr
+from .cells import CellData
+from .minibatch import Minibatch
+from .registry import Registry, get_counts, index_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -290,3 +291,12 @@ def _stack(parts: list) -> sp.csr_matrix | np.ndarray:
     if len(parts) == 1:
         return parts[0]
     return sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.concatenate(parts)
+
+
+def cell_data(adata: AnnData, registry: Registry) -> CellData:
+    """The cells of ``adata``: in memory, or streamed from disk when the counts are on disk
+    (``anndata.read_h5ad(path, backed='r')`` or a ``.zarr`` store, see ``data_backed``)."""
+
+    if is_on_disk(get_counts(adata, registry.layer)):
+        return BackedCellData(adata, registry)
+    return CellData(adata, registry)

@@ -14,7 +14,8 @@ import torch
 from anndata import AnnData
 from pyro.infer import Predictive
 
-from .module import LDVAE, Minibatch
+from ..data.minibatch import Minibatch
+from ..models.ldvae import LDVAE
 
 
 def simulate(

@@ -20,7 +20,6 @@ Normal q(W) (and q of every hyper-parameter of the prior); ``z_prior`` replaces 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -35,35 +34,13 @@ from pyro.nn.module import to_pyro_module_
 from pyro.poutine.subsample_messenger import _Subsample
 from torch.distributions import constraints, kl_divergence
 
-from .distributions import count_likelihood, log1p_counts, total_counts
-from .nn import Encoder, LinearHead, narrow_linear
+from ..data.minibatch import Minibatch
+from ..data.validate import check_model_args
+from ..kernels.linear import narrow_linear
+from ..kernels.sparse import log1p_counts, total_counts
+from .likelihoods import count_likelihood
+from .nn import Encoder, LinearHead
 from .priors import GlobalNormalGuide, LoadingsPrior, ZPrior, resolve_loadings_prior
-from .validate import check_model_args
-
-
-@dataclass
-class Minibatch:
-    """The tensors of one minibatch of cells; what ``model`` and ``guide`` take.
-
-    x: counts ``(cells, genes)`` (None when simulating); batch, labels: ``(cells,)`` int64 codes;
-    cat_covs: ``(cells, n_cat_covs)`` int64 codes; cont_covs: ``(cells, n_cont)`` float;
-    idx: ``(cells,)`` positions of these cells in the dataset the ``cells`` plate ranges over.
-    """
-
-    x: torch.Tensor | None
-    batch: torch.Tensor
-    labels: torch.Tensor
-    cat_covs: torch.Tensor | None = None
-    cont_covs: torch.Tensor | None = None
-    idx: torch.Tensor | None = None
-
-    @property
-    def n_cells(self) -> int:
-        return self.batch.shape[0]
-
-    def with_batch(self, batch_code: int) -> Minibatch:
-        """The same cells, decoded as if they came from batch ``batch_code`` (batch correction)."""
-        return replace(self, batch=torch.full_like(self.batch, batch_code))
 
 
 def _local_params(method: Callable) -> Callable:

@@ -1,0 +1,1 @@
+"""Pure tensor numerics, no Pyro: sparse count containers, CSR helpers, sparse and narrow linear maps."""

@@ -1,0 +1,1 @@
+"""The LDVAE Pyro program (model and guide), its likelihoods, priors and networks."""

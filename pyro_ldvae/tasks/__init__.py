@@ -1,0 +1,1 @@
+"""Posterior quantities computed from the trained program: expression, likelihoods, DE, factor summaries."""
