@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-test run test lint notebooks clean
+.PHONY: install install-test run test lint notebooks docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,16 @@ notebooks: install-test
 
 lint: install-test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# Build the documentation site into docs/_build/html; warnings are errors. The docs extras go
+# into $(DOCS_VENV) (default: .venv), created and given torch and the package when missing.
+DOCS_VENV ?= $(VENV)
+DOCS_PY := $(DOCS_VENV)/bin/python
+docs:
+	test -x $(DOCS_PY) || $(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_PY) -c "import torch" 2>/dev/null || $(DOCS_PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(DOCS_PY) -c "import sphinx, myst_nb, pyro_ldvae" 2>/dev/null || $(DOCS_PY) -m pip install --quiet -e ".[docs]"
+	$(DOCS_PY) -m sphinx -W --keep-going -b html docs docs/_build/html
 
 clean:
 	rm -rf $(VENV) build *.egg-info
