@@ -42,14 +42,8 @@ napoleon_numpy_docstring = True
 napoleon_use_rtype = False
 nitpicky = False
 
-# Warnings are errors (`sphinx-build -W`). Only third-party warnings that the docs cannot fix are
-# silenced here:
-suppress_warnings = [
-    # benchmarks/README.md, included verbatim, is a GitHub page whose sections start at "##"
-    # after a "#" title with "###" subsections written for GitHub's renderer; myst reports
-    # the jumps in its heading levels (e.g. a "###" right after a code block's section).
-    "myst.header",
-]
+# Warnings are errors (`sphinx-build -W`); no warning is silenced.
+suppress_warnings: list[str] = []
 
 html_theme = "alabaster"
 html_title = f"pyro_ldvae {release}"
