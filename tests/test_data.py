@@ -254,7 +254,7 @@ def test_setup_anndata_takes_scvi_tools_argument_order():
     LinearSCVI.setup_anndata(adata, "batch", "cell_type", "counts")
     registry = get_registry(adata)
     assert (registry.batch_key, registry.labels_key, registry.layer) == ("batch", "cell_type", "counts")
-    assert registry.batch_categories == ["0", "1"] and registry.label_categories == ["a", "b"]
+    assert registry.batch_categories == ["batch_0", "batch_1"] and registry.label_categories == ["a", "b"]
 
 
 def test_batch_codes_by_name_or_position():
@@ -262,6 +262,6 @@ def test_batch_codes_by_name_or_position():
     LinearSCVI.setup_anndata(adata, batch_key="batch")
     registry = get_registry(adata)
     assert registry.batch_codes(None) == [None]
-    assert registry.batch_codes("2") == [2] and registry.batch_codes([0, "1"]) == [0, 1]
+    assert registry.batch_codes("batch_2") == [2] and registry.batch_codes([0, "batch_1"]) == [0, 1]
     with pytest.raises(ValueError, match="not a batch category"):
         registry.batch_codes("unknown")
