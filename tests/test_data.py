@@ -212,7 +212,7 @@ def _phase_peaks(path, out) -> dict[str, int]:
     tracemalloc.start()
     try:
         model, peaks["construct"] = _peak_above_start(lambda: LinearSCVI(adata, n_hidden=8, n_latent=2, seed=0))
-        cells = model._cells(None)
+        cells = model.get_cells()
         assert cells.batch.dtype == np.int8 and cells.labels.dtype == np.int8  # kept per cell: compact
         cells.block_size, cells.buffer_blocks = 500, 2  # buffers of 1,000 cells whatever the file size
         _, peaks["train"] = _peak_above_start(lambda: model.train(max_epochs=1, batch_size=500, progress_bar=False))
@@ -244,3 +244,24 @@ def test_backed_memory_per_cell_stays_small(tmp_path, monkeypatch):
     per_cell = {phase: (peaks[1][phase] - peaks[0][phase]) / (sizes[1] - sizes[0]) for phase in peaks[0]}
     bounds = {"construct": 24, "train": 30, "latent": 4 * 2 + 14, "variance": 14, "save": 8}  # bytes per cell
     assert all(per_cell[phase] < bound for phase, bound in bounds.items()), per_cell
+
+
+def test_setup_anndata_takes_scvi_tools_argument_order():
+    """Positional arguments mean what they mean in scvi-tools: batch_key, labels_key, layer."""
+    adata = simulate(n_cells=60, n_genes=10, n_batch=2, seed=0)
+    adata.obs["cell_type"] = np.where(np.arange(adata.n_obs) % 2 == 0, "a", "b")
+    adata.layers["counts"] = adata.X.copy()
+    LinearSCVI.setup_anndata(adata, "batch", "cell_type", "counts")
+    registry = get_registry(adata)
+    assert (registry.batch_key, registry.labels_key, registry.layer) == ("batch", "cell_type", "counts")
+    assert registry.batch_categories == ["batch_0", "batch_1"] and registry.label_categories == ["a", "b"]
+
+
+def test_batch_codes_by_name_or_position():
+    adata = simulate(n_cells=60, n_genes=10, n_batch=3, seed=0)
+    LinearSCVI.setup_anndata(adata, batch_key="batch")
+    registry = get_registry(adata)
+    assert registry.batch_codes(None) == [None]
+    assert registry.batch_codes("batch_2") == [2] and registry.batch_codes([0, "batch_1"]) == [0, 1]
+    with pytest.raises(ValueError, match="not a batch category"):
+        registry.batch_codes("unknown")

@@ -202,7 +202,7 @@ def test_importance_weights_match_scvi_tools(monkeypatch, gene_likelihood):
         theta=px.theta.reshape(-1, n_genes),
         gate_logits=px.zi_logits.reshape(-1, n_genes) if gene_likelihood == "zinb" else None,
     )
-    ours = tasks.importance_weights(model.module, model._cells(None), group, draws, np.random.default_rng(0))
+    ours = tasks.importance_weights(model.module, model.get_cells(), group, draws, np.random.default_rng(0))
     assert ours.shape == theirs.shape == (4 * len(group),)
     assert abs(ours.sum() - 1.0) < 1e-9 and (ours >= 0).all()
     assert theirs.max() > 5 / len(theirs)  # the weights are far from uniform: the comparison has teeth

@@ -6,13 +6,14 @@ import json
 import os
 import pickle
 
+import anndata
 import numpy as np
 import pyro
 import pytest
 import torch
 
 import pyro_ldvae
-from pyro_ldvae.api import io
+from pyro_ldvae.api import io, scvi_import
 
 
 def _seeded_elbo(model, adata=None, seed=0):
@@ -44,7 +45,7 @@ def test_round_trip_is_identical(model, tmp_path):
     assert loaded.registry == model.registry and list(loaded.var_names) == list(model.var_names)
     assert loaded.init_params_ == model.init_params_
     assert np.allclose(loaded.history["elbo_train"].to_numpy(), model.history["elbo_train"].to_numpy())
-    assert np.array_equal(loaded.train_indices, model.train_indices) and loaded.is_trained_
+    assert np.array_equal(loaded.train_indices, model.train_indices) and loaded.is_trained
     for key, value in model.module.state_dict().items():
         assert torch.equal(loaded.module.state_dict()[key], value), key
 
@@ -167,6 +168,10 @@ def test_genes_and_categories_checked_on_load(model, tmp_path):
     missing = model.adata[:, model.var_names[:-2]].copy()
     with pytest.raises(ValueError, match="lacks 2 of the 50 genes"):
         pyro_ldvae.LinearSCVI.load(path, adata=missing)
+    extra = anndata.concat([model.adata, model.adata[:, :3]], axis=1, merge="first")
+    extra.var_names = list(model.var_names) + ["extra_1", "extra_2", "extra_3"]
+    with pytest.raises(ValueError, match="3 genes that the model .* does not know"):
+        pyro_ldvae.LinearSCVI.load(path, adata=extra)
     unseen = model.adata.copy()
     unseen.obs["batch"] = unseen.obs["batch"].astype(str)
     unseen.obs.iloc[0, unseen.obs.columns.get_loc("batch")] = "new_batch"
@@ -216,7 +221,7 @@ def test_from_scvi_parity(gene_likelihood, dispersion, n_batch):
     loadings_ref = reference.get_loadings()
     assert np.abs(model.get_loadings().to_numpy() - loadings_ref.to_numpy()).max() < 1e-5
     theirs = _scvi_per_cell_elbo(reference, adata, seed=7)
-    cells = model._cells(None)
+    cells = model.get_cells()
     torch.manual_seed(7)
     with torch.no_grad():
         _, ours = model.module.eval().elbo(cells.minibatch(np.arange(adata.n_obs)))
@@ -230,7 +235,7 @@ def test_module_from_scvi_maps_every_weight():
     adata = pyro_ldvae.simulate(n_cells=64, n_genes=20, n_latent=2, n_batch=3, seed=2)
     scvi.model.LinearSCVI.setup_anndata(adata, batch_key="batch")
     reference = scvi.model.LinearSCVI(adata, n_latent=2, n_layers=2, gene_likelihood="zinb", dispersion="gene-batch")
-    module = io.module_from_scvi(reference.module)
+    module = scvi_import.module_from_scvi(reference.module)
     assert isinstance(module, pyro_ldvae.LDVAE) and not module.training
     state = reference.module.state_dict()
     assert torch.equal(module.theta_unconstrained, state["px_r"].T)

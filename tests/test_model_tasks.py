@@ -85,7 +85,7 @@ def test_latent_library_size_expression_matches_likelihood_mean(model):
 
 
 def test_transform_batch(model):
-    codes = model._cells(None).batch
+    codes = model.get_cells().batch
     own = np.flatnonzero(codes == 0)[:30]
     pyro.set_rng_seed(3)
     observed = model.get_normalized_expression(indices=own, return_numpy=True)

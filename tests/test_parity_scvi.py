@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_ldvae.api.io import module_from_scvi
+from pyro_ldvae.api.scvi_import import module_from_scvi
 from pyro_ldvae.data.minibatch import Minibatch
 from pyro_ldvae.models.ldvae import LDVAE
 

@@ -1,10 +1,15 @@
-"""``LinearSCVI``: the AnnData-level model, a drop-in for ``scvi.model.LinearSCVI``."""
+"""``LinearSCVI``: the AnnData-level model, a drop-in for ``scvi.model.LinearSCVI``.
+
+A thin facade: it registers the AnnData, builds the module and hands the parts each job needs
+(module, cells, registry) to ``tasks`` (posterior quantities, DE), ``io`` (save, load),
+``scvi_import`` and ``results``.
+"""
 
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -12,29 +17,20 @@ import torch
 from anndata import AnnData
 
 from ..data import validate
-from ..data.backed import cell_data
 from ..data.cells import CellData
-from ..data.registry import get_registry, register
+from ..data.registry import SETUP_KEY, get_registry, register
 from ..infer.train import TrainingPlan, evaluate_elbo, keep_freed_memory, split_indices, train_svi
-from ..models.ldvae import LDVAE
+from ..models.options import Dispersion, GeneLikelihood, LatentDistribution
 from ..tasks import de
 from ..tasks import posterior as tasks
+from ..tasks.expression import Weights, expression_samples, gene_mask
+from ..tasks.latent import latent_representation
+from . import io, results, scvi_import, setup
+from .device import Accelerator, resolve_device
+from .history import append_history as _append_history
+from .history import keeping_history_on_fault as _keeping_history_on_fault
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(accelerator: str = "auto", device: str | int = "auto") -> torch.device:
-    """'auto' picks CUDA when present; ``device`` may name an index ('cuda:1', 1) or 'auto'."""
-    if accelerator not in ("auto", "cpu", "gpu", "cuda"):
-        raise ValueError(f"accelerator must be 'auto', 'cpu', 'gpu' or 'cuda', got {accelerator!r}.")
-    use_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError(f"accelerator={accelerator!r} asks for a GPU but torch sees no CUDA device; use 'cpu'.")
-    if not use_cuda:
-        return torch.device("cpu")
-    if device == "auto":
-        return torch.device("cuda")
-    return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
 
 
 class LinearSCVI:
@@ -54,7 +50,7 @@ class LinearSCVI:
     >>> adata.obsm["X_ldvae"] = model.get_latent_representation()
     >>> loadings = model.get_loadings()  # DataFrame genes x Z_0..Z_9
 
-    Priors (``model_kwargs`` go to :class:`~pyro_ldvae.module.LDVAE`): Bayesian, sparse loadings and
+    Priors (``model_kwargs`` go to :class:`~pyro_ldvae.LDVAE`): Bayesian, sparse loadings and
     factor selection, with posterior uncertainty:
 
     >>> model = pyro_ldvae.LinearSCVI(adata, n_latent=10, loadings_prior="horseshoe")
@@ -63,116 +59,37 @@ class LinearSCVI:
     """
 
     def __init__(
-        self,
-        adata: AnnData,
-        n_hidden: int = 128,
-        n_latent: int = 10,
-        n_layers: int = 1,
-        dropout_rate: float = 0.1,
-        dispersion: str = "gene",
-        gene_likelihood: str = "nb",
-        latent_distribution: str = "normal",
-        use_observed_lib_size: bool = False,
-        seed: int = 0,
+        self, adata: AnnData, n_hidden: int = 128, n_latent: int = 10, n_layers: int = 1, dropout_rate: float = 0.1,
+        dispersion: Dispersion = "gene", gene_likelihood: GeneLikelihood = "nb",
+        latent_distribution: LatentDistribution = "normal", use_observed_lib_size: bool = False, seed: int = 0,
         **model_kwargs,
-    ):
+    ):  # fmt: skip
         keep_freed_memory()  # training and the Monte Carlo tasks reuse freed buffers (train.PAGE_FAULTS)
-        self.adata = adata
+        self.adata, self.seed, self.var_names = adata, seed, pd.Index(adata.var_names)
         self.registry = get_registry(adata)
-        validate.check_model_args(
-            n_hidden, n_latent, n_layers, dropout_rate, dispersion, gene_likelihood, latent_distribution
-        )
-        validate.check_labels_for_dispersion(dispersion, self.registry.labels_key)
-        validate.check_shape(adata)
-        self.seed = seed
-        self.var_names = pd.Index(adata.var_names)
-        cells = cell_data(adata, self.registry)
-        validate.check_totals(cells.X, adata.obs_names, warn_genes=False)
-        library_log_means, library_log_vars = (None, None) if use_observed_lib_size else cells.library_prior()
         self.init_params_ = dict(
-            n_hidden=n_hidden,
-            n_latent=n_latent,
-            n_layers=n_layers,
-            dropout_rate=dropout_rate,
-            dispersion=dispersion,
-            gene_likelihood=gene_likelihood,
-            latent_distribution=latent_distribution,
-            use_observed_lib_size=use_observed_lib_size,
-            **model_kwargs,
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # the initial weights depend on the seed only
-            self.module = LDVAE(
-                n_input=adata.n_vars,
-                n_batch=self.registry.n_batch,
-                n_labels=self.registry.n_labels,
-                n_hidden=n_hidden,
-                n_latent=n_latent,
-                n_layers_encoder=n_layers,
-                dropout_rate=dropout_rate,
-                dispersion=dispersion,
-                gene_likelihood=gene_likelihood,
-                latent_distribution=latent_distribution,
-                use_observed_lib_size=use_observed_lib_size,
-                library_log_means=library_log_means,
-                library_log_vars=library_log_vars,
-                n_cats_per_cov=self.registry.n_cats_per_cov,
-                n_continuous_cov=len(self.registry.continuous_covariate_keys),
-                **model_kwargs,
-            )
+            n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate, dispersion=dispersion,
+            gene_likelihood=gene_likelihood, latent_distribution=latent_distribution,
+            use_observed_lib_size=use_observed_lib_size, **model_kwargs,
+        )  # fmt: skip
+        cells, self.module = setup.build(adata, self.registry, seed, self.init_params_)
         self.n_latent = n_latent
         self.history_: dict[str, pd.DataFrame] = {}
         self.is_trained_ = False
         self.train_indices = self.validation_indices = np.zeros(0, dtype=np.int64)
-        # Keyed by a weak reference, not id(): a freed AnnData's id is reused by the next one,
-        # which returned another dataset's cells (a silent wrong answer).
-        self._data_cache: tuple[weakref.ref, CellData] | None = (weakref.ref(adata), cells)
+        self._cells_cache = setup.CellsCache(self.registry, self.var_names, adata, cells)
 
     # ------------------------------------------------------------------------------------
     @classmethod
     def setup_anndata(
-        cls,
-        adata: AnnData,
-        layer: str | None = None,
-        batch_key: str | None = None,
-        labels_key: str | None = None,
-        categorical_covariate_keys: list[str] | None = None,
-        continuous_covariate_keys: list[str] | None = None,
+        cls, adata: AnnData, batch_key: str | None = None, labels_key: str | None = None, layer: str | None = None,
+        categorical_covariate_keys: list[str] | None = None, continuous_covariate_keys: list[str] | None = None,
         check_counts: bool = True,
-    ) -> None:
-        """Register which layer holds raw counts and which ``obs`` columns are batch, labels, covariates.
-
-        Parameters
-        ----------
-        adata
-            Cells x genes AnnData with raw counts in ``X`` or in ``layer``.
-        layer
-            Layer holding the counts; ``None`` uses ``adata.X``.
-        batch_key, labels_key
-            ``obs`` columns of batches (enter the decoder, library prior, 'gene-batch') and labels.
-        categorical_covariate_keys, continuous_covariate_keys
-            Extra ``obs`` columns that enter the linear decoder beside the batch.
-        check_counts
-            Refuse non-integer values (the usual sign of normalized or log-transformed data);
-            ``False`` accepts them. NaN, infinite and negative values are always refused, and so
-            are cells with a total count of zero (remove them with
-            ``scanpy.pp.filter_cells(adata, min_counts=1)``).
-
-        Raises
-        ------
-        ValueError
-            For a missing layer or key, missing values in a batch/label column, a non-numeric
-            continuous covariate, an empty AnnData, or counts that are not raw counts.
-        """
-        register(
-            adata,
-            layer,
-            batch_key,
-            labels_key,
-            categorical_covariate_keys,
-            continuous_covariate_keys,
-            check_counts=check_counts,
-        )
+    ) -> None:  # fmt: skip
+        """Register the counts' layer and the batch, labels and covariate columns of ``adata``, in
+        scvi-tools' argument order; see :func:`pyro_ldvae.data.registry.register` for arguments and checks."""
+        keys = (categorical_covariate_keys, continuous_covariate_keys)
+        register(adata, batch_key, labels_key, layer, *keys, check_counts=check_counts)
 
     def __repr__(self) -> str:
         p = self.init_params_
@@ -188,21 +105,25 @@ class LinearSCVI:
         return self.history_
 
     @property
+    def is_trained(self) -> bool:
+        """Whether the model has been trained (or loaded trained)."""
+        return self.is_trained_
+
+    @property
     def device(self) -> torch.device:
+        """The device the module lives on."""
         return self.module.device
 
     # ------------------------------------------------------------------------------------
-    def _cells(self, adata: AnnData | None) -> CellData:
-        """The registered cells of ``adata`` (default: the training AnnData), checked against the model."""
-        adata = self.adata if adata is None else adata
-        if self._data_cache is not None and self._data_cache[0]() is adata:
-            return self._data_cache[1]
-        key = weakref.ref(adata)
-        validate.check_shape(adata)
-        adata = validate.align_genes(adata, self.var_names)  # reorders when all genes are present
-        cells = cell_data(adata, self.registry)
-        self._data_cache = (key, cells)
-        return cells
+    def get_cells(self, adata: AnnData | None = None) -> CellData:
+        """The registered cells of ``adata`` (default: the training AnnData), checked against the model.
+
+        Counts, batch, labels and covariates, with the genes in the model's order (reordered
+        when all are present); ``cells.minibatch(indices, device)`` gives the model's input.
+        """
+        return self._cells_cache.get(self.adata if adata is None else adata)
+
+    _cells = get_cells  # the name train() uses
 
     def _indices(self, cells: CellData, indices: Sequence[int] | None) -> np.ndarray:
         return np.arange(cells.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -319,52 +240,20 @@ class LinearSCVI:
         self.is_trained_ = True
         return self
 
-    # ------------------------------------------------------------------------------------
-    @torch.no_grad()
+    # Posterior quantities, computed from the Pyro model (tasks/) -------------------------
     def get_latent_representation(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        give_mean: bool = True,
-        mc_samples: int = 5000,
-        batch_size: int | None = None,
-        return_dist: bool = False,
-    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        self, adata: AnnData | None = None, indices: Sequence[int] | None = None, give_mean: bool = True,
+        mc_samples: int = 5000, batch_size: int | None = None, return_dist: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """Posterior of the factors per cell, ``(cells, n_latent)``.
 
         ``give_mean`` returns the posterior mean (for 'ln', the Monte Carlo mean of softmax(z)
         over ``mc_samples`` draws); otherwise one sample. ``return_dist`` returns the Normal's
         ``(loc, variance)`` instead.
         """
-        cells = self._cells(adata)
-        module = self.module.eval()
+        cells = self.get_cells(adata)
         idx = self._indices(cells, indices)
-        # Each minibatch is written into the (cells, n_latent) result as it comes: lists of
-        # minibatches joined at the end would hold every cell's result twice.
-        shape = (len(idx), module.n_latent)
-        dtype = torch.empty(0, dtype=next(module.parameters()).dtype).numpy().dtype
-        locs, variances = (np.empty(shape, dtype), np.empty(shape, dtype)) if return_dist else (None, None)
-        outs = None if return_dist else np.empty(shape, dtype)
-        start = 0
-        for mb in cells.iter_minibatches(idx, batch_size or 128, module.device, sparse=True):
-            q = module.encode(mb.x)
-            stop = start + len(q["z_loc"])
-            if return_dist:
-                locs[start:stop], variances[start:stop] = q["z_loc"].cpu().numpy(), q["z_var"].cpu().numpy()
-                start = stop
-                continue
-            normal = torch.distributions.Normal(q["z_loc"], q["z_var"].sqrt())
-            if give_mean and module.latent_distribution == "ln":
-                z = module.z_transform(normal.sample((mc_samples,))).mean(0)
-            elif give_mean:
-                z = q["z_loc"]
-            else:
-                z = module.z_transform(normal.sample())
-            outs[start:stop] = z.cpu().numpy()
-            start = stop
-        if return_dist:
-            return locs, variances
-        return outs
+        return latent_representation(self.module, cells, idx, give_mean, mc_samples, batch_size or 128, return_dist)
 
     def get_loadings(self, return_std: bool = False) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
         """Per-gene loadings ``(genes, n_latent)`` with the decoder batch norm folded in (scvi-tools' definition).
@@ -381,152 +270,52 @@ class LinearSCVI:
 
     @torch.no_grad()
     def get_elbo(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        batch_size: int | None = None,
+        self, adata: AnnData | None = None, indices: Sequence[int] | None = None, batch_size: int | None = None,
         return_mean: bool = True,
-    ) -> float | np.ndarray:
+    ) -> float | np.ndarray:  # fmt: skip
         """ELBO per cell (mean over cells by default); higher is better, as scvi-tools' ``get_elbo``."""
-        cells = self._cells(adata)
+        cells = self.get_cells(adata)
         per_cell = evaluate_elbo(self.module, cells, self._indices(cells, indices), batch_size or 1024)
         return per_cell.mean().item() if return_mean else per_cell.cpu().numpy()
 
-    # ------------------------------------------------------------------------------------
-    # scVI tasks, computed from the Pyro model (see tasks.py and de.py)
-    # ------------------------------------------------------------------------------------
-    def _batch_codes(self, transform_batch) -> list[int | None]:
-        """Batch codes to decode into: None (each cell's own batch), one category, or several."""
-        if transform_batch is None:
-            return [None]
-        values = [transform_batch] if isinstance(transform_batch, (str, int, np.integer)) else list(transform_batch)
-        categories = self.registry.batch_categories
-        codes = []
-        for value in values:
-            if str(value) in categories:
-                codes.append(categories.index(str(value)))
-            elif isinstance(value, (int, np.integer)) and 0 <= value < len(categories):
-                codes.append(int(value))
-            else:
-                raise ValueError(f"transform_batch {value!r} is not a batch category; the model knows {categories}.")
-        return codes
-
-    def _gene_mask(self, gene_list: Sequence[str] | None) -> np.ndarray | slice:
-        if gene_list is None:
-            return slice(None)
-        missing = sorted(set(gene_list) - set(self.var_names))
-        if missing:
-            raise ValueError(f"gene_list has genes the model does not know: {missing[:10]}.")
-        return np.asarray(self.var_names.isin(gene_list))
-
     def get_normalized_expression(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        transform_batch: str | int | Sequence[str | int] | None = None,
-        gene_list: Sequence[str] | None = None,
-        library_size: float | str = 1,
-        n_samples: int = 1,
-        n_samples_overall: int | None = None,
-        weights: str | None = None,
-        batch_size: int | None = None,
-        return_mean: bool = True,
-        return_numpy: bool | None = None,
-        **importance_weighting_kwargs,
-    ) -> pd.DataFrame | np.ndarray:
-        """Denoised expression: the model's ``rho`` (cells x genes, rows sum to one) times ``library_size``.
+        self, adata: AnnData | None = None, indices: Sequence[int] | None = None,
+        transform_batch: str | int | Sequence[str | int] | None = None, gene_list: Sequence[str] | None = None,
+        library_size: float | Literal["latent"] = 1, n_samples: int = 1, n_samples_overall: int | None = None,
+        weights: Weights | None = None, batch_size: int | None = None, return_mean: bool = True,
+        return_numpy: bool | None = None, **importance_weighting_kwargs,
+    ) -> pd.DataFrame | np.ndarray:  # fmt: skip
+        """Denoised expression: the model's ``rho`` (rows sum to one) times ``library_size``.
 
-        Parameters
-        ----------
-        adata, indices
-            Cells to use (default: all cells of the training AnnData).
-        transform_batch
-            Decode every cell as if from this batch category; several categories are averaged.
-            This is the batch-corrected expression. None: each cell's observed batch.
-        gene_list
-            Return only these genes.
-        library_size
-            Scale to this library size; ``'latent'`` returns the expected counts ``exp(l) rho``.
-        n_samples
-            Posterior samples per cell; averaged when ``return_mean``.
-        n_samples_overall
-            Instead of per-cell output, draw this many samples ``(n_samples_overall, genes)`` from
-            the group of cells (used by differential expression).
-        weights
-            How the ``n_samples_overall`` samples are picked from the cells' draws: 'uniform'
-            (default; None means the same) or 'importance' (see ``differential_expression``; one
-            ``transform_batch`` at most). ``importance_weighting_kwargs`` are its options.
-        return_mean, return_numpy
-            With ``return_mean=False`` and ``n_samples > 1`` the result is a numpy array
-            ``(n_samples, cells, genes)``; otherwise a DataFrame (cells x genes) unless
-            ``return_numpy``.
-        batch_size
-            Cells per forward pass.
+        ``transform_batch`` decodes every cell as if from that batch category (several are
+        averaged: the batch-corrected expression; None: each cell's own batch); ``gene_list``
+        keeps only these genes; ``library_size='latent'`` gives the expected counts ``exp(l) rho``.
+        Returns a DataFrame (cells x genes), an array with ``return_numpy``, ``(n_samples, cells,
+        genes)`` with ``return_mean=False`` and ``n_samples > 1``, or ``(n_samples_overall, genes)``
+        draws from the group of cells, picked by ``weights`` ('uniform' or 'importance'; see
+        :func:`pyro_ldvae.tasks.expression.expression_samples`, which takes the other arguments).
         """
-        if library_size != "latent" and not isinstance(library_size, (int, float, np.number)):
-            raise ValueError(f"library_size must be a number or 'latent', got {library_size!r}.")
-        cells = self._cells(adata)
+        cells = self.get_cells(adata)
         adata = self.adata if adata is None else adata
         idx = self._indices(cells, indices)
-        if n_samples_overall is not None:
-            n_samples = n_samples_overall // len(idx) + 1
-        mask = self._gene_mask(gene_list)
-        weights = de.check_weights(weights, importance_weighting_kwargs)
-        if weights == "importance":
-            return self._importance_sampled_expression(
-                cells, idx, transform_batch, mask, library_size, n_samples, n_samples_overall, batch_size,
-                importance_weighting_kwargs,
-            )  # fmt: skip
-        exprs = tasks.normalized_expression(
-            self.module,
-            cells,
-            idx,
-            self._batch_codes(transform_batch),
-            mask,
-            library_size,
-            n_samples,
-            batch_size or 128,
-        )  # (n_samples, cells, genes)
-        if n_samples_overall is not None:
-            flat = exprs.reshape(-1, exprs.shape[-1])
-            return flat[np.random.choice(len(flat), n_samples_overall, replace=True)]
-        if n_samples > 1 and not return_mean:
+        codes, mask = self.registry.batch_codes(transform_batch), gene_mask(self.var_names, gene_list)
+        # (n_samples, cells, genes), or (n_samples_overall, genes)
+        exprs = expression_samples(
+            self.module, cells, idx, codes, mask, library_size, n_samples, n_samples_overall, weights,
+            batch_size or 128, importance_weighting_kwargs,
+        )  # fmt: skip
+        if n_samples_overall is not None or (n_samples > 1 and not return_mean):
             return exprs
         exprs = exprs.mean(0)
         if return_numpy:
             return exprs
         return pd.DataFrame(exprs, index=adata.obs_names[idx], columns=self.var_names[mask])
 
-    def _importance_sampled_expression(
-        self, cells, idx, transform_batch, mask, library_size, n_samples, n_samples_overall, batch_size, options
-    ) -> np.ndarray:
-        if n_samples_overall is None:
-            raise ValueError(
-                "weights='importance' picks the n_samples_overall samples of a group of cells; pass n_samples_overall."
-            )
-        if library_size == "latent":
-            raise ValueError("weights='importance' samples rho; use a numeric library_size, not 'latent'.")
-        codes = self._batch_codes(transform_batch)
-        if len(codes) != 1:
-            raise ValueError(
-                "Importance weights cannot be computed for expression averaged over several transform_batch "
-                "categories; pass one category."
-            )
-        rng = np.random.default_rng(np.random.randint(2**31))
-        rho = tasks.importance_resample(
-            self.module, cells, idx, n_samples, n_samples_overall, rng, codes[0], batch_size or 128, **options
-        )
-        return rho[:, mask] * float(library_size)
-
     def posterior_predictive_sample(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        n_samples: int = 1,
-        gene_list: Sequence[str] | None = None,
-        batch_size: int | None = None,
+        self, adata: AnnData | None = None, indices: Sequence[int] | None = None, n_samples: int = 1,
+        gene_list: Sequence[str] | None = None, batch_size: int | None = None,
         transform_batch: str | int | None = None,
-    ) -> np.ndarray:
+    ) -> np.ndarray:  # fmt: skip
         """Counts drawn from the posterior predictive ``p(x_new | x)``: z and l from the guide, then
         the model's ``'x'`` site sampled instead of observed; ``transform_batch`` decodes every
         cell as if from that batch category.
@@ -534,153 +323,86 @@ class LinearSCVI:
         Returns a dense array ``(cells, genes)``, or ``(cells, genes, n_samples)`` when
         ``n_samples > 1`` (scvi-tools' layout; scvi-tools returns a sparse GCXS array).
         """
-        cells = self._cells(adata)
-        codes = self._batch_codes(transform_batch)
+        cells = self.get_cells(adata)
+        codes = self.registry.batch_codes(transform_batch)
         if len(codes) != 1:
             raise ValueError("posterior_predictive_sample takes one transform_batch category, not several.")
-        draws = tasks.posterior_predictive(
-            self.module,
-            cells,
-            self._indices(cells, indices),
-            n_samples,
-            self._gene_mask(gene_list),
-            batch_size or 128,
-            codes[0],
-        )  # (n_samples, cells, genes); fmt: skip
-        return draws[0] if n_samples == 1 else np.moveaxis(draws, 0, -1)
+        idx, mask = self._indices(cells, indices), gene_mask(self.var_names, gene_list)
+        draws = tasks.posterior_predictive(self.module, cells, idx, n_samples, mask, batch_size or 128, codes[0])
+        return draws[0] if n_samples == 1 else np.moveaxis(draws, 0, -1)  # draws: (n_samples, cells, genes)
 
     def get_likelihood_parameters(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        n_samples: int = 1,
-        give_mean: bool = False,
-        batch_size: int | None = None,
-    ) -> dict[str, np.ndarray]:
+        self, adata: AnnData | None = None, indices: Sequence[int] | None = None, n_samples: int = 1,
+        give_mean: bool = False, batch_size: int | None = None,
+    ) -> dict[str, np.ndarray]:  # fmt: skip
         """Parameters of the count likelihood per cell and gene.
 
         Returns a dict with ``mean`` (the NB mean ``exp(l) rho``), ``dispersions`` (theta; not for
         Poisson) and ``dropout`` (zero-inflation probability; ZINB only), each ``(cells, genes)``,
         or ``(n_samples, cells, genes)`` when ``n_samples > 1`` and not ``give_mean``.
         """
-        cells = self._cells(adata)
-        params = tasks.likelihood_parameters(
-            self.module, cells, self._indices(cells, indices), n_samples, batch_size or 128
-        )
+        cells = self.get_cells(adata)
+        idx = self._indices(cells, indices)
+        params = tasks.likelihood_parameters(self.module, cells, idx, n_samples, batch_size or 128)
         if n_samples == 1 or give_mean:
             return {key: value.mean(0) for key, value in params.items()}
         return params
 
     def get_latent_library_size(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        give_mean: bool = True,
+        self, adata: AnnData | None = None, indices: Sequence[int] | None = None, give_mean: bool = True,
         batch_size: int | None = None,
-    ) -> np.ndarray:
+    ) -> np.ndarray:  # fmt: skip
         """Library size ``exp(l)`` per cell, ``(cells, 1)``: posterior mean (log-normal), or one draw."""
-        cells = self._cells(adata)
-        return tasks.latent_library_size(
-            self.module, cells, self._indices(cells, indices), give_mean, batch_size or 128
-        )
+        cells = self.get_cells(adata)
+        idx = self._indices(cells, indices)
+        return tasks.latent_library_size(self.module, cells, idx, give_mean, batch_size or 128)
 
     def differential_expression(
-        self,
-        adata: AnnData | None = None,
-        groupby: str | None = None,
-        group1: str | Sequence[str] | None = None,
-        group2: str | None = None,
-        idx1: Sequence[int] | Sequence[bool] | str | None = None,
-        idx2: Sequence[int] | Sequence[bool] | str | None = None,
-        mode: str = "vanilla",
-        delta: float | None = 0.25,
-        batch_size: int | None = None,
-        all_stats: bool = True,
-        batch_correction: bool = False,
-        batchid1: Sequence[str] | None = None,
-        batchid2: Sequence[str] | None = None,
-        fdr_target: float = 0.05,
-        silent: bool = False,
-        weights: str | None = "uniform",
-        filter_outlier_cells: bool = False,
-        importance_weighting_kwargs: dict | None = None,
-        **kwargs,
-    ) -> pd.DataFrame:
+        self, adata: AnnData | None = None, groupby: str | None = None, group1: str | Sequence[str] | None = None,
+        group2: str | None = None, idx1: Sequence[int] | Sequence[bool] | str | None = None,
+        idx2: Sequence[int] | Sequence[bool] | str | None = None, mode: de.Mode = "vanilla",
+        delta: float | None = 0.25, batch_size: int | None = None, all_stats: bool = True,
+        batch_correction: bool = False, batchid1: Sequence[str] | None = None, batchid2: Sequence[str] | None = None,
+        fdr_target: float = 0.05, silent: bool = False, weights: Weights | None = "uniform",
+        filter_outlier_cells: bool = False, importance_weighting_kwargs: dict | None = None, **kwargs,
+    ) -> pd.DataFrame:  # fmt: skip
         """scVI's Bayesian differential expression, with scvi-tools' arguments and output columns.
 
-        Parameters
-        ----------
-        adata
-            AnnData (default: the training data).
-        groupby, group1, group2
-            ``obs`` column and its groups; ``group1=None`` compares every group with the rest,
-            ``group2=None`` compares against all other cells ('Rest').
-        idx1, idx2
-            Instead of groups: masks, positions or ``obs.query`` strings of the two populations.
-        mode
-            'vanilla' (``P(rho1 > rho2)``) or 'change' (``P(|LFC| >= delta)``, LFC summaries, FDR calls).
-        delta
-            LFC threshold of 'change' mode; None estimates it from the data.
-        batch_correction, batchid1, batchid2
-            Decode both groups into the same batches (all, or those listed) and pair samples
-            within a batch, so that batch effects cancel.
-        fdr_target
-            Posterior expected FDR for the ``is_de_fdr_<target>`` column ('change' mode).
-        all_stats
-            Add observed means, non-zero fractions and normalized means per group.
-        weights
-            How a group's posterior samples are drawn: 'uniform' (default; None means the same)
-            or 'importance', in proportion to importance weights that favour draws which explain
-            many cells of the group (Boyeau et al. 2023; :func:`pyro_ldvae.tasks.importance_weights`).
-            'importance' costs minutes per comparison (about 2 min for 1,248 vs 7,369 cells x 2,000
-            genes on 2 CPU cores: ``log p(x)`` and the likelihoods of 2 x 1,024 anchor cells), and
-            its weights can sit on a few draws (a warning says so; ``truncation=True`` spreads them).
-        filter_outlier_cells
-            Drop latent-space outliers of each group first.
-        importance_weighting_kwargs
-            With ``weights='importance'``: ``max_cells`` (1024 anchor cells), ``truncation`` (False),
-            ``n_mc_samples`` (500) and ``n_mc_samples_per_pass`` (250) of the marginal likelihood.
-        **kwargs
-            ``n_samples_overall`` (5000), ``use_permutation`` (False), ``m_permutation`` (10000),
-            ``pseudocounts`` (None: estimated), ``threshold_counts``, ``test_mode`` ('three'), ``seed``.
+        ``adata`` (default: the training data) holds the cells and their ``obs`` columns; the
+        other arguments, and the ``**kwargs`` (``n_samples_overall``, ``use_permutation``,
+        ``m_permutation``, ``pseudocounts``, ``threshold_counts``, ``test_mode``, ``seed``), are
+        described in :func:`pyro_ldvae.tasks.de.differential_expression`.
 
         Returns
         -------
         DataFrame indexed by gene; one block per comparison sorted by ``bayes_factor`` (vanilla)
         or ``proba_de`` (change), with ``comparison``, ``group1`` and ``group2`` columns.
         """
-        from ..tasks.de import differential_expression
-
-        return differential_expression(
-            self, adata, groupby, group1, group2, idx1, idx2, mode, delta, batch_size, all_stats,
-            batch_correction, batchid1, batchid2, fdr_target, silent, weights, filter_outlier_cells,
-            importance_weighting_kwargs, **kwargs,
+        cells = self.get_cells(adata)
+        obs = (self.adata if adata is None else adata).obs
+        return de.differential_expression(
+            self.module, cells, self.registry, obs, self.var_names, groupby, group1, group2, idx1, idx2,
+            mode, delta, batch_size, all_stats, batch_correction, batchid1, batchid2, fdr_target, silent,
+            weights, filter_outlier_cells, importance_weighting_kwargs, **kwargs,
         )  # fmt: skip
 
     def get_reconstruction_error(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        batch_size: int | None = None,
+        self, adata: AnnData | None = None, indices: Sequence[int] | None = None, batch_size: int | None = None,
         return_mean: bool = True,
-    ) -> dict[str, float | np.ndarray]:
+    ) -> dict[str, float | np.ndarray]:  # fmt: skip
         """``{'reconstruction_loss': -log p(x | z, l)}`` at a posterior draw: the mean per cell
         (scvi-tools' form) or, with ``return_mean=False``, per cell ``(cells,)``. Lower is better."""
-        cells = self._cells(adata)
+        cells = self.get_cells(adata)
         nll = tasks.reconstruction_nll(self.module, cells, self._indices(cells, indices), batch_size or 128)
         return {"reconstruction_loss": float(nll.mean()) if return_mean else nll}
 
     def get_marginal_ll(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        n_mc_samples: int = 1000,
-        batch_size: int | None = None,
-        return_mean: bool = True,
-    ) -> float | np.ndarray:
+        self, adata: AnnData | None = None, indices: Sequence[int] | None = None, n_mc_samples: int = 1000,
+        batch_size: int | None = None, return_mean: bool = True,
+    ) -> float | np.ndarray:  # fmt: skip
         """Importance-sampled ``log p(x)`` with the guide as proposal (higher is better): the mean
         over cells, or per cell ``(cells,)`` with ``return_mean=False``."""
-        cells = self._cells(adata)
+        cells = self.get_cells(adata)
         ll = tasks.marginal_ll(self.module, cells, self._indices(cells, indices), n_mc_samples, batch_size or 128)
         return float(ll.mean()) if return_mean else ll
 
@@ -694,7 +416,7 @@ class LinearSCVI:
         decreasing variance (LDVAE's factors are otherwise unordered), so
         ``model.get_loadings()[frame.index]`` gives loadings ordered by importance.
         """
-        cells = self._cells(adata)
+        cells = self.get_cells(adata)
         frame = tasks.factor_variance_explained(self.module, cells, self._indices(cells, indices))
         return frame.sort_values("variance", ascending=False) if sort else frame
 
@@ -710,70 +432,64 @@ class LinearSCVI:
             factors = list(self.get_factor_variance_explained(sort=True).index)
         return tasks.top_genes(self.get_loadings(), n_top, factors)
 
-    # ------------------------------------------------------------------------------------
-    # Results into AnnData, persistence and import (see io.py)
-    # ------------------------------------------------------------------------------------
+    # Results into AnnData (results.py), persistence (io.py), import (scvi_import.py) ------
     def to_adata(self, adata: AnnData | None = None, key: str = "ldvae") -> AnnData:
         """Write ``obsm['X_<key>']``, ``varm['<key>_loadings']`` and ``uns['<key>']`` (settings, history,
-        variance explained) into ``adata`` (default: the training data) and return it."""
-        from .io import write_results
-
-        return write_results(self, self.adata if adata is None else adata, key)
+        variance explained) into ``adata`` (default: the training data) and return it; see
+        :func:`pyro_ldvae.api.results.write_results`."""
+        adata = self.adata if adata is None else adata
+        results.check_genes(adata, self.var_names)
+        latent, variance = self.get_latent_representation(adata), self.get_factor_variance_explained(adata)
+        return results.write_results(
+            adata, key, latent, self.get_loadings(), variance, self.init_params_, self.registry, self.history_
+        )
 
     def save(
         self, dir_path: str, overwrite: bool = False, save_anndata: bool = False, prefix: str | None = None
     ) -> None:
-        """Save weights, setup and history to ``dir_path`` atomically; see :func:`pyro_ldvae.io.save`."""
-        from .io import save
-
-        save(self, dir_path, overwrite=overwrite, save_anndata=save_anndata, prefix=prefix)
+        """Save weights, setup and history to ``dir_path`` atomically; see :func:`pyro_ldvae.api.io.save`."""
+        parts = io.ModelParts(
+            settings=self.init_params_, registry=self.registry, var_names=list(self.var_names),
+            state=self.module.state_dict(), history=self.history_, seed=self.seed, is_trained=self.is_trained_,
+            train_indices=self.train_indices, validation_indices=self.validation_indices, adata=self.adata,
+        )  # fmt: skip
+        io.save(parts, dir_path, overwrite, save_anndata, prefix, model_class=type(self).__name__)
 
     @classmethod
     def load(
-        cls, dir_path: str, adata: AnnData | None = None, accelerator: str = "auto", device: str | int = "auto",
-        prefix: str | None = None, loadings_prior=None, z_prior=None,
+        cls, dir_path: str, adata: AnnData | None = None, accelerator: Accelerator = "auto",
+        device: str | int = "auto", prefix: str | None = None, loadings_prior=None, z_prior=None,
     ) -> LinearSCVI:  # fmt: skip
-        """Load a model saved by :meth:`save` (never unpickles code); see :func:`pyro_ldvae.io.load`.
-        A model trained with a custom prior (a callable or object) needs it again: ``loadings_prior=``
-        or ``z_prior=``."""
-        from .io import load
+        """Load a model saved by :meth:`save` (never unpickles code); see :func:`pyro_ldvae.api.io.load`.
 
-        return load(
-            dir_path, adata=adata, accelerator=accelerator, device=device, prefix=prefix,
-            loadings_prior=loadings_prior, z_prior=z_prior,
-        )  # fmt: skip
+        ``adata`` must hold the model's genes (in any order; other genes raise ``ValueError``).
+        A model trained with a custom prior (a callable or object) needs it again: ``loadings_prior=``
+        or ``z_prior=``.
+        """
+        target = resolve_device(accelerator, device)
+        parts = io.load(dir_path, adata, target, prefix, loadings_prior, z_prior, model_class=cls.__name__)
+        return cls._from_parts(parts, target)
 
     @classmethod
     def from_scvi(cls, scvi_model, adata: AnnData | None = None) -> LinearSCVI:
         """Import a trained ``scvi.model.LinearSCVI`` (weights, setup, history); see
-        :func:`pyro_ldvae.io.from_scvi`."""
-        from .io import from_scvi
+        :func:`pyro_ldvae.api.scvi_import.from_scvi`."""
+        return cls._from_parts(scvi_import.from_scvi(scvi_model, adata))
 
-        return from_scvi(scvi_model, adata)
-
-
-def _keeping_history_on_fault(model: LinearSCVI, train_fn):
-    """``train_fn`` that, when the loss turns NaN (``FloatingPointError``), still records the
-    history of the good epochs the module was rolled back to, then re-raises."""
-
-    def run(*args, **kwargs):
+    @classmethod
+    def _from_parts(cls, parts: io.ModelParts, device: torch.device | None = None) -> LinearSCVI:
+        """A model on ``parts.adata`` (which receives the setup) with the settings and weights of ``parts``."""
+        parts.adata.uns[SETUP_KEY] = parts.registry.to_json()
         try:
-            return train_fn(*args, **kwargs)
-        except FloatingPointError as err:
-            model.history_ = _append_history(model.history_, dict(getattr(err, "history", {})))
-            model.module.eval()
-            raise
-
-    return run
-
-
-def _append_history(old: dict[str, pd.DataFrame], new: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    """Continue epoch numbering when ``train`` is called again."""
-    if not old:
-        return new
-    offset = max(len(v) for v in old.values())
-    out = dict(old)
-    for key, frame in new.items():
-        frame = frame.set_axis(frame.index + offset)
-        out[key] = pd.concat([old[key], frame]) if key in old else frame
-    return out
+            model = cls(parts.adata, seed=parts.seed, **parts.settings)
+        except TypeError as err:
+            raise ValueError(f"The settings in {parts.source} do not fit this pyro_ldvae version: {err}") from err
+        try:
+            model.module.load_state_dict(parts.state, strict=True)
+        except RuntimeError as err:
+            first_line = str(err).strip().splitlines()[0]
+            raise ValueError(f"The weights in {parts.source} do not match its settings: {first_line}") from err
+        model.module.to(device or model.module.device).eval()
+        model.history_, model.is_trained_ = parts.history, parts.is_trained
+        model.train_indices, model.validation_indices = parts.train_indices, parts.validation_indices
+        return model

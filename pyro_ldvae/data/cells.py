@@ -19,7 +19,7 @@ from anndata import AnnData
 from ..kernels.sparse import SparseCounts, scipy_to_torch_csr
 from . import validate
 from .minibatch import Minibatch
-from .registry import Registry, _codes, get_counts
+from .registry import Registry, category_codes, get_counts
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +46,12 @@ class CellData:
         self.n_obs, self.n_vars = adata.n_obs, adata.n_vars
         self.X = self._read_counts(adata, registry)
         validate.check_count_values(self.X, validate.matrix_name(registry.layer), integers=registry.check_counts)
-        self.batch = _codes(adata, registry.batch_key, registry.batch_categories, "batch_key")
-        self.labels = _codes(adata, registry.labels_key, registry.label_categories, "labels_key")
+        self.batch = category_codes(adata, registry.batch_key, registry.batch_categories, "batch_key")
+        self.labels = category_codes(adata, registry.labels_key, registry.label_categories, "labels_key")
         self.cat_covs = (
             np.stack(
                 [
-                    _codes(adata, k, registry.covariate_categories[k], "categorical covariate")
+                    category_codes(adata, k, registry.covariate_categories[k], "categorical covariate")
                     for k in registry.categorical_covariate_keys
                 ],
                 axis=1,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +40,27 @@ class Registry:
     @property
     def n_cats_per_cov(self) -> list[int]:
         return [len(self.covariate_categories[k]) for k in self.categorical_covariate_keys]
+
+    def batch_codes(self, transform_batch: str | int | Sequence[str | int] | None) -> list[int | None]:
+        """Batch codes to decode into: ``[None]`` (each cell's own batch), or one code per category.
+
+        A value is a batch category's name, or its position among ``batch_categories``.
+        """
+        if transform_batch is None:
+            return [None]
+        single = isinstance(transform_batch, (str, int, np.integer))
+        values = [transform_batch] if single else list(transform_batch)
+        codes = []
+        for value in values:
+            if str(value) in self.batch_categories:
+                codes.append(self.batch_categories.index(str(value)))
+            elif isinstance(value, (int, np.integer)) and 0 <= value < self.n_batch:
+                codes.append(int(value))
+            else:
+                raise ValueError(
+                    f"transform_batch {value!r} is not a batch category; the model knows {self.batch_categories}."
+                )
+        return codes
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -85,15 +107,46 @@ def _obs_column(adata: AnnData, key: str, role: str) -> pd.Series:
 
 def register(
     adata: AnnData,
-    layer: str | None = None,
     batch_key: str | None = None,
     labels_key: str | None = None,
+    layer: str | None = None,
     categorical_covariate_keys: list[str] | None = None,
     continuous_covariate_keys: list[str] | None = None,
     check_counts: bool = True,
 ) -> Registry:
-    """Check the keys and the counts (``validate.check_anndata``), record category orders and
-    write the registry into ``adata.uns``."""
+    """Register which layer holds raw counts and which ``obs`` columns are batch, labels, covariates.
+
+    The arguments come in scvi-tools' ``setup_anndata`` order, so positional calls written for
+    scvi-tools register the same columns. The keys and the counts are checked
+    (``validate.check_anndata``), the category orders recorded, and the registry written into
+    ``adata.uns``.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes AnnData with raw counts in ``X`` or in ``layer``.
+    batch_key, labels_key
+        ``obs`` columns of batches (enter the decoder, library prior, 'gene-batch') and labels.
+    layer
+        Layer holding the counts; ``None`` uses ``adata.X``.
+    categorical_covariate_keys, continuous_covariate_keys
+        Extra ``obs`` columns that enter the linear decoder beside the batch.
+    check_counts
+        Refuse non-integer values (the usual sign of normalized or log-transformed data);
+        ``False`` accepts them. NaN, infinite and negative values are always refused, and so
+        are cells with a total count of zero (remove them with
+        ``scanpy.pp.filter_cells(adata, min_counts=1)``).
+
+    Returns
+    -------
+    The registry, also stored in ``adata.uns``.
+
+    Raises
+    ------
+    ValueError
+        For a missing layer or key, missing values in a batch/label column, a non-numeric
+        continuous covariate, an empty AnnData, or counts that are not raw counts.
+    """
     if not isinstance(adata, AnnData):
         raise ValueError(f"adata must be an AnnData, got {type(adata).__name__}; wrap it: anndata.AnnData(X).")
     if layer is not None and layer not in adata.layers:
@@ -157,7 +210,7 @@ def index_dtype(n: int) -> np.dtype:
     return np.dtype(np.int32 if n <= np.iinfo(np.int32).max else np.int64)
 
 
-def _codes(adata: AnnData, key: str | None, categories: list[str], role: str) -> np.ndarray:
+def category_codes(adata: AnnData, key: str | None, categories: list[str], role: str) -> np.ndarray:
     """Codes ``(cells,)`` of ``obs[key]`` in ``categories``' order, in :func:`code_dtype`."""
     if key is None:
         return np.zeros(adata.n_obs, dtype=code_dtype(1))

@@ -40,6 +40,7 @@ from ..kernels.linear import narrow_linear
 from ..kernels.sparse import log1p_counts, total_counts
 from .likelihoods import count_likelihood
 from .nn import Encoder, LinearHead
+from .options import Dispersion, GeneLikelihood, LatentDistribution
 from .priors import GlobalNormalGuide, LoadingsPrior, ZPrior, resolve_loadings_prior
 
 
@@ -160,12 +161,12 @@ class LDVAE(PyroModule):
         n_latent: int = 10,
         n_layers_encoder: int = 1,
         dropout_rate: float = 0.1,
-        dispersion: str = "gene",
+        dispersion: Dispersion = "gene",
         log_variational: bool = True,
-        gene_likelihood: str = "nb",
+        gene_likelihood: GeneLikelihood = "nb",
         use_batch_norm: bool | None = None,
         bias: bool = False,
-        latent_distribution: str = "normal",
+        latent_distribution: LatentDistribution = "normal",
         use_observed_lib_size: bool = False,
         library_log_means: np.ndarray | None = None,
         library_log_vars: np.ndarray | None = None,

@@ -19,35 +19,39 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from anndata import AnnData
 
+from ..data.cells import CellData
+from ..data.registry import Registry
+from ..models.ldvae import LDVAE
+from .expression import Weights, check_weights
+from .latent import latent_representation
 from .posterior import importance_resample, normalized_expression
 
-if TYPE_CHECKING:
-    from ..api.linear_scvi import LinearSCVI
+Mode = Literal["vanilla", "change"]
+TestMode = Literal["two", "three"]
 
 logger = logging.getLogger(__name__)
 
 EPS = 1e-8
 
 
-def _mask(selection, adata: AnnData, name: str) -> np.ndarray:
+def _mask(selection, obs: pd.DataFrame, name: str) -> np.ndarray:
     """A boolean cell mask from a mask, a list of positions, or an ``adata.obs.query`` string."""
     if isinstance(selection, str):
-        mask = adata.obs_names.isin(adata.obs.query(selection).index)
+        mask = obs.index.isin(obs.query(selection).index)
     else:
         selection = np.asarray(selection).ravel()
         if selection.dtype == bool:
-            if len(selection) != adata.n_obs:
-                raise ValueError(f"{name} is a boolean mask of length {len(selection)}; adata has {adata.n_obs} cells.")
+            if len(selection) != len(obs):
+                raise ValueError(f"{name} is a boolean mask of length {len(selection)}; adata has {len(obs)} cells.")
             mask = selection
         else:
-            mask = np.zeros(adata.n_obs, dtype=bool)
+            mask = np.zeros(len(obs), dtype=bool)
             mask[selection.astype(np.int64)] = True
     if not mask.any():
         raise ValueError(f"{name} selects no cells.")
@@ -55,21 +59,21 @@ def _mask(selection, adata: AnnData, name: str) -> np.ndarray:
 
 
 def _comparisons(
-    adata: AnnData, groupby: str | None, group1, group2, idx1, idx2
+    obs: pd.DataFrame, groupby: str | None, group1, group2, idx1, idx2
 ) -> list[tuple[np.ndarray, np.ndarray, str | None, str | None]]:
     """``(mask1, mask2, group1 name, group2 name)`` per comparison; names are None for idx1/idx2."""
     if idx1 is not None:
-        mask1 = _mask(idx1, adata, "idx1")
-        mask2 = ~mask1 if idx2 is None else _mask(idx2, adata, "idx2")
+        mask1 = _mask(idx1, obs, "idx1")
+        mask2 = ~mask1 if idx2 is None else _mask(idx2, obs, "idx2")
         if not mask2.any():
             raise ValueError("The second group is empty (idx1 selects every cell); pass idx2.")
         return [(mask1, mask2, None, None)]
     if groupby is None:
         raise ValueError("Pass groupby (an adata.obs column) with group1/group2, or idx1 (and optionally idx2).")
-    if groupby not in adata.obs.columns:
-        raise ValueError(f"groupby {groupby!r} is not a column of adata.obs; available: {list(adata.obs.columns)}.")
-    column = adata.obs[groupby].astype(str)
-    categories = list(adata.obs[groupby].astype("category").cat.categories.astype(str))
+    if groupby not in obs.columns:
+        raise ValueError(f"groupby {groupby!r} is not a column of adata.obs; available: {list(obs.columns)}.")
+    column = obs[groupby].astype(str)
+    categories = list(obs[groupby].astype("category").cat.categories.astype(str))
     if group1 is None:
         if len(categories) < 2:
             raise ValueError(f"obs[{groupby!r}] has a single group; differential expression needs two.")
@@ -94,11 +98,11 @@ def _comparisons(
     return out
 
 
-def _filter_outliers(model: LinearSCVI, adata: AnnData, positions: np.ndarray) -> np.ndarray:
+def _filter_outliers(module: LDVAE, cells: CellData, positions: np.ndarray, batch_size: int) -> np.ndarray:
     """Drop cells that are outliers of the group's latent representation (robust covariance)."""
     from sklearn.covariance import EllipticEnvelope
 
-    latent = model.get_latent_representation(adata, indices=positions)
+    latent = latent_representation(module, cells, positions, batch_size=batch_size)
     try:
         keep = EllipticEnvelope().fit_predict(latent) == 1
     except ValueError:
@@ -108,14 +112,14 @@ def _filter_outliers(model: LinearSCVI, adata: AnnData, positions: np.ndarray) -
 
 
 def sample_scales(
-    model: LinearSCVI,
-    adata: AnnData,
+    module: LDVAE,
+    cells: CellData,
     positions: np.ndarray,
     batch_codes: Sequence[int | None],
     n_samples_overall: int,
     batch_size: int,
     rng: np.random.Generator,
-    weights: str = "uniform",
+    weights: Weights = "uniform",
     importance_weighting_kwargs: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Posterior samples of ``rho`` for a group: ``(n_samples, genes)`` and their batch codes.
@@ -123,9 +127,8 @@ def sample_scales(
     ``n_samples_overall`` is split evenly over ``batch_codes`` (None: each cell's own batch); each
     cell gets enough draws and ``n`` rows are picked with replacement, uniformly or, with
     ``weights='importance'``, in proportion to the draws' importance weights
-    (:func:`pyro_ldvae.tasks.importance_resample`, which ``importance_weighting_kwargs`` go to).
+    (:func:`pyro_ldvae.tasks.posterior.importance_resample`, which ``importance_weighting_kwargs`` go to).
     """
-    cells = model._cells(adata)
     per_code = max(2, int(n_samples_overall / len(batch_codes)))
     scales, codes = [], []
     for code in batch_codes:
@@ -133,33 +136,15 @@ def sample_scales(
         if weights == "importance":
             options = importance_weighting_kwargs or {}
             scales.append(
-                importance_resample(
-                    model.module, cells, positions, per_cell, per_code, rng, code, batch_size, **options
-                )
+                importance_resample(module, cells, positions, per_cell, per_code, rng, code, batch_size, **options)
             )
         else:
             draws = normalized_expression(
-                model.module, cells, positions, [code], n_samples=per_cell, batch_size=batch_size
+                module, cells, positions, [code], n_samples=per_cell, batch_size=batch_size
             ).reshape(-1, cells.n_vars)
             scales.append(draws[rng.choice(len(draws), size=per_code, replace=True)])
         codes.append(np.full(per_code, -1 if code is None else code))
     return np.concatenate(scales), np.concatenate(codes)
-
-
-IMPORTANCE_OPTIONS = ("max_cells", "truncation", "n_mc_samples", "n_mc_samples_per_pass")
-
-
-def check_weights(weights: str | None, importance_weighting_kwargs: dict | None) -> str:
-    """``weights`` ('uniform', 'importance'; None means 'uniform'), checked with its options."""
-    weights = "uniform" if weights is None else weights
-    if weights not in ("uniform", "importance"):
-        raise ValueError(f"weights must be 'uniform' or 'importance', got {weights!r}.")
-    unknown = sorted(set(importance_weighting_kwargs or {}) - set(IMPORTANCE_OPTIONS))
-    if unknown:
-        raise ValueError(f"Unknown importance_weighting_kwargs {unknown}; the options are {list(IMPORTANCE_OPTIONS)}.")
-    if importance_weighting_kwargs and weights != "importance":
-        raise ValueError("importance_weighting_kwargs apply only with weights='importance'.")
-    return weights
 
 
 def _pairs(a: np.ndarray, b: np.ndarray, use_permutation: bool, m: int, rng: np.random.Generator):
@@ -191,10 +176,10 @@ def estimate_delta(lfc_means: np.ndarray, coef: float = 0.6, min_threshold: floa
 def bayes_factors(
     scales1: np.ndarray,
     scales2: np.ndarray,
-    mode: str,
+    mode: Mode,
     delta: float | None,
     pseudocounts: float,
-    test_mode: str = "three",
+    test_mode: TestMode = "three",
 ) -> dict[str, np.ndarray]:
     """Per-gene DE statistics from paired posterior samples ``(n_pairs, genes)`` of both groups."""
     if mode == "vanilla":
@@ -255,14 +240,17 @@ def fdr_de_prediction(proba_de: pd.Series, fdr: float = 0.05) -> pd.Series:
 
 
 def differential_expression(
-    model: LinearSCVI,
-    adata: AnnData | None = None,
+    module: LDVAE,
+    cells: CellData,
+    registry: Registry,
+    obs: pd.DataFrame,
+    var_names: pd.Index,
     groupby: str | None = None,
     group1: str | Sequence[str] | None = None,
     group2: str | None = None,
-    idx1=None,
-    idx2=None,
-    mode: str = "vanilla",
+    idx1: Sequence[int] | Sequence[bool] | str | None = None,
+    idx2: Sequence[int] | Sequence[bool] | str | None = None,
+    mode: Mode = "vanilla",
     delta: float | None = 0.25,
     batch_size: int | None = None,
     all_stats: bool = True,
@@ -271,7 +259,7 @@ def differential_expression(
     batchid2: Sequence[str] | None = None,
     fdr_target: float = 0.05,
     silent: bool = True,
-    weights: str | None = "uniform",
+    weights: Weights | None = "uniform",
     filter_outlier_cells: bool = False,
     importance_weighting_kwargs: dict | None = None,
     n_samples_overall: int = 5000,
@@ -279,20 +267,75 @@ def differential_expression(
     m_permutation: int = 10000,
     pseudocounts: float | None = None,
     threshold_counts: float = 0.01,
-    test_mode: str = "three",
+    test_mode: TestMode = "three",
     seed: int | None = None,
 ) -> pd.DataFrame:
-    """See :meth:`pyro_ldvae.LinearSCVI.differential_expression`."""
+    """scVI's Bayesian differential expression between groups of ``cells``.
+
+    Parameters
+    ----------
+    module
+        The trained model.
+    cells, registry
+        The registered cells (genes in the model's order) and the setup they were registered with.
+    obs, var_names
+        The cells' ``adata.obs`` (groups, ``idx1``/``idx2`` queries) and the model's genes, which
+        index the result.
+    groupby, group1, group2
+        ``obs`` column and its groups; ``group1=None`` compares every group with the rest,
+        ``group2=None`` compares against all other cells ('Rest').
+    idx1, idx2
+        Instead of groups: masks, positions or ``obs.query`` strings of the two populations.
+    mode
+        'vanilla' (``P(rho1 > rho2)``) or 'change' (``P(|LFC| >= delta)``, LFC summaries, FDR calls).
+    delta
+        LFC threshold of 'change' mode; None estimates it from the data.
+    batch_size
+        Cells per forward pass.
+    all_stats
+        Add observed means, non-zero fractions and normalized means per group.
+    batch_correction, batchid1, batchid2
+        Decode both groups into the same batches (all, or those listed) and pair samples
+        within a batch, so that batch effects cancel.
+    fdr_target
+        Posterior expected FDR for the ``is_de_fdr_<target>`` column ('change' mode).
+    silent
+        Do not log each comparison.
+    weights
+        How a group's posterior samples are drawn: 'uniform' (default; None means the same)
+        or 'importance', in proportion to importance weights that favour draws which explain
+        many cells of the group (Boyeau et al. 2023; :func:`pyro_ldvae.tasks.posterior.importance_weights`).
+        'importance' costs minutes per comparison (``log p(x)`` and the likelihoods of 2 x 1,024
+        anchor cells), and its weights can sit on a few draws (a warning says so;
+        ``truncation=True`` spreads them).
+    filter_outlier_cells
+        Drop latent-space outliers of each group first.
+    importance_weighting_kwargs
+        With ``weights='importance'``: ``max_cells`` (1024 anchor cells), ``truncation`` (False),
+        ``n_mc_samples`` (500) and ``n_mc_samples_per_pass`` (250) of the marginal likelihood.
+    n_samples_overall, use_permutation, m_permutation
+        Posterior samples per group, and how they are paired (in order, or ``m_permutation``
+        random pairs).
+    pseudocounts, threshold_counts
+        Pseudocount of the LFC ('change' mode); None estimates it from the genes whose mean
+        count in a group is below ``threshold_counts``.
+    test_mode
+        'three' (``max(P(LFC >= delta), P(LFC < -delta))``) or 'two' (their sum).
+    seed
+        Seed of the sampling; None draws it from numpy's global state.
+
+    Returns
+    -------
+    DataFrame indexed by gene; one block per comparison sorted by ``bayes_factor`` (vanilla)
+    or ``proba_de`` (change), with ``comparison``, ``group1`` and ``group2`` columns.
+    """
     if mode not in ("vanilla", "change"):
         raise ValueError(f"mode must be 'vanilla' or 'change', got {mode!r}.")
     if test_mode not in ("two", "three"):
         raise ValueError(f"test_mode must be 'two' or 'three', got {test_mode!r}.")
     weights = check_weights(weights, importance_weighting_kwargs)
-    adata = model.adata if adata is None else adata
-    cells = model._cells(adata)
     # seed=None draws from numpy's global state, so pyro.set_rng_seed / np.random.seed make it repeatable
     rng = np.random.default_rng(np.random.randint(2**31) if seed is None else seed)
-    registry = model.registry
 
     def codes_for(batchid):
         if not batch_correction:
@@ -308,15 +351,15 @@ def differential_expression(
     codes1, codes2 = codes_for(batchid1), codes_for(batchid2)
     batch_size = batch_size or 128
     results = []
-    for mask1, mask2, g1, g2 in _comparisons(adata, groupby, group1, group2, idx1, idx2):
+    for mask1, mask2, g1, g2 in _comparisons(obs, groupby, group1, group2, idx1, idx2):
         if not silent:
             logger.info("DE: %s vs %s", g1, g2)
         pos1, pos2 = np.flatnonzero(mask1), np.flatnonzero(mask2)
         if filter_outlier_cells:
-            pos1, pos2 = _filter_outliers(model, adata, pos1), _filter_outliers(model, adata, pos2)
+            pos1, pos2 = (_filter_outliers(module, cells, pos, batch_size) for pos in (pos1, pos2))
         sampling = dict(weights=weights, importance_weighting_kwargs=importance_weighting_kwargs)
-        s1, b1 = sample_scales(model, adata, pos1, codes1, n_samples_overall, batch_size, rng, **sampling)
-        s2, b2 = sample_scales(model, adata, pos2, codes2, n_samples_overall, batch_size, rng, **sampling)
+        s1, b1 = sample_scales(module, cells, pos1, codes1, n_samples_overall, batch_size, rng, **sampling)
+        s2, b2 = sample_scales(module, cells, pos2, codes2, n_samples_overall, batch_size, rng, **sampling)
         scale1, scale2 = s1.mean(0), s2.mean(0)
         if batch_correction and set(codes1) == set(codes2):
             # Pair samples decoded into the same batch, so the batch effect cancels.
@@ -344,7 +387,7 @@ def differential_expression(
         columns.update(dict(list(stats.items())[3:]))
         if all_stats:
             columns.update(raw_counts_properties(cells.X, mask1, mask2))
-        frame = pd.DataFrame(columns, index=adata.var_names)
+        frame = pd.DataFrame(columns, index=var_names)
         # scvi-tools' order (bayes_factor or proba_de, decreasing); ties, common when probabilities
         # saturate at 1, are broken by the effect size instead of arbitrarily.
         primary = frame["proba_de" if mode == "change" else "bayes_factor"].to_numpy()

@@ -1,0 +1,34 @@
+"""The training history of a ``LinearSCVI``: joined across ``train`` calls, kept on a fault."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pandas as pd
+
+
+def keeping_history_on_fault(model: Any, train_fn: Callable) -> Callable:
+    """``train_fn`` that, when the loss turns NaN (``FloatingPointError``), still records the
+    history of the good epochs the module was rolled back to on ``model``, then re-raises."""
+
+    def run(*args, **kwargs):
+        try:
+            return train_fn(*args, **kwargs)
+        except FloatingPointError as err:
+            model.history_ = append_history(model.history_, dict(getattr(err, "history", {})))
+            model.module.eval()
+            raise
+
+    return run
+
+
+def append_history(old: dict[str, pd.DataFrame], new: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """``new`` after ``old``, its epochs numbered on from ``old``'s (when ``train`` is called again)."""
+    if not old:
+        return new
+    offset = max(len(v) for v in old.values())
+    out = dict(old)
+    for key, frame in new.items():
+        frame = frame.set_axis(frame.index + offset)
+        out[key] = pd.concat([old[key], frame]) if key in old else frame
+    return out
