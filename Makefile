@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-test run test lint notebooks clean
+.PHONY: install install-test run test test-fast lint layout notebooks clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,25 @@ install-test: install
 run: install
 	$(VENV)/bin/pyro-ldvae fit -o pbmc68k_ldvae.h5ad --overwrite
 
+# The whole suite (what CI runs, .ci/run).
 test: install-test
 	$(PY) -m pytest -q
+
+# A representative subset, under 90 s on 2 cores: every unit-level test, without the tests marked
+# slow or shared_data and without the heaviest trainings below (all of them still run in `make test`).
+FAST_DESELECT := \
+	tests/test_model.py::test_recovers_true_loadings \
+	tests/test_model_tasks.py::test_posterior_predictive_check_on_held_out_cells \
+	tests/test_notebooks.py \
+	tests/test_distributed.py \
+	tests/test_real_data.py \
+	tests/test_saved_release.py
+test-fast: install-test
+	$(PY) -m pytest -q -m "not slow and not shared_data" $(addprefix --deselect ,$(FAST_DESELECT))
+
+# Rewrite README.md's layout table from the package tree (tests/test_docs.py checks it).
+layout: install
+	$(PY) tools/layout_table.py
 
 # Re-execute notebooks/*.ipynb in place, refreshing their stored outputs.
 notebooks: install-test
