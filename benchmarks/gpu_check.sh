@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 5 in one run, for a lent GPU machine (from the repository root):
+# The GPU checks in one run, on a machine with a CUDA GPU (from the repository root):
 #   bash benchmarks/gpu_check.sh [QUICK]
 # 1. the CUDA tests (tests/test_cuda_graph.py: the captured step trains like the eager one, GPU
 #    results equal CPU results, sparse products on CUDA), 2. the GPU benchmark against scvi-tools

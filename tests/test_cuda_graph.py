@@ -1,4 +1,4 @@
-"""The CUDA-graph training step (issue 5, GPU): capturable on CPU by a scan, equal to eager on a GPU.
+"""The CUDA-graph training step: capturable on CPU by a scan, equal to eager on a GPU.
 
 A CUDA graph cannot capture a host synchronisation, a host-to-device copy or a value-dependent
 shape. CI has no GPU, so the first tests run the very step that training captures (the real

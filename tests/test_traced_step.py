@@ -1,4 +1,4 @@
-"""The CPU training step replayed from a recorded graph (issue 5, CPU): the eager step's results, bit for bit."""
+"""The CPU training step replayed from a recorded graph: the eager step's results, bit for bit."""
 
 from __future__ import annotations
 

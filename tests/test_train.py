@@ -1,4 +1,4 @@
-"""Numerical faults, interruption and resumption of training (issue 6, sections 2 and 3)."""
+"""Numerical faults, interruption and resumption of training."""
 
 from __future__ import annotations
 

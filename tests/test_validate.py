@@ -1,4 +1,4 @@
-"""Bad input is rejected early with a clear message (issue 6, section 1).
+"""Bad input is rejected early with a clear message.
 
 ``BAD_INPUTS`` is the table: each row builds an AnnData and says at which stage (setup_anndata,
 the constructor, train, inference) it must fail and which words the message must contain. The

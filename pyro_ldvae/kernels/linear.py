@@ -31,9 +31,8 @@ def _csr_matmul(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     """``x @ dense`` for a sparse CSR ``x`` ``(m, k)`` and a dense ``(k, n)``, as a dense ``(m, n)``.
 
     On CPU as a weighted sum of the rows of ``dense`` named by each row's column indices:
-    ``embedding_bag`` computes exactly that, in FBGEMM kernels that run 2.3x (x @ W, (128, 2000)
-    at 7% non-zeros, W (2000, 128)) to 4x (x.T @ grad) faster than torch's CSR product on the
-    2-core benchmark machine. Elsewhere torch's sparse product (cuSPARSE on CUDA).
+    ``embedding_bag`` computes exactly that, in FBGEMM kernels that are faster than torch's CSR
+    product for minibatch shapes. Elsewhere torch's sparse product (cuSPARSE on CUDA).
     """
     if isinstance(x, SparseCounts):
         return _row_sums(x.crow, x.col, x.val, dense)
@@ -86,9 +85,8 @@ class _NarrowLinear(torch.autograd.Function):
     the decoder's shape (a few factors in, thousands of genes out).
 
     Only the backward differs from ``F.linear``: the products are taken in the orientation that
-    has the short dimension outermost, ``(x.T @ grad).T`` and ``(W.T @ grad.T).T``. For
-    ``(128, 10) -> 2000`` on CPU that is 2.5-3x faster than ``grad.T @ x`` and ``grad @ W``, which
-    BLAS runs poorly for this shape; the results are the same products.
+    has the short dimension outermost, ``(x.T @ grad).T`` and ``(W.T @ grad.T).T``, because BLAS
+    runs ``grad.T @ x`` and ``grad @ W`` poorly for this shape; the results are the same products.
     """
 
     @staticmethod

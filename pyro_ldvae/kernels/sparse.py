@@ -81,9 +81,8 @@ class SparseCounts:
     def from_scipy_rows(cls, matrix: sp.csr_matrix, rows: np.ndarray) -> SparseCounts:
         """The rows ``rows`` of a CSR matrix, the same as ``from_scipy(matrix[rows])``.
 
-        scipy's C row gather writes the minibatch's arrays directly: 0.17 against 0.29 ms for
-        128 cells with 33,000 non-zeros, going through scipy's indexing and a torch CSR tensor
-        (2-core benchmark machine), on every training step of the traced path.
+        scipy's C row gather writes the minibatch's arrays directly, skipping scipy's indexing and a
+        torch CSR tensor, since this runs on every training step of the traced path.
         """
         indptr = matrix.indptr
         if _csr_row_index is None or indptr.dtype != matrix.indices.dtype:
@@ -124,8 +123,8 @@ def csr_transpose_arrays(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The CSR arrays of the transpose ``(n_cols, n_rows)`` of a CSR matrix, by scipy's C routine."""
     if _csr_tocsc is not None and indptr.dtype == indices.dtype:
-        # scipy's C routine on the arrays as they are: half the time of building a csr_matrix,
-        # whose constructor checks and converts (about 60 us a step at 17k non-zeros).
+        # scipy's C routine on the arrays as they are, skipping csr_matrix's constructor checks
+        # and conversions.
         t_indptr = np.empty(n_cols + 1, dtype=indptr.dtype)
         t_indices = np.empty(len(indices), dtype=indices.dtype)
         t_values = np.empty(len(values), dtype=values.dtype)
