@@ -123,7 +123,7 @@ def test_module_elbo_is_the_same_for_sparse_and_dense_counts(gene_likelihood, di
 def test_sparse_nb_hand_written_gradient_passes_gradcheck(theta_shape):
     """The fused NB log-density's backward is written by hand; check it against finite differences
     in float64, with a non-uniform upstream gradient (not only the per-cell sum)."""
-    from pyro_ldvae.models.likelihoods import sparse_nb_log_prob
+    from pyro_ldvae.kernels.sparse_density import sparse_nb_log_prob
 
     g = torch.Generator().manual_seed(3)
     x = (torch.rand(7, 12, generator=g) < 0.4) * torch.randint(1, 9, (7, 12), generator=g)
@@ -138,7 +138,8 @@ def test_sparse_nb_hand_written_gradient_passes_gradcheck(theta_shape):
 def test_per_cell_sparse_nb_is_the_sum_of_the_elementwise_densities():
     """CellCounts (``NegativeBinomial.to_event(1)``) sums over genes without the (cells, genes) array:
     equal to the elementwise densities' sum, with a hand-written backward checked by finite differences."""
-    from pyro_ldvae.models.likelihoods import CellCounts, NegativeBinomial, sparse_nb_cell_log_prob, sparse_nb_log_prob
+    from pyro_ldvae.kernels.sparse_density import sparse_nb_cell_log_prob, sparse_nb_log_prob
+    from pyro_ldvae.models.likelihoods import CellCounts, NegativeBinomial, count_kernel
 
     g = torch.Generator().manual_seed(4)
     x = (torch.rand(9, 15, generator=g) < 0.3) * torch.randint(1, 12, (9, 15), generator=g)
@@ -149,12 +150,17 @@ def test_per_cell_sparse_nb_is_the_sum_of_the_elementwise_densities():
     weights = torch.rand(9, generator=g, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda m, t: sparse_nb_cell_log_prob(x, m, t) * weights, (mu, theta))
     torch.testing.assert_close(sparse_nb_cell_log_prob(x, mu, theta), sparse_nb_log_prob(x, mu, theta).sum(-1))
-    likelihood = NegativeBinomial(mu, theta).to_event(1)
-    assert isinstance(likelihood, CellCounts) and isinstance(likelihood.expand([9]), CellCounts)
-    torch.testing.assert_close(likelihood.log_prob(x), likelihood.log_prob(x.to_dense()))  # dense: Independent's sum
+    nb = NegativeBinomial(mu, theta)
+    assert count_kernel(x, nb) == "sparse_nb_per_cell" and count_kernel(x.to_dense(), nb) == "dense"
+    per_cell = CellCounts(nb, kernel="sparse_nb_per_cell")
+    assert per_cell.expand([9]).kernel == "sparse_nb_per_cell" and per_cell.event_shape == (15,)
+    torch.testing.assert_close(per_cell.log_prob(x), CellCounts(nb, kernel="sparse").log_prob(x))
+    torch.testing.assert_close(per_cell.log_prob(x), CellCounts(nb).log_prob(x.to_dense()))
     # theta per cell and gene has no per-cell shortcut: the elementwise path, same values
     theta_cells = theta.detach().expand(9, 15).clone()
     assert sparse_nb_cell_log_prob(x, mu, theta_cells) is None
+    assert count_kernel(x, NegativeBinomial(mu, theta_cells)) == "sparse"
     torch.testing.assert_close(
-        NegativeBinomial(mu, theta_cells).to_event(1).log_prob(x), sparse_nb_log_prob(x, mu, theta).sum(-1)
+        CellCounts(NegativeBinomial(mu, theta_cells), kernel="sparse").log_prob(x),
+        sparse_nb_log_prob(x, mu, theta).sum(-1),
     )
