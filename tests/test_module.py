@@ -110,3 +110,31 @@ def test_bad_arguments_are_rejected(kwargs, message):
 def test_gene_label_dispersion_needs_labels():
     with pytest.raises(ValueError, match="gene-label"):
         LDVAE(10, n_labels=0, dispersion="gene-label", use_observed_lib_size=True)
+
+
+def test_importance_log_weights_are_log_p_minus_log_q_of_the_traces():
+    """The trace walker's importance weight: Pyro's own per-site log-densities, model minus guide."""
+    from pyro_ldvae.models.trace import log_weight, mean_field_elbo, replayed_traces, site_terms
+    from pyro_ldvae.tasks.posterior import log_weights
+
+    module = _ldvae(25, gene_likelihood="zinb").eval()
+    mb = _minibatch(12, 25, 2)
+    torch.manual_seed(3)
+    guide_trace, model_trace = replayed_traces(module.model, module.guide, (mb,))
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    expected = sum(model_trace.nodes[name]["log_prob"] for name in ("z", "library", "x")) - sum(
+        guide_trace.nodes[name]["log_prob"] for name in ("z", "library")
+    )
+    torch.testing.assert_close(log_weight(model_trace, guide_trace), expected)
+    # neither the plate's subsample site nor the deterministic 'rho' carries a term
+    assert [site["name"] for site, _ in site_terms(model_trace, guide_trace, analytic_kl=False)] == [
+        "z",
+        "library",
+        "x",
+    ]
+    # with analytic KL, the per-cell ELBO is at most the sampled weight's expectation; here: its terms
+    elbo, per_cell = mean_field_elbo(model_trace, guide_trace)
+    assert per_cell.shape == (12,) and torch.allclose(per_cell.sum(), elbo)
+    torch.manual_seed(3)
+    torch.testing.assert_close(log_weights(module, mb, 1), expected.reshape(1, 12))

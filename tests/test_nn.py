@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_ldvae.kernels.linear import narrow_linear
 from pyro_ldvae.kernels import sparse as sparse_kernels
+from pyro_ldvae.kernels.linear import narrow_linear
 from pyro_ldvae.models.nn import Encoder, InputLinear
 
 
