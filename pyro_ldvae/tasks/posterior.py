@@ -73,10 +73,7 @@ def posterior_traces(
 
 def likelihood_of(model_trace: Trace) -> NegativeBinomial | ZeroInflatedNegativeBinomial | Poisson:
     """The per-entry count distribution ``(cells, genes)`` of the ``'x'`` site (its :class:`CellCounts`' base)."""
-    fn = model_trace.nodes["x"]["fn"]
-    while isinstance(fn, torch.distributions.Independent):  # Pyro's plates may wrap it
-        fn = fn.base_dist
-    return fn
+    return model_trace.nodes["x"]["fn"].base_dist
 
 
 def samples_per_chunk(module: LDVAE, n_cells: int, n_samples: int) -> int:
@@ -181,8 +178,7 @@ def likelihood_parameters(
 def log_weights(module: LDVAE, mb: Minibatch, n_samples: int) -> torch.Tensor:
     """Importance log-weights ``log p(x, z, l) - log q(z, l | x)``, ``(n_samples, cells)``."""
     guide_trace, model_trace = posterior_traces(module, mb, n_samples)
-    total = log_weight(model_trace, guide_trace)
-    return total.reshape(n_samples, mb.n_cells)
+    return log_weight(model_trace, guide_trace).reshape(n_samples, mb.n_cells)
 
 
 @torch.no_grad()
