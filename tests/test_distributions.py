@@ -123,7 +123,7 @@ def test_module_elbo_is_the_same_for_sparse_and_dense_counts(gene_likelihood, di
 def test_sparse_nb_hand_written_gradient_passes_gradcheck(theta_shape):
     """The fused NB log-density's backward is written by hand; check it against finite differences
     in float64, with a non-uniform upstream gradient (not only the per-cell sum)."""
-    from pyro_ldvae.models.likelihoods import sparse_nb_log_prob
+    from pyro_ldvae.kernels.sparse_density import sparse_nb_log_prob
 
     g = torch.Generator().manual_seed(3)
     x = (torch.rand(7, 12, generator=g) < 0.4) * torch.randint(1, 9, (7, 12), generator=g)
@@ -138,7 +138,8 @@ def test_sparse_nb_hand_written_gradient_passes_gradcheck(theta_shape):
 def test_per_cell_sparse_nb_is_the_sum_of_the_elementwise_densities():
     """CellCounts (``NegativeBinomial.to_event(1)``) sums over genes without the (cells, genes) array:
     equal to the elementwise densities' sum, with a hand-written backward checked by finite differences."""
-    from pyro_ldvae.models.likelihoods import CellCounts, NegativeBinomial, sparse_nb_cell_log_prob, sparse_nb_log_prob
+    from pyro_ldvae.kernels.sparse_density import sparse_nb_cell_log_prob, sparse_nb_log_prob
+    from pyro_ldvae.models.likelihoods import CellCounts, NegativeBinomial, count_kernel
 
     g = torch.Generator().manual_seed(4)
     x = (torch.rand(9, 15, generator=g) < 0.3) * torch.randint(1, 12, (9, 15), generator=g)
@@ -149,12 +150,88 @@ def test_per_cell_sparse_nb_is_the_sum_of_the_elementwise_densities():
     weights = torch.rand(9, generator=g, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda m, t: sparse_nb_cell_log_prob(x, m, t) * weights, (mu, theta))
     torch.testing.assert_close(sparse_nb_cell_log_prob(x, mu, theta), sparse_nb_log_prob(x, mu, theta).sum(-1))
-    likelihood = NegativeBinomial(mu, theta).to_event(1)
-    assert isinstance(likelihood, CellCounts) and isinstance(likelihood.expand([9]), CellCounts)
-    torch.testing.assert_close(likelihood.log_prob(x), likelihood.log_prob(x.to_dense()))  # dense: Independent's sum
+    nb = NegativeBinomial(mu, theta)
+    assert count_kernel(x, nb) == "sparse_nb_per_cell" and count_kernel(x.to_dense(), nb) == "dense"
+    per_cell = CellCounts(nb, kernel="sparse_nb_per_cell")
+    assert per_cell.expand([9]).kernel == "sparse_nb_per_cell" and per_cell.event_shape == (15,)
+    torch.testing.assert_close(per_cell.log_prob(x), CellCounts(nb, kernel="sparse").log_prob(x))
+    torch.testing.assert_close(per_cell.log_prob(x), CellCounts(nb).log_prob(x.to_dense()))
     # theta per cell and gene has no per-cell shortcut: the elementwise path, same values
     theta_cells = theta.detach().expand(9, 15).clone()
     assert sparse_nb_cell_log_prob(x, mu, theta_cells) is None
+    assert count_kernel(x, NegativeBinomial(mu, theta_cells)) == "sparse"
     torch.testing.assert_close(
-        NegativeBinomial(mu, theta_cells).to_event(1).log_prob(x), sparse_nb_log_prob(x, mu, theta).sum(-1)
+        CellCounts(NegativeBinomial(mu, theta_cells), kernel="sparse").log_prob(x),
+        sparse_nb_log_prob(x, mu, theta).sum(-1),
     )
+
+
+def test_dense_densities_are_the_zero_term_plus_the_count_term():
+    """One formula per likelihood: at x = 0 the density is its zero term, and the count term vanishes."""
+    from pyro_ldvae.kernels import count_terms as terms
+
+    x = _counts(density=0.5)
+    mu, theta, gate = (t.detach() for t in _params(40, 60, (60,)))
+    log_denom = torch.log(theta + mu + terms.EPS)
+    zero = terms.nb_zero_term(theta, torch.log(theta + terms.EPS), log_denom)
+    count = terms.nb_count_term(x, mu, theta, log_denom, torch.lgamma(theta))
+    torch.testing.assert_close(terms.log_nb(x, mu, theta), zero + count)
+    assert torch.equal(count[x == 0], torch.zeros(int((x == 0).sum())))
+    at_zero = (x == 0).expand_as(mu)
+    torch.testing.assert_close(terms.log_nb(torch.zeros_like(x), mu, theta), zero)
+    torch.testing.assert_close(
+        terms.log_zinb(x, mu, theta, gate)[at_zero], terms.log_zinb_at_zero(mu, theta, gate)[at_zero]
+    )
+    assert torch.equal(terms.log_poisson(torch.zeros_like(x), mu), terms.poisson_zero_term(mu))
+
+
+@pytest.mark.parametrize("kernel", ["sparse", "sparse_nb_per_cell"])
+def test_hand_written_nb_backward_equals_autograd_of_the_dense_formula(kernel):
+    """The sparse NB kernels' hand-written gradients against autograd of ``log_nb``, in float64."""
+    from pyro_ldvae.kernels.count_terms import log_nb
+    from pyro_ldvae.models.likelihoods import CellCounts
+
+    g = torch.Generator().manual_seed(5)
+    x = ((torch.rand(11, 20, generator=g) < 0.3) * torch.randint(1, 30, (11, 20), generator=g)).double()
+    mu = (torch.rand(11, 20, generator=g, dtype=torch.float64) * 6).requires_grad_()
+    theta = (torch.rand(20, generator=g, dtype=torch.float64) * 4 + 0.05).requires_grad_()
+    weights = torch.rand(11, generator=g, dtype=torch.float64)  # a non-uniform upstream gradient per cell
+    reference = (log_nb(x, mu, theta).sum(-1) * weights).sum()
+    ours = (CellCounts(NegativeBinomial(mu, theta), kernel=kernel).log_prob(x.to_sparse_csr()) * weights).sum()
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-10)
+    for a, b in zip(torch.autograd.grad(ours, (mu, theta)), torch.autograd.grad(reference, (mu, theta))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "gene_likelihood,dispersion,sparse,kernel",
+    [
+        ("nb", "gene", True, "sparse_nb_per_cell"),
+        ("nb", "gene-batch", True, "sparse"),
+        ("zinb", "gene", True, "sparse"),
+        ("poisson", "gene", True, "sparse"),
+        ("nb", "gene", False, "dense"),
+    ],
+)
+def test_the_model_names_the_kernel_at_its_x_site(gene_likelihood, dispersion, sparse, kernel):
+    """The ``'x'`` site is a CellCounts whose kernel follows the counts' layout and theta's shape."""
+    import numpy as np
+    from pyro import poutine
+
+    from pyro_ldvae.data.minibatch import Minibatch
+    from pyro_ldvae.models.ldvae import LDVAE
+    from pyro_ldvae.models.likelihoods import CellCounts
+
+    module = LDVAE(
+        60,
+        n_batch=2,
+        gene_likelihood=gene_likelihood,
+        dispersion=dispersion,
+        library_log_means=np.full(2, 3.0),
+        library_log_vars=np.full(2, 0.5),
+    )
+    x = _counts()
+    batch = torch.arange(40) % 2
+    mb = Minibatch(x=x.to_sparse_csr() if sparse else x, batch=batch, labels=torch.zeros_like(batch))
+    site = poutine.trace(module.model).get_trace(mb).nodes["x"]
+    assert isinstance(site["fn"], CellCounts) and site["fn"].kernel == kernel

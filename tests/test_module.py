@@ -110,3 +110,52 @@ def test_bad_arguments_are_rejected(kwargs, message):
 def test_gene_label_dispersion_needs_labels():
     with pytest.raises(ValueError, match="gene-label"):
         LDVAE(10, n_labels=0, dispersion="gene-label", use_observed_lib_size=True)
+
+
+def test_importance_log_weights_are_log_p_minus_log_q_of_the_traces():
+    """The trace walker's importance weight: Pyro's own per-site log-densities, model minus guide."""
+    from pyro_ldvae.models.trace import log_weight, mean_field_elbo, replayed_traces, site_terms
+    from pyro_ldvae.tasks.posterior import log_weights
+
+    module = _ldvae(25, gene_likelihood="zinb").eval()
+    mb = _minibatch(12, 25, 2)
+    torch.manual_seed(3)
+    guide_trace, model_trace = replayed_traces(module.model, module.guide, (mb,))
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    expected = sum(model_trace.nodes[name]["log_prob"] for name in ("z", "library", "x")) - sum(
+        guide_trace.nodes[name]["log_prob"] for name in ("z", "library")
+    )
+    torch.testing.assert_close(log_weight(model_trace, guide_trace), expected)
+    # neither the plate's subsample site nor the deterministic 'rho' carries a term
+    assert [site["name"] for site, _ in site_terms(model_trace, guide_trace, analytic_kl=False)] == [
+        "z",
+        "library",
+        "x",
+    ]
+    # with analytic KL, the per-cell ELBO is at most the sampled weight's expectation; here: its terms
+    elbo, per_cell = mean_field_elbo(model_trace, guide_trace)
+    assert per_cell.shape == (12,) and torch.allclose(per_cell.sum(), elbo)
+    torch.manual_seed(3)
+    torch.testing.assert_close(log_weights(module, mb, 1), expected.reshape(1, 12))
+
+
+def test_factor_variance_of_a_prior_model_uses_its_posterior_loadings():
+    """With a loadings prior the decoder's factor columns are W's posterior, not the unused point weights:
+    each factor's variance is Var(z_k) times the squared norm of ``get_loadings()``'s column k."""
+    from pyro_ldvae import LinearSCVI, simulate
+    from pyro_ldvae.tasks.posterior import factor_variance_explained
+
+    adata = simulate(n_cells=60, n_genes=20, seed=0)
+    LinearSCVI.setup_anndata(adata)
+    model = LinearSCVI(adata, n_latent=3, loadings_prior="normal")
+    model.train(max_epochs=1, batch_size=30, train_size=1.0, progress_bar=False)
+    module = model.module.eval()
+    with torch.no_grad():  # the point weights' factor columns play no part in a prior model
+        module.decoder.factor_regressor.linear.weight[:, :3] = 1e3
+    cells = model._cells(None)
+    frame = factor_variance_explained(module, cells, np.arange(adata.n_obs))
+    z = torch.as_tensor(model.get_latent_representation(), dtype=torch.float64)
+    expected = z.var(0, unbiased=False) * (torch.as_tensor(module.get_loadings(), dtype=torch.float64) ** 2).sum(0)
+    np.testing.assert_allclose(frame["variance"].to_numpy(), expected.numpy(), rtol=1e-4)
+    assert ((frame["fraction"] > 0) & (frame["fraction"] <= 1)).all()

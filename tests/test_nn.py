@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from pyro_ldvae.kernels import sparse as sparse_kernels
 from pyro_ldvae.kernels.linear import narrow_linear
-from pyro_ldvae.models import likelihoods as distributions
 from pyro_ldvae.models.nn import Encoder, InputLinear
 
 
@@ -70,7 +70,7 @@ def test_sparse_products_handle_cells_and_genes_without_counts(monkeypatch, scip
     sparse first layer: output and weight gradient equal the dense layer's, with the transpose of the
     backward taken by scipy's C kernel or by its public csr_matrix route."""
     if not scipy_kernel:
-        monkeypatch.setattr(distributions, "_csr_tocsc", None)
+        monkeypatch.setattr(sparse_kernels, "_csr_tocsc", None)
     x = _sparse_input(cells=6, genes=12)
     x[[1, 4]] = 0.0  # two cells without counts
     x[:, [0, 7, 11]] = 0.0  # three genes without counts

@@ -15,7 +15,7 @@ import torch
 from pyro_ldvae import LinearSCVI, simulate
 from pyro_ldvae.infer import checkpoint as ckpt
 from pyro_ldvae.infer import train as train_mod
-from pyro_ldvae.models.likelihoods import THETA_MAX, THETA_MIN, log_nb, log_poisson, log_zinb
+from pyro_ldvae.kernels.count_terms import THETA_MAX, THETA_MIN, log_nb, log_poisson, log_zinb
 
 EPOCH_KW = {"batch_size": 64, "progress_bar": False}  # 200 cells: 180 train (3 steps), 20 validation
 

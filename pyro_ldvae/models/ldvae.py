@@ -28,20 +28,19 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro import poutine
-from pyro.distributions.util import scale_and_mask
 from pyro.nn import PyroModule, PyroParam
 from pyro.nn.module import to_pyro_module_
-from pyro.poutine.subsample_messenger import _Subsample
-from torch.distributions import constraints, kl_divergence
+from torch.distributions import constraints
 
 from ..data.minibatch import Minibatch
 from ..data.validate import check_model_args
 from ..kernels.linear import narrow_linear
 from ..kernels.sparse import log1p_counts, total_counts
-from .likelihoods import count_likelihood
+from .likelihoods import CellCounts, count_kernel, count_likelihood
 from .nn import Encoder, LinearHead
 from .options import Dispersion, GeneLikelihood, LatentDistribution
 from .priors import GlobalNormalGuide, LoadingsPrior, ZPrior, resolve_loadings_prior
+from .trace import mean_field_elbo, replayed_traces
 
 
 def _local_params(method: Callable) -> Callable:
@@ -274,13 +273,14 @@ class LDVAE(PyroModule):
                     "library",
                     dist.Normal(self.library_log_means[mb.batch], self.library_log_vars[mb.batch].sqrt()),
                 )
-            decoder_input = torch.cat([self.z_transform(z), self.covariate_design(mb)], dim=-1)
+            decoder_input = self.decoder_input(z, mb)  # [f(z) ; c], (cells, n_latent + n_covariates)
             rho = F.softmax(self.factor_logits(decoder_input, loadings), dim=-1)  # (cells, genes)
             pyro.deterministic("rho", rho, event_dim=1)
             mu = torch.exp(library).unsqueeze(-1) * rho
             theta = self.inverse_dispersion(decoder_input, mb)
             gate_logits = self.decoder.px_dropout_decoder(decoder_input) if self.gene_likelihood == "zinb" else None
-            pyro.sample("x", count_likelihood(self.gene_likelihood, mu, theta, gate_logits).to_event(1), obs=mb.x)
+            px = count_likelihood(self.gene_likelihood, mu, theta, gate_logits)  # per entry, (cells, genes)
+            pyro.sample("x", CellCounts(px, kernel=count_kernel(mb.x, px)), obs=mb.x)
 
     @_pyro_method
     def guide(self, mb: Minibatch, n_obs: int | None = None, kl_weight: float = 1.0) -> None:
@@ -335,6 +335,10 @@ class LDVAE(PyroModule):
         # which a CUDA graph cannot capture.
         return self.library_log_means.new_ones(mb.n_cells, self.n_latent)
 
+    def decoder_input(self, z: torch.Tensor, mb: Minibatch) -> torch.Tensor:
+        """``[f(z) ; c]`` ``(cells, n_latent + n_covariates)``: what the linear decoder maps."""
+        return torch.cat([self.z_transform(z), self.covariate_design(mb)], dim=-1)
+
     def z_transform(self, z: torch.Tensor) -> torch.Tensor:
         """What the decoder sees of z: z itself, or softmax(z) for the logistic normal."""
         return F.softmax(z, dim=-1) if self.latent_distribution == "ln" else z
@@ -378,25 +382,8 @@ class LDVAE(PyroModule):
         terms scaled by ``n_obs / cells`` and the z term by ``kl_weight``); ``per_cell`` is the
         unweighted per-cell ELBO ``log p(x|z,l) - KL_z - KL_l``, shape ``(cells,)``.
         """
-        guide_trace = poutine.trace(self.guide).get_trace(mb, n_obs, kl_weight)
-        model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(mb, n_obs, kl_weight)
-        elbo = 0.0
-        per_cell = 0.0
-        for name, site in model_trace.nodes.items():
-            if site["type"] != "sample" or site["infer"].get("_deterministic") or isinstance(site["fn"], _Subsample):
-                continue  # the plate's subsample site has log-density 0
-            if site["is_observed"]:
-                term = site["fn"].log_prob(site["value"])
-            else:
-                guide_site = guide_trace.nodes[name]
-                try:
-                    term = -kl_divergence(guide_site["fn"], site["fn"])
-                except NotImplementedError:
-                    term = site["fn"].log_prob(site["value"]) - guide_site["fn"].log_prob(guide_site["value"])
-            elbo = elbo + scale_and_mask(term, site["scale"], site["mask"]).sum()
-            if any(frame.name == "cells" for frame in site["cond_indep_stack"]):
-                per_cell = per_cell + term
-        return elbo, per_cell
+        guide_trace, model_trace = replayed_traces(self.model, self.guide, (mb, n_obs, kl_weight))
+        return mean_field_elbo(model_trace, guide_trace, plate="cells")
 
     # ----------------------------------------------------------------------------------------
     # Inference helpers

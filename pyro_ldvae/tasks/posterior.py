@@ -22,12 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from pyro import poutine
+from pyro.poutine import Trace
 
 from ..data.cells import CellData
 from ..data.minibatch import Minibatch
 from ..models.ldvae import LDVAE
-from ..models.likelihoods import count_likelihood
+from ..models.likelihoods import CellCounts, NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial, count_likelihood
+from ..models.trace import log_weight, replayed_traces
 
 # At most this many (cell x sample) rows times genes are materialized at once. Small enough for
 # the (rows, genes) temporaries of one pass to stay in cache: on the 2-core machine, 8 samples
@@ -66,21 +67,13 @@ def posterior_traces(
     ``sample_x`` un-conditions ``'x'`` so that its value is a posterior predictive draw.
     """
     rep = repeat_minibatch(mb, n_samples)
-    guide_trace = poutine.trace(module.guide).get_trace(rep)
     model_mb = rep if batch_code is None else rep.with_batch(batch_code)
-    model = poutine.replay(module.model, trace=guide_trace)
-    if sample_x:
-        model = poutine.uncondition(model)
-    model_trace = poutine.trace(model).get_trace(model_mb)
-    return guide_trace, model_trace
+    return replayed_traces(module.model, module.guide, (rep,), (model_mb,), uncondition=sample_x)
 
 
-def likelihood_of(model_trace) -> torch.distributions.Distribution:
-    """The per-entry count distribution of the ``'x'`` site (the ``to_event`` wrapper removed)."""
-    fn = model_trace.nodes["x"]["fn"]
-    while isinstance(fn, torch.distributions.Independent):
-        fn = fn.base_dist
-    return fn
+def likelihood_of(model_trace: Trace) -> NegativeBinomial | ZeroInflatedNegativeBinomial | Poisson:
+    """The per-entry count distribution ``(cells, genes)`` of the ``'x'`` site (its :class:`CellCounts`' base)."""
+    return model_trace.nodes["x"]["fn"].base_dist
 
 
 def samples_per_chunk(module: LDVAE, n_cells: int, n_samples: int) -> int:
@@ -185,15 +178,7 @@ def likelihood_parameters(
 def log_weights(module: LDVAE, mb: Minibatch, n_samples: int) -> torch.Tensor:
     """Importance log-weights ``log p(x, z, l) - log q(z, l | x)``, ``(n_samples, cells)``."""
     guide_trace, model_trace = posterior_traces(module, mb, n_samples)
-    total = 0.0
-    for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or site["infer"].get("_deterministic"):
-            continue
-        total = total + site["fn"].log_prob(site["value"])
-        if not site["is_observed"]:
-            guide_site = guide_trace.nodes[name]
-            total = total - guide_site["fn"].log_prob(guide_site["value"])
-    return total.reshape(n_samples, mb.n_cells)
+    return log_weight(model_trace, guide_trace).reshape(n_samples, mb.n_cells)
 
 
 @torch.no_grad()
@@ -312,10 +297,11 @@ def count_log_likelihoods(module: LDVAE, draws: GroupDraws, x: torch.Tensor) -> 
         for start in range(0, len(draws.rho), rows_per_pass):
             rows = slice(start, start + rows_per_pass)
             rho = draws.rho[rows]
-            likelihood = count_likelihood(
+            # The model's likelihood of draw s, with mean L_a rho_s; the counts are sparse.
+            px = count_likelihood(
                 module.gene_likelihood, library * rho, _rows_of(draws.theta, rows), _rows_of(draws.gate_logits, rows)
             )
-            out[rows, a] = likelihood.log_prob(_repeated_csr(counts, len(rho))).sum(-1)
+            out[rows, a] = CellCounts(px, kernel="sparse").log_prob(_repeated_csr(counts, len(rho)))
     return out
 
 
@@ -487,27 +473,28 @@ def factor_variance_explained(
 ) -> pd.DataFrame:
     """Share of the across-cell variance of the decoder logits explained by each factor.
 
-    In eval mode the decoder logits are affine in ``[f(z) ; covariates]``:
-    ``r_ng = sum_k L_gk f(z)_nk + (covariate and bias terms)`` with ``L`` the folded loadings.
-    For factor ``k``, ``variance = sum_g Var_n(L_gk f(z)_nk)`` at the posterior mean of ``z``
-    and ``fraction = variance / sum_g Var_n(r_ng)`` (the total includes the covariate columns).
-    Factors can be correlated, so fractions need not sum to the explained total.
+    In eval mode the decoder logits are affine in the decoder input ``[f(z) ; covariates]``:
+    ``r_ng = sum_k L_gk f(z)_nk + (covariate and bias terms)`` with ``L`` the loadings of
+    ``get_loadings`` (batch norm folded in; the posterior mean under a loadings prior). For factor
+    ``k``, ``variance = sum_g Var_n(L_gk f(z)_nk)`` at the posterior mean of ``z`` and
+    ``fraction = variance / sum_g Var_n(r_ng)``, ``r`` the model's own logits (the total includes
+    the covariate columns). Factors can be correlated, so fractions need not sum to the explained total.
 
     Returns a DataFrame indexed by factor name with columns ``variance``, ``fraction``, ``rank``
     (1 = most variance).
     """
     module.eval()
-    head = module.decoder.factor_regressor
-    loadings = head.folded_weight()  # (genes, n_latent + n_covariates)
+    weights = torch.from_numpy(module.get_loadings()).double()  # (genes, n_latent)
+    # The model's logits take the loadings it samples; a prior model's are set to their posterior mean.
+    prior_loadings = None if module.loadings_prior is None else weights.to(module.device, torch.float32)
     # Variances are accumulated minibatch by minibatch: the logits of all cells, (cells, genes),
     # would take 12 bytes per cell and gene (float32, then float64), 24 GB for 1M cells.
     z_moments, r_moments = RunningMoments(), RunningMoments()
     for mb in cells.iter_minibatches(indices, batch_size, module.device):
-        z = module.z_transform(module.encode(mb.x)["z_loc"])  # (cells, n_latent)
-        r = torch.cat([z, module.covariate_design(mb)], dim=-1) @ loadings.T  # (cells, genes)
-        z_moments.update(z.cpu().double())
+        z = module.encode(mb.x)["z_loc"]  # (cells, n_latent)
+        r = module.factor_logits(module.decoder_input(z, mb), prior_loadings)  # (cells, genes)
+        z_moments.update(module.z_transform(z).cpu().double())
         r_moments.update(r.cpu().double())
-    weights = loadings[:, : module.n_latent].cpu().double()  # (genes, n_latent)
     variance = z_moments.variance() * (weights**2).sum(0)  # (n_latent,)
     total = r_moments.variance().sum()
     frame = pd.DataFrame(
