@@ -174,7 +174,7 @@ def test_importance_weights_match_scvi_tools(monkeypatch, gene_likelihood):
     scvi = pytest.importorskip("scvi")
     import torch
 
-    from pyro_ldvae.tasks import posterior as tasks
+    from pyro_ldvae.tasks import importance as tasks
 
     adata = pyro_ldvae.simulate(n_cells=150, n_genes=30, n_latent=3, seed=3)
     scvi.settings.seed = 0
@@ -263,7 +263,7 @@ def test_importance_weighted_expression_errors(model):
 def test_importance_weights_warn_when_a_few_draws_take_the_weight():
     import torch
 
-    from pyro_ldvae.tasks.posterior import normalized_weights
+    from pyro_ldvae.tasks.importance import normalized_weights
 
     spread = normalized_weights(torch.zeros(500))
     np.testing.assert_allclose(spread, np.full(500, 1 / 500))

@@ -29,8 +29,9 @@ from ..data.cells import CellData
 from ..data.registry import Registry
 from ..models.ldvae import LDVAE
 from .expression import Weights, check_weights
+from .importance import importance_resample
 from .latent import latent_representation
-from .posterior import importance_resample, normalized_expression
+from .posterior import normalized_expression
 
 Mode = Literal["vanilla", "change"]
 TestMode = Literal["two", "three"]
@@ -127,7 +128,7 @@ def sample_scales(
     ``n_samples_overall`` is split evenly over ``batch_codes`` (None: each cell's own batch); each
     cell gets enough draws and ``n`` rows are picked with replacement, uniformly or, with
     ``weights='importance'``, in proportion to the draws' importance weights
-    (:func:`pyro_ldvae.tasks.posterior.importance_resample`, which ``importance_weighting_kwargs`` go to).
+    (:func:`pyro_ldvae.tasks.importance.importance_resample`, which ``importance_weighting_kwargs`` go to).
     """
     per_code = max(2, int(n_samples_overall / len(batch_codes)))
     scales, codes = [], []
@@ -304,7 +305,7 @@ def differential_expression(
     weights
         How a group's posterior samples are drawn: 'uniform' (default; None means the same)
         or 'importance', in proportion to importance weights that favour draws which explain
-        many cells of the group (Boyeau et al. 2023; :func:`pyro_ldvae.tasks.posterior.importance_weights`).
+        many cells of the group (Boyeau et al. 2023; :func:`pyro_ldvae.tasks.importance.importance_weights`).
         'importance' costs minutes per comparison (``log p(x)`` and the likelihoods of 2 x 1,024
         anchor cells), and its weights can sit on a few draws (a warning says so;
         ``truncation=True`` spreads them).

@@ -10,7 +10,8 @@ import pandas as pd
 
 from ..data.cells import CellData
 from ..models.ldvae import LDVAE
-from .posterior import importance_resample, normalized_expression
+from .importance import importance_resample
+from .posterior import normalized_expression
 
 Weights = Literal["uniform", "importance"]
 IMPORTANCE_OPTIONS = ("max_cells", "truncation", "n_mc_samples", "n_mc_samples_per_pass")
@@ -73,7 +74,7 @@ def expression_samples(
     weights
         How the ``n_samples_overall`` draws are picked: 'uniform' (default; None means the
         same) or 'importance', in proportion to their importance weights
-        (:func:`pyro_ldvae.tasks.posterior.importance_resample`; one batch code at most).
+        (:func:`pyro_ldvae.tasks.importance.importance_resample`; one batch code at most).
     batch_size
         Cells per forward pass.
     importance_weighting_kwargs
