@@ -72,7 +72,7 @@ def main() -> None:
 
     from pyro_ldvae import LinearSCVI
     from pyro_ldvae.data.backed import BackedCellData
-    from pyro_ldvae.infer.train import evaluate_elbo
+    from pyro_ldvae.infer.evaluate import evaluate_elbo
 
     torch.set_num_threads(1)
     phases = Phases(args.trace)

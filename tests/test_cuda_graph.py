@@ -23,7 +23,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pyro_ldvae import LinearSCVI, priors, simulate
 from pyro_ldvae.data.cells import CellData, DeviceCells
 from pyro_ldvae.data.registry import get_registry
+from pyro_ldvae.infer import policy
+from pyro_ldvae.infer import steps as steps_mod
 from pyro_ldvae.infer import train as train_mod
+from pyro_ldvae.models import capture
 
 # Operations that read a value back to the host (a sync), make a tensor from host data (on a
 # GPU, a copy), or give a shape that depends on values.
@@ -79,8 +82,8 @@ def graph_on_cpu(monkeypatch, request):
     """train_svi on CPU takes its CUDA-graph path, with resident counts (dense or CSR) and the scan."""
     ScannedStep.instances.clear()
     dense = request.param == "dense"
-    monkeypatch.setattr(train_mod, "GraphedTrainingStep", ScannedStep)
-    monkeypatch.setattr(train_mod, "use_cuda_graphs", lambda *args: True)
+    monkeypatch.setattr(steps_mod, "GraphedTrainingStep", ScannedStep)
+    monkeypatch.setattr(policy, "use_cuda_graphs", lambda *args: True)
     monkeypatch.setattr(train_mod, "resident_cells", lambda data, device, flag: DeviceCells(data, device, dense=dense))
     make_optimizer = train_mod.make_optimizer  # capturable Adam needs CUDA: the plain one here
     monkeypatch.setattr(train_mod, "make_optimizer", lambda module, plan, capturable: make_optimizer(module, plan))
@@ -164,10 +167,10 @@ def test_only_built_in_priors_are_captured():
     def students_t(n_genes, n_latent):
         return pyro.sample("loadings", dist.StudentT(3.0, 0.0, 0.3).expand([n_genes, n_latent]).to_event(2))
 
-    assert priors.capturable(None) and priors.capturable(priors.Horseshoe()) and priors.capturable(priors.ARD())
-    assert priors.capturable(priors.GaussianMixture(3))
-    assert not priors.capturable(students_t)
-    assert not priors.capturable(type("MyHorseshoe", (priors.Horseshoe,), {})())  # a subclass may differ
+    assert capture.capturable(None) and capture.capturable(priors.Horseshoe()) and capture.capturable(priors.ARD())
+    assert capture.capturable(priors.GaussianMixture(3))
+    assert not capture.capturable(students_t)
+    assert not capture.capturable(type("MyHorseshoe", (priors.Horseshoe,), {})())  # a subclass may differ
     adata = simulate(n_cells=100, n_genes=20, seed=0)
     LinearSCVI.setup_anndata(adata)
     model = LinearSCVI(adata, n_latent=2, loadings_prior=students_t)

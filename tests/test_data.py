@@ -20,7 +20,7 @@ from pyro_ldvae.data.backed import BackedCellData, cell_data, read_backed
 from pyro_ldvae.data.cells import CellData, DeviceCells
 from pyro_ldvae.data.minibatch import Minibatch
 from pyro_ldvae.data.registry import get_registry
-from pyro_ldvae.infer.train import minibatch_source
+from pyro_ldvae.data.sources import minibatch_source
 
 
 @pytest.fixture(scope="module")

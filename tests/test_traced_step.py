@@ -14,8 +14,11 @@ import torch
 from pyro_ldvae import LinearSCVI, priors, simulate
 from pyro_ldvae.data.cells import CellData
 from pyro_ldvae.data.registry import get_registry
+from pyro_ldvae.infer import policy
+from pyro_ldvae.infer import steps as steps_mod
 from pyro_ldvae.infer import traced_step as traced_mod
 from pyro_ldvae.infer import train as train_mod
+from pyro_ldvae.infer.plan import TrainingPlan
 from pyro_ldvae.kernels.sparse import SparseCounts
 
 from .conftest import shared_dataset
@@ -46,7 +49,7 @@ class CountingStep(traced_mod.TracedTrainingStep):
 @pytest.fixture
 def counting(monkeypatch):
     CountingStep.instances.clear()
-    monkeypatch.setattr(train_mod, "TracedTrainingStep", CountingStep)
+    monkeypatch.setattr(steps_mod, "TracedTrainingStep", CountingStep)
     # Record every kind of step, however few: these short runs then replay all their steps.
     monkeypatch.setattr(CountingStep, "MIN_REPLAYS", 1)
     return CountingStep.instances
@@ -69,7 +72,6 @@ def _train(model_kwargs: dict, traced: bool, epochs: int = 3, batch_key: str | N
     cells = CellData(adata, get_registry(adata))
     # KL warm-up over 3 epochs: epoch 0 (weight 0, z terms masked out) and the later epochs
     # (weights 1/3 and 2/3, not exact in float32) replay graphs of their own
-    plan = train_mod.TrainingPlan(n_epochs_kl_warmup=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a failed recording would fall back silently
         history = train_mod.train_svi(
@@ -78,7 +80,7 @@ def _train(model_kwargs: dict, traced: bool, epochs: int = 3, batch_key: str | N
             np.arange(N_TRAIN),
             np.arange(N_TRAIN, N_CELLS),
             max_epochs=epochs,
-            plan=plan,
+            plan_kwargs={"n_epochs_kl_warmup": 3},
             batch_size=BATCH,
             progress_bar=False,
             gradient_clip_val=clip,
@@ -221,9 +223,9 @@ def test_when_the_step_is_traced(counting):
     adata = simulate(n_cells=200, n_genes=30, seed=0)
     LinearSCVI.setup_anndata(adata)
     model = LinearSCVI(adata, n_latent=2, seed=0)
-    use = train_mod.use_traced_step
+    use = policy.use_traced_step
     cpu = torch.device("cpu")
-    many, few = train_mod.TRACED_STEP_MIN_STEPS, train_mod.TRACED_STEP_MIN_STEPS - 1
+    many, few = policy.TRACED_STEP_MIN_STEPS, policy.TRACED_STEP_MIN_STEPS - 1
     assert use(None, model.module, cpu, None, many) and not use(None, model.module, cpu, None, few)
     assert use(True, model.module, cpu, None, 1) and not use(False, model.module, cpu, None, many)
     assert not use(None, model.module, torch.device("cuda"), None, many)
@@ -244,18 +246,18 @@ def test_when_the_step_is_traced(counting):
 def test_only_kinds_of_steps_that_repay_a_recording_are_recorded():
     """Steps are counted by (cells, KL weight 0) over the epochs to come; a kind is recorded only
     if it will take at least MIN_REPLAYS steps."""
-    plan = train_mod.TrainingPlan(n_epochs_kl_warmup=2)
-    assert train_mod.planned_step_kinds(plan, 0, 3, N_TRAIN, BATCH) == {
+    plan = TrainingPlan(n_epochs_kl_warmup=2)
+    assert policy.planned_step_kinds(plan, 0, 3, N_TRAIN, BATCH) == {
         (64, True): 4,
         (14, True): 1,
         (64, False): 8,
         (14, False): 2,
     }
-    assert train_mod.planned_step_kinds(plan, 1, 3, N_TRAIN + 1 - 14, BATCH) == {
+    assert policy.planned_step_kinds(plan, 1, 3, N_TRAIN + 1 - 14, BATCH) == {
         (64, False): 8
     }  # a last cell alone is dropped
-    never_zero = train_mod.TrainingPlan(n_epochs_kl_warmup=2, min_kl_weight=0.1)
-    assert train_mod.planned_step_kinds(never_zero, 0, 2, 128, BATCH) == {(64, False): 4}
+    never_zero = TrainingPlan(n_epochs_kl_warmup=2, min_kl_weight=0.1)
+    assert policy.planned_step_kinds(never_zero, 0, 2, 128, BATCH) == {(64, False): 4}
 
     adata = simulate(n_cells=N_CELLS, n_genes=40, seed=1)
     LinearSCVI.setup_anndata(adata)

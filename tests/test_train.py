@@ -13,6 +13,7 @@ import scipy.sparse as sp
 import torch
 
 from pyro_ldvae import LinearSCVI, simulate
+from pyro_ldvae.infer import allocator
 from pyro_ldvae.infer import checkpoint as ckpt
 from pyro_ldvae.infer import train as train_mod
 from pyro_ldvae.kernels.count_terms import THETA_MAX, THETA_MIN, log_nb, log_poisson, log_zinb
@@ -329,11 +330,11 @@ def test_resume_keeps_early_stopping_state(adata, tmp_path):
     reason="tunes glibc's allocator, and only when the environment sets no MALLOC_ tunable",
 )
 def test_training_reuses_freed_buffers_without_page_faults():
-    """After training's allocator setting (PAGE_FAULTS in train.py), a step's worth of (cells, genes)
+    """After training's allocator setting (infer/allocator.py), a step's worth of (cells, genes)
     buffers, allocated together and freed, come back without fresh pages: with glibc's defaults this
     loop takes about 3,000 page faults per round (measured), each a zero-filled page from the kernel."""
-    train_mod.keep_freed_memory()  # False when an earlier test's training already did it
-    assert train_mod._allocator_tuned
+    allocator.keep_freed_memory()  # False when an earlier test's training already did it
+    assert allocator._allocator_tuned
     base = torch.ones(128, 2000)
 
     def one_step_of_buffers():
@@ -347,3 +348,34 @@ def test_training_reuses_freed_buffers_without_page_faults():
         one_step_of_buffers()
     faults_per_round = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20
     assert faults_per_round < 50
+
+
+def test_training_leaves_the_users_global_random_streams_alone():
+    """train() seeds generators of its own: numpy's, Python's and torch's global streams go on as before."""
+    import random
+
+    adata = simulate(n_cells=200, n_genes=20, seed=0)
+    LinearSCVI.setup_anndata(adata)
+    model = LinearSCVI(adata, n_latent=2, seed=0)
+    np.random.seed(7), random.seed(7), torch.manual_seed(7)
+    expected = (np.random.rand(3), [random.random() for _ in range(3)], torch.rand(3))
+    np.random.seed(7), random.seed(7), torch.manual_seed(7)
+    model.train(max_epochs=2, **EPOCH_KW)
+    seen = (np.random.rand(3), [random.random() for _ in range(3)], torch.rand(3))
+    np.testing.assert_array_equal(seen[0], expected[0])
+    assert seen[1] == expected[1]
+    assert torch.equal(seen[2], expected[2])
+
+
+def test_training_is_repeatable_whatever_the_global_streams_hold():
+    adata = simulate(n_cells=200, n_genes=20, seed=0)
+    LinearSCVI.setup_anndata(adata)
+    trained = []
+    for global_seed in (1, 2):
+        torch.manual_seed(0)  # the same initial weights
+        model = LinearSCVI(adata, n_latent=2, seed=0)
+        torch.manual_seed(global_seed)
+        model.train(max_epochs=2, **EPOCH_KW)
+        trained.append(model.module.state_dict())
+    for name, value in trained[0].items():
+        assert torch.equal(value, trained[1][name]), name

@@ -8,10 +8,12 @@ a temporary file next to the target and renamed into place at the end.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 EPILOG = """examples:
@@ -44,6 +46,33 @@ def _positive_int(text: str) -> int:
 
 def _keys(text: str) -> list[str]:
     return [k.strip() for k in text.split(",") if k.strip()]
+
+
+def _add_training_options(group: argparse._ArgumentGroup) -> None:
+    """The ``TrainOptions`` that carry a ``cli`` flag, with their types, choices, defaults and help."""
+    from ..infer.options import TrainOptions
+    from ..infer.plan import TrainingPlan
+
+    for option in dataclasses.fields(TrainOptions):
+        flag, text = option.metadata.get("cli"), option.metadata["help"]
+        if flag is None:
+            continue
+        kwargs: dict = {"dest": option.name, "default": option.default}
+        choices = typing.get_args(typing.get_type_hints(TrainOptions)[option.name])
+        if flag.startswith("--no-"):  # a bool | None option: the flag turns it off, else train() decides
+            kwargs.update(action="store_const", const=False)
+        elif option.default is False:
+            kwargs.update(action="store_true")
+        elif choices and all(isinstance(c, str) for c in choices):
+            kwargs.update(choices=list(choices))
+            text += f" (default {option.default})"
+        else:
+            kwargs.update(type=_positive_int)
+            text += "" if option.default is None else f" (default {option.default})"
+        group.add_argument(flag, help=text, **kwargs)
+    group.add_argument(
+        "--lr", type=float, default=TrainingPlan.lr, help=f"Adam learning rate (default {TrainingPlan.lr})"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,16 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default gene")  # fmt: skip
     model.add_argument("--latent-distribution", choices=["normal", "ln"], default="normal", help="default normal")
     train = fit.add_argument_group("training")
-    train.add_argument("--max-epochs", type=_positive_int, default=None,
-                       help="default: scvi-tools' rule min(round(20000 / n_cells * 400), 400)")  # fmt: skip
-    train.add_argument("--batch-size", type=_positive_int, default=128, help="cells per minibatch (default 128)")
-    train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    train.add_argument("--early-stopping", action="store_true", help="stop when the validation ELBO stalls")
-    train.add_argument("--accelerator", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
-    train.add_argument("--no-cuda-graphs", action="store_true",
-                       help="on a GPU, launch each training step from Python instead of replaying a CUDA graph")  # fmt: skip
-    train.add_argument("--no-traced-step", action="store_true",
-                       help="on CPU, take eager steps instead of replaying a recorded graph of the step")  # fmt: skip
+    _add_training_options(train)
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     out = fit.add_argument_group("output")
     out.add_argument("--save-model", metavar="DIR", default=None, help="also save the fitted model to DIR")
@@ -176,6 +196,7 @@ def _summary(model, adata, elapsed: float, n_top: int) -> None:
 
 def run_fit(args: argparse.Namespace) -> int:
     from ..infer.distributed import init_from_env, is_main_process
+    from ..infer.options import TrainOptions
     from . import datasets
     from .linear_scvi import LinearSCVI
 
@@ -206,14 +227,9 @@ def run_fit(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     model.train(
-        max_epochs=args.max_epochs,
-        batch_size=args.batch_size,
-        accelerator=args.accelerator,
-        early_stopping=args.early_stopping,
+        **{name: getattr(args, name) for name in TrainOptions.names() if hasattr(args, name)},
         plan_kwargs={"lr": args.lr},
         progress_bar=sys.stderr.isatty(),
-        cuda_graphs=False if args.no_cuda_graphs else None,
-        traced_step=False if args.no_traced_step else None,
     )
     elapsed = time.perf_counter() - start
     interrupted = getattr(model, "stop_reason_", "completed") == "interrupted"

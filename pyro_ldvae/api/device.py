@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-Accelerator = Literal["auto", "cpu", "gpu", "cuda"]
+from ..infer.options import Accelerator
 
 
 def resolve_device(accelerator: Accelerator = "auto", device: str | int = "auto") -> torch.device:

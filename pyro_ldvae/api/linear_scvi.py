@@ -19,7 +19,10 @@ from anndata import AnnData
 from ..data import validate
 from ..data.cells import CellData
 from ..data.registry import SETUP_KEY, get_registry, register
-from ..infer.train import TrainingPlan, evaluate_elbo, keep_freed_memory, split_indices, train_svi
+from ..infer.evaluate import evaluate_elbo
+from ..infer.options import TrainOptions
+from ..infer.plan import split_indices
+from ..infer.train import train_svi
 from ..models.options import Dispersion, GeneLikelihood, LatentDistribution
 from ..tasks import de
 from ..tasks import posterior as tasks
@@ -64,7 +67,6 @@ class LinearSCVI:
         latent_distribution: LatentDistribution = "normal", use_observed_lib_size: bool = False, seed: int = 0,
         **model_kwargs,
     ):  # fmt: skip
-        keep_freed_memory()  # training and the Monte Carlo tasks reuse freed buffers (train.PAGE_FAULTS)
         self.adata, self.seed, self.var_names = adata, seed, pd.Index(adata.var_names)
         self.registry = get_registry(adata)
         self.init_params_ = dict(
@@ -132,7 +134,7 @@ class LinearSCVI:
     def train(
         self,
         max_epochs: int | None = None,
-        accelerator: str = "auto",
+        accelerator: Accelerator = "auto",
         device: str | int = "auto",
         train_size: float | None = None,
         validation_size: float | None = None,
@@ -149,6 +151,7 @@ class LinearSCVI:
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 1,
         resume_from: str | None = None,
+        data_on_device: bool | None = None,
         cuda_graphs: bool | None = None,
         traced_step: bool | None = None,
     ) -> LinearSCVI:
@@ -180,6 +183,9 @@ class LinearSCVI:
             seed and split arguments. ``max_epochs`` counts the epochs already done, so the
             resumed run ends bit-identical to an uninterrupted one on CPU. On a GPU with CUDA
             graphs it ends equal to float rounding: the resumed run warms up and captures anew.
+        data_on_device
+            Keep the whole count matrix on the training device and cut minibatches there.
+            Default: on CUDA when the counts fit in half the free GPU memory.
         cuda_graphs
             On a GPU, record one training step as a CUDA graph and replay it for every full
             minibatch, instead of launching its few hundred kernels from Python each step.
@@ -190,7 +196,7 @@ class LinearSCVI:
             torch ops and replay it (in TorchScript's interpreter) for every later minibatch of
             its kind, without Pyro's and autograd's Python overhead. The results are the eager
             step's, bit for bit. A kind (a minibatch size, at KL weight 0 or not) is recorded
-            only if the run takes at least 200 steps of it (a recording costs about 0.5 s).
+            only if the run takes at least 200 steps of it, which repay the recording.
             Default: for runs of at least 1,000 full minibatches, no prior of the user's own, one
             process; ``False`` never; ``True`` always, or raises if it cannot.
 
@@ -198,41 +204,30 @@ class LinearSCVI:
         ``stop_reason_`` is 'interrupted'. If the loss becomes NaN or infinite, a
         ``FloatingPointError`` names the epoch and the model keeps the last good epoch.
         """
+        options = TrainOptions(**{name: value for name, value in locals().items() if name in TrainOptions.names()})
         cells = self._cells(None)
         n_obs = cells.n_obs
-        if max_epochs is None:
-            max_epochs = int(min(round(20000 / n_obs * 400), 400))
-        seed = self.seed if seed is None else seed
-        validate.check_train_args(
-            max_epochs, batch_size, train_size, validation_size, gradient_clip_val, checkpoint_every
+        options = options.replace(
+            max_epochs=options.epochs(n_obs), seed=self.seed if options.seed is None else options.seed
         )
-        plan = TrainingPlan(**(plan_kwargs or {}))
-        train_idx, val_idx = split_indices(n_obs, train_size, validation_size, batch_size, seed, shuffle_set_split)
+        validate.check_train_args(
+            options.max_epochs,
+            batch_size,
+            train_size,
+            validation_size,
+            gradient_clip_val,
+            checkpoint_every,
+        )
+        options.plan()  # unknown plan_kwargs fail here, before the split
+        train_idx, val_idx = split_indices(
+            n_obs, train_size, validation_size, batch_size, options.seed, shuffle_set_split
+        )
         validate.check_split(n_obs, train_idx, batch_size)
         self.train_indices, self.validation_indices = train_idx, val_idx
         if resume_from is not None:
             self.history_ = {}  # the checkpoint carries the history of the epochs it holds
         history = _keeping_history_on_fault(self, train_svi)(
-            self.module,
-            cells,
-            train_idx,
-            val_idx,
-            max_epochs=max_epochs,
-            plan=plan,
-            batch_size=batch_size,
-            device=resolve_device(accelerator, device),
-            seed=seed,
-            early_stopping=early_stopping,
-            early_stopping_patience=early_stopping_patience,
-            early_stopping_min_delta=early_stopping_min_delta,
-            progress_bar=progress_bar,
-            check_val_every_n_epoch=check_val_every_n_epoch,
-            gradient_clip_val=gradient_clip_val,
-            checkpoint_dir=checkpoint_dir,
-            checkpoint_every=checkpoint_every,
-            resume_from=resume_from,
-            cuda_graphs=cuda_graphs,
-            traced_step=traced_step,
+            self.module, cells, train_idx, val_idx, options, resolve_device(accelerator, device)
         )
         self.stop_reason_ = getattr(history, "stop_reason", "completed")
         self.history_ = _append_history(self.history_, dict(history))

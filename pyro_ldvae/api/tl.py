@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from anndata import AnnData
 
+from ..infer.options import Accelerator, TrainOptions
 from .linear_scvi import LinearSCVI
 
 
@@ -21,7 +22,7 @@ def ldvae(
     dispersion: str = "gene",
     max_epochs: int | None = None,
     batch_size: int = 128,
-    accelerator: str = "auto",
+    accelerator: Accelerator = "auto",
     seed: int = 0,
     key_added: str = "ldvae",
     copy: bool = False,
@@ -45,7 +46,8 @@ def ldvae(
     layer, batch_key, labels_key, categorical_covariate_keys, continuous_covariate_keys
         Passed to :meth:`~pyro_ldvae.LinearSCVI.setup_anndata`.
     max_epochs, batch_size, accelerator, seed, progress_bar, train_kwargs
-        Passed to :meth:`~pyro_ldvae.LinearSCVI.train`.
+        Passed to :meth:`~pyro_ldvae.LinearSCVI.train`; ``train_kwargs`` takes any of its options
+        (``TrainOptions``), and an unknown one is a TypeError before any work is done.
     key_added
         Name under which results are stored.
     copy
@@ -60,6 +62,9 @@ def ldvae(
     >>> pyro_ldvae.tl.ldvae(adata, n_latent=10, max_epochs=50)
     >>> sc.pp.neighbors(adata, use_rep="X_ldvae"); sc.tl.umap(adata)
     """
+    options = TrainOptions(
+        max_epochs=max_epochs, batch_size=batch_size, accelerator=accelerator, seed=seed, progress_bar=progress_bar
+    ).replace(**(train_kwargs or {}))
     adata = adata.copy() if copy else adata
     LinearSCVI.setup_anndata(
         adata,
@@ -72,14 +77,7 @@ def ldvae(
     model = LinearSCVI(
         adata, n_latent=n_latent, gene_likelihood=gene_likelihood, dispersion=dispersion, seed=seed, **model_kwargs
     )
-    model.train(
-        max_epochs=max_epochs,
-        batch_size=batch_size,
-        accelerator=accelerator,
-        seed=seed,
-        progress_bar=progress_bar,
-        **(train_kwargs or {}),
-    )
+    model.train(**options.as_kwargs())
     model.to_adata(adata, key=key_added)
     if return_model:
         return model

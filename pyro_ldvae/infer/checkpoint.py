@@ -6,7 +6,7 @@ needs arbitrary unpickling), so checkpoint files load with ``torch.load(weights_
     format, version     "pyro_ldvae.train_state", CHECKPOINT_VERSION
     epoch               number of completed epochs
     module, optimizer   state dicts (tensors cloned, so later steps do not change a snapshot)
-    rng                 torch, CUDA, numpy and Python RNG states and the minibatch generator's state
+    rng                 torch and CUDA RNG states and the minibatch generator's state
     rows                the history rows of the completed epochs
     best, epochs_since_best   early-stopping state
     train_idx, val_idx  the split the state belongs to, (n_train,) and (n_val,) int64
@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import random
 import signal
 import threading
 from pathlib import Path
@@ -37,23 +36,20 @@ CHECKPOINT_NAME = "last.ckpt"
 
 
 def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    """The streams training draws from: torch's on the CPU and ``device``, and the minibatch order."""
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
-        "python": random.getstate(),
         "generator": generator.get_state(),
     }
 
 
 def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
+    """Set the streams of ``_rng_state``; numpy's and Python's of older checkpoints are left alone
+    (training does not draw from them, and they are the user's)."""
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
     generator.set_state(state["generator"])
 
 

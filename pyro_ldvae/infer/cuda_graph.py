@@ -6,8 +6,8 @@ milliseconds of host time while the GPU finishes each kernel in microseconds, so
 waits. A CUDA graph (``torch.cuda.CUDAGraph``) records the launches of one step once and
 replays all of them with a single call.
 
-What a captured step must satisfy, and how the training step does it (``tests/test_cuda_graph.py``
-scans the step on CPU for each of these, so CI guards it without a GPU):
+The rules a captured model follows are stated in ``models.capture``; here is how the training
+step around the model follows them:
 
 - no host synchronisation (no ``.item()``, no shapes that depend on values): the counts are
   resident on the GPU and each minibatch is gathered inside the graph by a static index tensor,
@@ -19,9 +19,8 @@ scans the step on CPU for each of these, so CI guards it without a GPU):
 - Adam's step count on the device (``torch.optim.Adam(capturable=True)``).
 
 Random draws (the reparameterised z, dropout, the loadings drawn from the guide of a Bayesian
-model) stay random: PyTorch advances the CUDA generator's offset on every replay. The built-in
-priors are captured too (``priors.capturable``); a model with a user's prior runs eagerly, since
-that prior may create tensors from numbers, which a graph cannot capture.
+model) stay random: PyTorch advances the CUDA generator's offset on every replay. Which models
+are captured is decided by ``policy.choose_step`` from ``models.capture``.
 """
 
 from __future__ import annotations

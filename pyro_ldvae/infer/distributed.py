@@ -28,6 +28,8 @@ from pyro.nn import PyroModule
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .evaluate import evaluate_elbo
+
 logger = logging.getLogger(__name__)
 
 
@@ -184,8 +186,6 @@ def wrap(module: nn.Module, ctx: DistributedContext) -> DistributedDataParallel:
 @torch.no_grad()
 def validation_elbo(module: nn.Module, data, val_idx: np.ndarray, ctx: DistributedContext) -> float:
     """Mean per-cell ELBO over ``val_idx``, each rank evaluating its strided share."""
-    from .train import evaluate_elbo
-
     mine = np.asarray(val_idx)[ctx.rank :: ctx.world_size]
     per_cell = evaluate_elbo(module, data, mine)
     totals = torch.stack([per_cell.sum(), torch.tensor(float(len(mine)), device=per_cell.device)])

@@ -26,7 +26,7 @@ serves every minibatch of its size, and another one is recorded for an epoch's l
 minibatch if training runs for long enough to repay it. Adam and gradient clipping run after
 the graph, as after the eager step's backward.
 
-When: see ``train.use_traced_step``. If the recording fails, a warning names the reason and
+When: see ``policy.use_traced_step``. If the recording fails, a warning names the reason and
 training goes on eagerly.
 """
 

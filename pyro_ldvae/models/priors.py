@@ -100,9 +100,9 @@ class LaplaceLoadings:
 class TensorHalfCauchy(dist.HalfCauchy):
     """``dist.HalfCauchy(scale)`` whose Cauchy base takes its zero location as a tensor.
 
-    torch's HalfCauchy makes that location from the number 0, which on a GPU is a host-to-device
-    copy that a CUDA graph of the training step cannot capture (see ``cuda_graph``). Density,
-    draws and support are HalfCauchy's: only the construction differs.
+    torch's HalfCauchy makes that location from the number 0, a tensor from a number, which the
+    device rules forbid (see ``models.capture``). Density, draws and support are HalfCauchy's:
+    only the construction differs.
     """
 
     def __init__(self, scale: torch.Tensor, validate_args: bool | None = None):
@@ -271,17 +271,6 @@ class GaussianMixture(nn.Module):
     def forward(self, n_latent: int) -> dist.Distribution:
         components = dist.Normal(self.locs, F.softplus(self.unconstrained_scales) + 1e-3).to_event(1)
         return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
-
-
-def capturable(prior: object | None) -> bool:
-    """Whether the training step with this prior can be captured as a CUDA graph (``cuda_graph``).
-
-    True for no prior and the built-in priors, which build every distribution from tensors
-    (``tests/test_cuda_graph.py`` scans each). A user's prior, or a subclass, may make a tensor
-    from a number (``dist.Normal(0.0, 1.0)`` does), a host-to-device copy that a graph cannot hold.
-    """
-    builtin = (NormalLoadings, LaplaceLoadings, Horseshoe, ARD, LearnedScaleNormal, GaussianMixture)
-    return prior is None or type(prior) in builtin
 
 
 def _is_real(support: dist.constraints.Constraint) -> bool:
