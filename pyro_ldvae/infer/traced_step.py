@@ -135,7 +135,7 @@ class TracedTrainingStep:
         """What the graph records: one SVI step's loss, per-cell ELBO sum and gradients."""
         counts, batch, labels, cat_covs, cont_covs, idx, kl_weight = data
         kl_weight = 0.0 if kl_weight is None else kl_weight
-        x = SparseCounts(*counts, shape=torch.Size((batch.shape[0], self.module.n_input)))
+        x = SparseCounts(*counts, shape=torch.Size((batch.shape[0], self.module.n_genes)))
         mb = Minibatch(x=x, batch=batch, labels=labels, cat_covs=cat_covs, cont_covs=cont_covs, idx=idx)
         state = {f"module.{name}": value for name, value in zip(self.param_names, params)}
         state.update({f"module.{name}": value for name, value in zip(self.buffer_names, buffers)})

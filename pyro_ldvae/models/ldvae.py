@@ -104,7 +104,7 @@ class LDVAE(PyroModule):
     Parameters
     ----------
     n_input
-        Number of genes.
+        Number of genes (scvi-tools' name for it; the module calls it ``n_genes``, as every other layer does).
     n_batch
         Number of batches; a one-hot batch enters the decoder when ``n_batch > 1``.
     n_labels
@@ -198,7 +198,7 @@ class LDVAE(PyroModule):
             )
         if dispersion == "gene-batch" and n_batch < 1:
             n_batch = 1  # one batch: 'gene-batch' is 'gene' with an extra axis of length one
-        self.n_input, self.n_batch, self.n_labels = n_input, n_batch, n_labels
+        self.n_genes, self.n_batch, self.n_labels = n_input, n_batch, n_labels
         self.n_latent, self.n_hidden, self.n_layers_encoder = n_latent, n_hidden, n_layers_encoder
         self.dropout_rate, self.dispersion, self.gene_likelihood = dropout_rate, dispersion, gene_likelihood
         self.log_variational, self.use_batch_norm, self.bias = log_variational, use_batch_norm, bias
@@ -310,7 +310,7 @@ class LDVAE(PyroModule):
         if self.loadings_prior is None and self.z_prior is None:
             return None, None
         with self.device:
-            loadings = None if self.loadings_prior is None else self.loadings_prior(self.n_input, self.n_latent)
+            loadings = None if self.loadings_prior is None else self.loadings_prior(self.n_genes, self.n_latent)
             z_prior = None if self.z_prior is None else self.z_prior(self.n_latent)
         return loadings, z_prior
 
@@ -435,6 +435,11 @@ class LDVAE(PyroModule):
             guide_trace = poutine.trace(self.global_guide).get_trace()
             draws.append(poutine.replay(self.global_latents, trace=guide_trace)()[0])
         return torch.stack(draws)
+
+    @property
+    def n_input(self) -> int:
+        """The number of genes under scvi-tools' module name (the constructor's argument)."""
+        return self.n_genes
 
     @property
     def device(self) -> torch.device:

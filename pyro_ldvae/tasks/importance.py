@@ -104,7 +104,7 @@ def count_log_likelihoods(module: LDVAE, draws: GroupDraws, x: torch.Tensor) -> 
     likelihood with draw ``s``'s parameters and mean ``L_a rho_s``, ``L_a`` the cell's observed total
     count (as scvi-tools' ``get_importance_weights``)."""
     x = x.to_dense().cpu().float() if x.layout != torch.strided else x.cpu().float()
-    rows_per_pass = max(1, MAX_ELEMENTS // max(1, module.n_input))
+    rows_per_pass = max(1, MAX_ELEMENTS // max(1, module.n_genes))
     out = torch.empty(len(draws.rho), x.shape[0])
     for a, counts in enumerate(x):
         library = counts.sum()

@@ -74,7 +74,7 @@ def likelihood_of(model_trace: Trace) -> NegativeBinomial | ZeroInflatedNegative
 
 def samples_per_chunk(module: LDVAE, n_cells: int, n_samples: int) -> int:
     """Samples stacked per forward pass so that ``samples * cells * genes`` stays below MAX_ELEMENTS."""
-    return max(1, min(n_samples, MAX_ELEMENTS // max(1, n_cells * module.n_input)))
+    return max(1, min(n_samples, MAX_ELEMENTS // max(1, n_cells * module.n_genes)))
 
 
 def chunks(total: int, size: int):
@@ -114,7 +114,7 @@ def normalized_expression(
             per_chunk.append((total / len(batch_codes)).cpu())
         out.append(torch.cat(per_chunk, dim=0))
     if not out:
-        return np.zeros((n_samples, 0, module.n_input), dtype=np.float32)
+        return np.zeros((n_samples, 0, module.n_genes), dtype=np.float32)
     return torch.cat(out, dim=1).numpy()
 
 
@@ -158,8 +158,8 @@ def likelihood_parameters(
         for n in chunks(n_samples, samples_per_chunk(module, mb.n_cells, n_samples)):
             _, trace = posterior_traces(module, mb, n)
             fn = likelihood_of(trace)
-            shape = (n, mb.n_cells, module.n_input)
-            chunk["mean"].append(fn.mu.expand(-1, module.n_input).reshape(shape).cpu())
+            shape = (n, mb.n_cells, module.n_genes)
+            chunk["mean"].append(fn.mu.expand(-1, module.n_genes).reshape(shape).cpu())
             if module.gene_likelihood != "poisson":
                 chunk["dispersions"].append(fn.theta.expand(n * mb.n_cells, -1).reshape(shape).cpu())
             if module.gene_likelihood == "zinb":
