@@ -1,9 +1,7 @@
-"""From AnnData to minibatches: the registry written by ``setup_anndata`` and the cell source.
+"""Cells in memory and on the training device: counts and codes, cut into ``Minibatch`` objects by index.
 
-The registry records which layer holds the counts and which ``obs`` columns are batch, labels
-and covariates, with their category order, so that new AnnData objects (a held-out split, a
-query dataset) are encoded exactly as the training data were. It is stored as a JSON string in
-``adata.uns['_pyro_ldvae_setup']`` so that it survives ``write_h5ad``.
+The codes come from the setup registry (:mod:`pyro_ldvae.data.registry`), so a held-out split or a
+query dataset is encoded exactly as the training data were.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The setup registry: which layer, which obs keys and which category orders a model was set up with."""
+"""The setup registry: which layer, which obs keys and which category orders a model was set up with.
+
+It is stored as a JSON string in ``adata.uns['_pyro_ldvae_setup']`` so that it survives ``write_h5ad``.
+"""
 
 from __future__ import annotations
 
