@@ -34,6 +34,7 @@ import torch
 from anndata import AnnData
 
 from ..data.registry import Registry
+from . import multimodal
 
 logger = logging.getLogger(__name__)
 
@@ -365,7 +366,8 @@ def load(
     dir_path
         The directory given to ``save``.
     adata
-        AnnData to attach (its genes are checked, and reordered when only their order differs).
+        AnnData to attach (its genes are checked, and reordered when only their order differs), or a
+        MuData set up with ``setup_mudata`` (its RNA modality is attached).
         Default: the saved ``adata.h5ad``.
     device
         Where to put the weights.
@@ -386,6 +388,7 @@ def load(
     """
     import anndata
 
+    adata = multimodal.split(adata)[1]
     directory = Path(dir_path)
     meta = read_metadata(directory, prefix)
     meta_path = directory / ((prefix or "") + META_FILE)

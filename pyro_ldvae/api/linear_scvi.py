@@ -28,7 +28,7 @@ from ..tasks import de
 from ..tasks import posterior as tasks
 from ..tasks.expression import Weights, expression_samples, gene_mask
 from ..tasks.latent import latent_representation
-from . import io, results, scvi_import, setup
+from . import io, multimodal, results, scvi_import, setup
 from .device import Accelerator, resolve_device
 from .history import append_history as _append_history
 from .history import keeping_history_on_fault as _keeping_history_on_fault
@@ -67,6 +67,7 @@ class LinearSCVI:
         latent_distribution: LatentDistribution = "normal", use_observed_lib_size: bool = False, seed: int = 0,
         **model_kwargs,
     ):  # fmt: skip
+        adata = multimodal.split(adata)[1]  # a MuData: its RNA modality, named by setup_mudata
         self.adata, self.seed, self.var_names = adata, seed, pd.Index(adata.var_names)
         self.registry = get_registry(adata)
         self.init_params_ = dict(
@@ -92,6 +93,8 @@ class LinearSCVI:
         scvi-tools' argument order; see :func:`pyro_ldvae.data.registry.register` for arguments and checks."""
         keys = (categorical_covariate_keys, continuous_covariate_keys)
         register(adata, batch_key, labels_key, layer, *keys, check_counts=check_counts)
+
+    setup_mudata = classmethod(multimodal.setup_mudata)
 
     def __repr__(self) -> str:
         p = self.init_params_
@@ -123,7 +126,7 @@ class LinearSCVI:
         Counts, batch, labels and covariates, with the genes in the model's order (reordered
         when all are present); ``cells.minibatch(indices, device)`` gives the model's input.
         """
-        return self._cells_cache.get(self.adata if adata is None else adata)
+        return self._cells_cache.get(self.adata if adata is None else multimodal.split(adata)[1])
 
     _cells = get_cells  # the name train() uses
 
@@ -430,14 +433,15 @@ class LinearSCVI:
     # Results into AnnData (results.py), persistence (io.py), import (scvi_import.py) ------
     def to_adata(self, adata: AnnData | None = None, key: str = "ldvae") -> AnnData:
         """Write ``obsm['X_<key>']``, ``varm['<key>_loadings']`` and ``uns['<key>']`` (settings, history,
-        variance explained) into ``adata`` (default: the training data) and return it; see
-        :func:`pyro_ldvae.api.results.write_results`."""
-        adata = self.adata if adata is None else adata
+        variance explained) into ``adata`` (default: the training data; a MuData: its RNA modality, and
+        ``mdata.obsm['X_<key>']``) and return it; see :func:`pyro_ldvae.api.results.write_results`."""
+        mdata, adata = multimodal.split(self.adata if adata is None else adata)
         results.check_genes(adata, self.var_names)
         latent, variance = self.get_latent_representation(adata), self.get_factor_variance_explained(adata)
-        return results.write_results(
+        written = results.write_results(
             adata, key, latent, self.get_loadings(), variance, self.init_params_, self.registry, self.history_
         )
+        return multimodal.write_back(mdata, written, key)
 
     def save(
         self, dir_path: str, overwrite: bool = False, save_anndata: bool = False, prefix: str | None = None
