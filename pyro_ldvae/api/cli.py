@@ -1,4 +1,4 @@
-"""The ``pyro-ldvae`` command: fit LDVAE to an AnnData file, embed new cells with a saved model.
+"""The ``pyro-ldvae`` command: fit LDVAE to an AnnData file, embed new cells with a saved model, show a result.
 
 User mistakes (a missing file, an unknown key, an existing output) end with one line on stderr
 and exit status 2, never a traceback, and no output file is left behind: outputs are written to
@@ -16,10 +16,13 @@ import time
 import typing
 from pathlib import Path
 
+from . import cli_info
+
 EPILOG = """examples:
   pyro-ldvae fit -o pbmc_ldvae.h5ad                      # the bundled PBMC dataset
   pyro-ldvae fit counts.h5ad -o out.h5ad --batch-key donor --n-latent 20 --save-model model_dir
   pyro-ldvae transform model_dir new_cells.h5ad -o new_cells_ldvae.h5ad
+  pyro-ldvae info out.h5ad                               # settings, factors, top genes of a result
 
 results: obsm['X_ldvae'] (cells x factors), varm['ldvae_loadings'] (genes x factors),
 uns['ldvae'] (settings, training history, variance explained per factor)."""
@@ -85,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .._version import __version__
 
     parser.add_argument("--version", action="version", version=f"pyro-ldvae {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,transform}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,transform,info}", parser_class=_Parser)
 
     fit = sub.add_parser(
         "fit",
@@ -133,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     transform.add_argument("--batch-size", type=_positive_int, default=1024, help="cells per pass (default 1024)")
     transform.add_argument("--accelerator", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
     transform.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    cli_info.add_parser(sub)
     return parser
 
 
@@ -288,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                 return run_fit(args)
             if args.command == "transform":
                 run_transform(args)
+            if args.command == "info":
+                cli_info.run_info(args)
         except (UserError, ValueError, OSError, FloatingPointError) as err:
             message = " ".join(str(err).split())  # one line
             print(f"pyro-ldvae: error: {message}", file=sys.stderr)
