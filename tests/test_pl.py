@@ -71,3 +71,55 @@ def test_save_true_writes_into_figures(model, tmp_path, monkeypatch):
     pyro_ldvae.pl.training_curve(model, save=True)
     assert _nonempty(tmp_path / "figures" / "ldvae_training_curve.png")
     plt.close("all")
+
+
+def test_variance_explained(model, tmp_path):
+    ax = pyro_ldvae.pl.variance_explained(model, save=tmp_path / "variance.png")
+    assert _nonempty(tmp_path / "variance.png")
+    heights = [bar.get_height() for bar in ax.patches]
+    assert heights == sorted(heights, reverse=True) and len(heights) == 3
+    stored = sorted(100 * model.adata.uns["ldvae"]["variance_explained_fraction"], reverse=True)
+    assert np.allclose([bar.get_height() for bar in pyro_ldvae.pl.variance_explained(model.adata).patches], stored)
+    with pytest.raises(ValueError, match="variance explained"):
+        pyro_ldvae.pl.variance_explained(pyro_ldvae.simulate(n_cells=5, n_genes=3, n_latent=1))
+    plt.close("all")
+
+
+PLOTS = {
+    "training_curve": lambda model, ax: pyro_ldvae.pl.training_curve(model, ax=ax),
+    "loadings": lambda model, ax: pyro_ldvae.pl.loadings(model, ax=ax),
+    "variance_explained": lambda model, ax: pyro_ldvae.pl.variance_explained(model, ax=ax),
+    "factor_embedding": lambda model, ax: pyro_ldvae.pl.factor_embedding(model.adata, "Z_0", ax=ax),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLOTS))
+def test_every_plot_draws_into_the_given_axes_and_returns_it(model, name):
+    fig, ax = plt.subplots()
+    assert PLOTS[name](model, ax) is ax
+    assert ax.has_data()
+    plt.close("all")
+
+
+def test_every_public_plot_is_covered():
+    import inspect
+
+    public = {n for n, f in inspect.getmembers(pyro_ldvae.pl, inspect.isfunction) if not n.startswith("_")}
+    public = {n for n in public if getattr(pyro_ldvae.pl, n).__module__ == pyro_ldvae.pl.__name__}
+    assert public == set(PLOTS)
+    for name in public:
+        assert "ax" in inspect.signature(getattr(pyro_ldvae.pl, name)).parameters
+
+
+def test_loadings_into_several_axes(model):
+    fig, axes = plt.subplots(1, 2)
+    drawn = pyro_ldvae.pl.loadings(model, factors=["Z_2", "Z_0"], ax=axes)
+    assert drawn == list(axes) and [a.get_title() for a in drawn] == ["Z_2", "Z_0"]
+    first = model.get_factor_variance_explained(sort=True).index[0]
+    fig, ax = plt.subplots()
+    assert pyro_ldvae.pl.loadings(model, ax=ax).get_title() == first  # one Axes: the top factor
+    with pytest.raises(ValueError, match="one Axes per factor"):
+        pyro_ldvae.pl.loadings(model, factors=["Z_0", "Z_1"], ax=ax)
+    with pytest.raises(ValueError, match="one Axes per factor"):
+        pyro_ldvae.pl.loadings(model, factors=["Z_0", "Z_1", "Z_2"], ax=axes)
+    plt.close("all")

@@ -1,5 +1,5 @@
-"""Plots, scanpy style: the training curve, factor loadings with their top genes, a factor on
-an embedding. Each function returns the matplotlib Axes (a list for several panels), takes
+"""Plots, scanpy style: the training curve, factor loadings with their top genes, the variance
+each factor explains, a factor on an embedding. Each function returns the matplotlib Axes (a list for several panels), takes
 ``ax=`` to draw into an existing figure, ``show=True`` to call ``plt.show()`` (and return None)
 and ``save='file.png'`` (or ``True`` for ``figures/<name>.png``) to write the figure.
 """
@@ -102,18 +102,22 @@ def loadings(
     n_top: int = 5,
     key: str = "ldvae",
     ncols: int = 3,
+    ax: Axes | Sequence[Axes] | None = None,
     show: bool | None = None,
     save: str | bool | None = None,
-) -> list[Axes] | None:
+) -> Axes | list[Axes] | None:
     """Each chosen factor's loadings sorted across genes, with the ``n_top`` most positive and most
     negative genes labelled (the figure of the LDVAE paper).
 
     ``factors``: names ('Z_3') or positions; default: all factors, ordered by explained variance
-    when that is stored (``uns[key]['factor_order']``) or computable from a model.
+    when that is stored (``uns[key]['factor_order']``) or computable from a model. ``ax``: one
+    Axes per factor (then ``ncols`` is unused); a single Axes draws one factor (default: the
+    one explaining most variance) and is returned as it is; otherwise a list of Axes is returned.
     """
     import matplotlib.pyplot as plt
 
     frame = _loadings_frame(source, key)
+    factors_given = factors is not None
     if factors is None:
         if isinstance(source, AnnData) and "factor_order" in source.uns.get(key, {}):
             factors = list(source.uns[key]["factor_order"])
@@ -125,29 +129,80 @@ def loadings(
     unknown = [n for n in names if n not in frame.columns]
     if unknown:
         raise ValueError(f"Unknown factors {unknown}; factors are {list(frame.columns)}.")
-    ncols = max(1, min(ncols, len(names)))
-    nrows = int(np.ceil(len(names) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
-    flat = list(axes.ravel())
-    for ax, name in zip(flat, names):
+    single = ax is not None and not isinstance(ax, (list, tuple, np.ndarray))
+    if single and len(names) > 1 and factors_given:
+        raise ValueError(f"One Axes was given for {len(names)} factors; pass one Axes per factor.")
+    names = names[:1] if single else names
+    if ax is None:
+        ncols = max(1, min(ncols, len(names)))
+        nrows = int(np.ceil(len(names) / ncols))
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
+        flat = list(axes.ravel())
+    else:
+        flat = [ax] if single else list(np.ravel(np.asarray(ax, dtype=object)))
+        if len(flat) < len(names):
+            raise ValueError(f"{len(flat)} Axes were given for {len(names)} factors; pass one Axes per factor.")
+        fig = flat[0].figure
+    for panel, name in zip(flat, names):
         ordered = frame[name].sort_values()
         ranks = np.arange(len(ordered))
-        ax.scatter(ranks, ordered.to_numpy(), s=4, color="0.6", linewidths=0)
-        ax.axhline(0.0, color="0.8", lw=0.8)
+        panel.scatter(ranks, ordered.to_numpy(), s=4, color="0.6", linewidths=0)
+        panel.axhline(0.0, color="0.8", lw=0.8)
         top = list(range(max(0, len(ordered) - n_top), len(ordered)))
         bottom = list(range(min(n_top, len(ordered))))
         for positions, color, va in ((top, "tab:red", "bottom"), (bottom, "tab:blue", "top")):
-            ax.scatter(ranks[positions], ordered.to_numpy()[positions], s=10, color=color)
+            panel.scatter(ranks[positions], ordered.to_numpy()[positions], s=10, color=color)
             for i in positions:
-                ax.annotate(ordered.index[i], (ranks[i], ordered.iloc[i]), fontsize=7, ha="center", va=va,
-                            rotation=60, xytext=(0, 3 if va == "bottom" else -3), textcoords="offset points")  # fmt: skip
-        ax.set_title(name)
-        ax.set_xlabel("gene rank")
-        ax.set_ylabel("loading")
-    for ax in flat[len(names) :]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    return _finish(fig, flat[: len(names)], "ldvae_loadings", show, save)
+                panel.annotate(ordered.index[i], (ranks[i], ordered.iloc[i]), fontsize=7, ha="center", va=va,
+                               rotation=60, xytext=(0, 3 if va == "bottom" else -3), textcoords="offset points")  # fmt: skip
+        panel.set_title(name)
+        panel.set_xlabel("gene rank")
+        panel.set_ylabel("loading")
+    if ax is None:
+        for panel in flat[len(names) :]:
+            panel.set_visible(False)
+        fig.tight_layout()
+    return _finish(fig, ax if single else flat[: len(names)], "ldvae_loadings", show, save)
+
+
+def _variance_frame(source, key: str) -> pd.DataFrame:
+    if isinstance(source, AnnData):
+        stored = source.uns.get(key, {})
+        if "variance_explained_fraction" not in stored:
+            raise ValueError(
+                f"adata.uns[{key!r}] holds no variance explained; store results with model.to_adata(adata)."
+            )
+        fraction = np.asarray(stored["variance_explained_fraction"], dtype=float)
+        names = list(stored.get("factor_names", [f"Z_{k}" for k in range(len(fraction))]))
+        return pd.DataFrame({"fraction": fraction}, index=[str(n) for n in names])
+    return source.get_factor_variance_explained()
+
+
+def variance_explained(
+    source: LinearSCVI | AnnData,
+    key: str = "ldvae",
+    color: str = "tab:blue",
+    ax: Axes | None = None,
+    show: bool | None = None,
+    save: str | bool | None = None,
+) -> Axes | None:
+    """The fraction of the decoder logits' variance each factor explains, factors sorted by it.
+
+    ``source``: a trained model (computed on its training data) or an AnnData with stored
+    results (``uns[key]['variance_explained_fraction']``).
+    """
+    import matplotlib.pyplot as plt
+
+    frame = _variance_frame(source, key).sort_values("fraction", ascending=False)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(max(3.0, 0.45 * len(frame) + 1.5), 3.2))
+    fig = ax.figure
+    ax.bar(range(len(frame)), 100 * frame["fraction"].to_numpy(), color=color)
+    ax.set_xticks(range(len(frame)), list(frame.index), rotation=90 if len(frame) > 12 else 0)
+    ax.set_xlabel("factor")
+    ax.set_ylabel("variance explained (%)")
+    ax.set_title("LDVAE factors")
+    return _finish(fig, ax, "ldvae_variance_explained", show, save)
 
 
 def factor_embedding(
