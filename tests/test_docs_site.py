@@ -42,6 +42,16 @@ def test_api_page_lists_every_public_name():
     assert not missing, f"docs/api.rst does not document: {missing}"
 
 
+def test_plotting_gallery_images_exist_and_stay_small():
+    import re
+
+    images = re.findall(r"\]\((_static/[^)]+\.png)\)", (DOCS / "plotting.md").read_text())
+    assert len(images) >= 4
+    for image in images:
+        path = DOCS / image
+        assert path.exists() and path.stat().st_size < 60_000, image
+
+
 @needs_sphinx
 @pytest.mark.slow
 def test_docs_build_without_warnings(tmp_path):
@@ -52,7 +62,16 @@ def test_docs_build_without_warnings(tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"sphinx-build failed:\n{result.stdout[-5000:]}\n{result.stderr[-10000:]}"
     html = tmp_path / "html"
-    for page in ["index", "installation", "quickstart", "api", "benchmarks", "scvi_differences", "guide/scale"]:
+    for page in [
+        "index",
+        "installation",
+        "quickstart",
+        "api",
+        "benchmarks",
+        "scvi_differences",
+        "guide/scale",
+        "plotting",
+    ]:
         assert (html / f"{page}.html").exists(), page
     for notebook in (ROOT / "notebooks").glob("*.ipynb"):
         assert (html / "notebooks" / f"{notebook.stem}.html").exists(), notebook.name
