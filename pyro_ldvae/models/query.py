@@ -196,8 +196,8 @@ def freeze_reference(module: LDVAE, n_ref_batch: int, n_new_batch: int, train_en
     """
     if module.loadings_prior is not None or module.z_prior is not None:
         raise ValueError("Query mapping supports models without loadings_prior and z_prior.")
-    start = module.n_latent + batch_columns(n_ref_batch)
-    n_cols = batch_columns(n_ref_batch + n_new_batch) - batch_columns(n_ref_batch)
+    n_cols = n_new_batch if n_ref_batch + n_new_batch > 1 else 0  # the new batches' columns
+    start = module.n_latent + batch_columns(n_ref_batch + n_new_batch) - n_cols
     for param in module.parameters():
         param.requires_grad_(False)
     for name in HEADS:
