@@ -183,16 +183,36 @@ class QueryLDVAE(LDVAE):
             self.theta_parts.new.copy_(value[n_ref:])
 
 
+_EVAL_LOCKED: dict[type, type] = {}
+
+
+def _train_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, False)
+
+
+def eval_locked(module: nn.Module) -> nn.Module:
+    """``module`` (changed in place) stays in eval mode whatever ``train()`` asks: batch norm uses and
+    keeps its running statistics, dropout is off. The class changes, the state dict does not."""
+    cls = type(module)
+    if cls not in _EVAL_LOCKED.values():
+        if cls not in _EVAL_LOCKED:
+            _EVAL_LOCKED[cls] = type(f"EvalLocked{cls.__name__}", (cls,), {"train": _train_in_eval})
+        module.__class__ = _EVAL_LOCKED[cls]
+    return module.eval()
+
+
 def freeze_reference(module: LDVAE, n_ref_batch: int, n_new_batch: int, train_encoder: bool = False) -> LDVAE:
     """Fix everything the reference learned; only the new batches' decoder columns and theta rows train.
 
     ``module`` (already extended by :func:`extend_state`) is changed in place and returned:
     every parameter gets ``requires_grad=False``; each decoder head's linear map becomes an
     :class:`ExtendedLinear` whose trainable block is the new batches' columns; for
-    'gene-batch' the new theta rows train (:class:`ExtendedTheta`); batch norm layers get
-    momentum 0, so their running statistics, and with them the loadings and the encoders'
-    outputs, stay those of the reference. ``train_encoder=True`` lets the encoders (weights and
-    batch-norm statistics) adapt to the query.
+    'gene-batch' the new theta rows train (:class:`ExtendedTheta`). The decoder's batch norm
+    and the encoders stay in eval mode during training (:func:`eval_locked`): batch norm
+    normalises with the reference's running statistics, so the new columns are fitted on the
+    scale the model is evaluated on (a minibatch's own mean would cancel a batch's constant
+    offset), and the loadings and the encoders' outputs stay the reference's.
+    ``train_encoder=True`` lets the encoders (weights and batch-norm statistics) adapt.
     """
     if module.loadings_prior is not None or module.z_prior is not None:
         raise ValueError("Query mapping supports models without loadings_prior and z_prior.")
@@ -209,12 +229,14 @@ def freeze_reference(module: LDVAE, n_ref_batch: int, n_new_batch: int, train_en
         del module.theta
         module.__class__ = QueryLDVAE
         module.theta_parts = ExtendedTheta(unconstrained, n_ref_batch)
-    frozen = [module.decoder] + ([] if train_encoder else [module.z_encoder, getattr(module, "l_encoder", None)])
-    for part in frozen:
-        for layer in part.modules() if part is not None else ():
-            if isinstance(layer, nn.BatchNorm1d):
-                layer.momentum = 0.0
-    if train_encoder:
+    for layer in module.decoder.modules():
+        if isinstance(layer, nn.BatchNorm1d):
+            eval_locked(layer)
+    if not train_encoder:
+        for part in (module.z_encoder, getattr(module, "l_encoder", None)):
+            if part is not None:
+                eval_locked(part)
+    else:
         for part in (module.z_encoder, getattr(module, "l_encoder", None)):
             if part is not None:
                 part.requires_grad_(True)
