@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import anndata
 import numpy as np
 import pytest
 import torch
@@ -196,3 +197,25 @@ def test_traced_step_keeps_reference_bit_identical(reference):
     qm.train(max_epochs=2, progress_bar=False, batch_size=64, traced_step=True)
     assert qm.get_loadings().equals(model.get_loadings())
     np.testing.assert_array_equal(qm.get_latent_representation(model.adata), model.get_latent_representation())
+
+
+def test_zinb_covariates_and_known_batches():
+    """Every decoder head is extended before the covariate columns; a reference batch in the query keeps its own."""
+    ref_adata, query_adata = _split(n_cells=400)
+    query_adata = anndata.concat([query_adata, ref_adata[:30]])  # some cells of a reference batch
+    for adata in (ref_adata, query_adata):
+        adata.obs["donor"] = np.where(np.arange(adata.n_obs) % 2, "d1", "d2")
+    LinearSCVI.setup_anndata(ref_adata, batch_key="batch", categorical_covariate_keys=["donor"])
+    model = LinearSCVI(ref_adata, n_latent=N_LATENT, n_hidden=8, gene_likelihood="zinb")
+    model.train(max_epochs=2, progress_bar=False, batch_size=64)
+    qm = LinearSCVI.load_query_data(_query(query_adata), model)
+    for head in ("factor_regressor", "px_dropout_decoder"):
+        ref_w = getattr(model.module.decoder, head).linear.weight.detach()  # (genes, n_latent + 2 + 2)
+        w = getattr(qm.module.decoder, head).linear.weight.detach()
+        assert w.shape == (60, N_LATENT + 6)
+        torch.testing.assert_close(w[:, : N_LATENT + 2], ref_w[:, : N_LATENT + 2], rtol=0, atol=0)
+        torch.testing.assert_close(w[:, -2:], ref_w[:, -2:], rtol=0, atol=0)  # the donor columns
+    qm.train(max_epochs=2, progress_bar=False, batch_size=64)
+    assert qm.get_loadings().equals(model.get_loadings())
+    qm.module.train()
+    assert not qm.module.z_encoder.training and not qm.module.decoder.factor_regressor.batch_norm.training
