@@ -207,6 +207,13 @@ def load_query_data(
     Returns
     -------
     The query model, attached to ``adata`` (whose setup registry now lists the extended batches).
+
+    Examples
+    --------
+    >>> LinearSCVI.prepare_query_anndata(query, reference)
+    >>> query_model = LinearSCVI.load_query_data(query, reference)
+    >>> query_model.train(max_epochs=100)
+    >>> query.obsm["X_ldvae"] = query_model.get_latent_representation()
     """
     ref = read_reference(reference)
     if any(ref.settings.get(k) is not None for k in io.CODE_SETTINGS):
