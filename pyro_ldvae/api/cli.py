@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .._version import __version__
 
     parser.add_argument("--version", action="version", version=f"pyro-ldvae {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,transform,info}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,transform,info,map}", parser_class=_Parser)
 
     fit = sub.add_parser(
         "fit",
@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--n-top-genes", type=int, default=5, help="genes per factor in the summary (default 5)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing output file or model directory")
 
+    from .cli_map import add_subcommand  # pyro-ldvae map
+
+    add_subcommand(sub, sys.modules[__name__])
     transform = sub.add_parser(
         "transform",
         help="embed new cells with a saved model",
@@ -288,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning
         try:
+            if hasattr(args, "run"):  # subcommands of their own modules (cli_map)
+                return args.run(args)
             if args.command == "fit":
                 return run_fit(args)
             if args.command == "transform":

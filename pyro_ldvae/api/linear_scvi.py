@@ -28,7 +28,7 @@ from ..tasks import de
 from ..tasks import posterior as tasks
 from ..tasks.expression import Weights, expression_samples, gene_mask
 from ..tasks.latent import latent_representation
-from . import io, multimodal, results, scvi_import, setup
+from . import io, multimodal, query, results, scvi_import, setup
 from .device import Accelerator, resolve_device
 from .history import append_history as _append_history
 from .history import keeping_history_on_fault as _keeping_history_on_fault
@@ -468,6 +468,10 @@ class LinearSCVI:
         target = resolve_device(accelerator, device)
         parts = io.load(dir_path, adata, target, prefix, loadings_prior, z_prior, model_class=cls.__name__)
         return cls._from_parts(parts, target)
+
+    # Reference mapping (query.py): a query's new batches fitted with the reference fixed
+    prepare_query_anndata = staticmethod(query.prepare_query_anndata)
+    load_query_data = classmethod(query.load_query_data)
 
     @classmethod
     def from_scvi(cls, scvi_model, adata: AnnData | None = None) -> LinearSCVI:
