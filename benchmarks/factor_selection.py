@@ -46,8 +46,12 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threshold", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--kl-warmup", type=int, default=None, help="n_epochs_kl_warmup (default: train's)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: train's)")
     args = parser.parse_args(argv)
-    args.train_kwargs = {}
+    plan = {} if args.kl_warmup is None else {"n_epochs_kl_warmup": args.kl_warmup}
+    plan.update({} if args.lr is None else {"lr": args.lr})
+    args.train_kwargs = {"plan_kwargs": plan} if plan else {}
     torch.set_num_threads(args.threads)
     hits, counts = defaultdict(int), defaultdict(list)
     print("prior      truth seed active  seconds  relative strengths (sqrt of variance / max)")
