@@ -309,3 +309,16 @@ def test_loading_with_a_prior_the_model_was_not_saved_with_is_an_error(tmp_path)
     with pytest.raises(ValueError, match="saved with loadings_prior='laplace', not with a custom one"):
         LinearSCVI.load(tmp_path / "named", adata, loadings_prior=student_t_loadings)
     assert LinearSCVI.load(tmp_path / "named", adata).init_params_["loadings_prior"] == "laplace"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prior", ["horseshoe", "ard"])
+@pytest.mark.parametrize("n_true", [3, 5])
+def test_shrinkage_selects_the_true_number_of_factors_with_default_training(prior, n_true):
+    adata = simulate(n_cells=2000, n_genes=200, n_latent=n_true, seed=n_true)
+    LinearSCVI.setup_anndata(adata)
+    model = LinearSCVI(adata, n_latent=10, loadings_prior=prior)
+    model.train(max_epochs=200, progress_bar=False)  # default plan: scvi-tools' lr, no plan_kwargs
+    active = model.get_active_factors()
+    print(f"{prior}, {n_true} true factors: {len(active)} active")
+    assert abs(len(active) - n_true) <= 1

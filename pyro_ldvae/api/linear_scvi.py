@@ -418,6 +418,14 @@ class LinearSCVI:
         frame = tasks.factor_variance_explained(self.module, cells, self._indices(cells, indices))
         return frame.sort_values("variance", ascending=False) if sort else frame
 
+    def get_active_factors(self, threshold: float = 0.1, adata: AnnData | None = None) -> list[str]:
+        """Factors whose logit spread exceeds ``threshold`` times the strongest factor's, strongest first.
+
+        The spread is ``sqrt(variance)`` of :meth:`get_factor_variance_explained` (``|W_k|`` times the
+        std of ``z_k`` over cells), which does not change when ``z_k`` and ``W_k`` trade scale."""
+        frame = self.get_factor_variance_explained(adata, sort=True)
+        return list(frame.index[frame["variance"] > threshold**2 * frame["variance"].max()])
+
     def get_top_genes(
         self, n_top: int = 10, factors: Sequence[str] | None = None, order_by_variance: bool = False
     ) -> pd.DataFrame:

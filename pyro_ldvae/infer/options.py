@@ -73,9 +73,9 @@ class TrainOptions:
             raise TypeError(f"unknown training option(s) {unknown}; the options are {list(self.names())}.")
         return dataclasses.replace(self, **changes)
 
-    def plan(self) -> TrainingPlan:
-        """The optimiser and annealing settings of ``plan_kwargs``."""
-        return TrainingPlan(**(self.plan_kwargs or {}))
+    def plan(self, module: Any = None) -> TrainingPlan:
+        """The optimiser and annealing settings: ``plan_kwargs`` over ``module.plan_defaults``."""
+        return TrainingPlan(**{**getattr(module, "plan_defaults", {}), **(self.plan_kwargs or {})})
 
     def epochs(self, n_obs: int) -> int:
         """``max_epochs``, or scvi-tools' rule for ``n_obs`` cells when it is None."""

@@ -31,6 +31,7 @@ class TrainingPlan:
     n_epochs_kl_warmup: int | None = 400
     max_kl_weight: float = 1.0
     min_kl_weight: float = 0.0
+    global_lr: float = 3e-2  # learning rate of the guide of global sites (loadings priors)
 
     def kl_weight(self, epoch: int) -> float:
         """Linear warm-up by epoch, exactly 0 in the first epoch (scvi-tools' ``_compute_kl_weight``)."""
@@ -42,8 +43,14 @@ class TrainingPlan:
 def make_optimizer(module: torch.nn.Module, plan: TrainingPlan, capturable: bool = False) -> torch.optim.Optimizer:
     """Adam with scvi-tools' settings; one fused kernel over all parameters where torch has one.
 
+    The guide of global sites (loadings priors), where there is one, learns at ``plan.global_lr``.
+
     ``capturable`` keeps the step count on the device, as a CUDA graph of the step needs."""
-    params = list(module.parameters())
+    global_guide = getattr(module, "global_guide", None)
+    global_ids = set() if global_guide is None else {id(p) for p in global_guide.parameters()}
+    params = [{"params": [p for p in module.parameters() if id(p) not in global_ids]}]
+    if global_ids:  # the posterior of loadings and their shrinkage scales: see LDVAE.plan_defaults
+        params.append({"params": list(global_guide.parameters()), "lr": plan.global_lr})
     settings = dict(lr=plan.lr, eps=plan.eps, weight_decay=plan.weight_decay, capturable=capturable)
     try:
         return torch.optim.Adam(params, **settings, fused=True)

@@ -96,7 +96,7 @@ def _fit(
     device: torch.device,
     seed: int,
 ) -> History:
-    plan, batch_size, n_train = options.plan(), options.batch_size, len(train_idx)
+    plan, batch_size, n_train = options.plan(module), options.batch_size, len(train_idx)
     max_epochs = options.epochs(data.n_obs)
     generator = torch.Generator().manual_seed(seed)  # the minibatch order
     module.to(device).train()

@@ -442,5 +442,16 @@ class LDVAE(PyroModule):
         return self.n_genes
 
     @property
+    def plan_defaults(self) -> dict:
+        """Training-plan settings this model changes from scvi-tools' defaults (``plan_kwargs`` win).
+
+        With a loadings prior the KL weight of z is 1 from the first epoch (no warm-up): z's prior
+        then pins the scale of each factor, so a prior on W (and its per-factor shrinkage) acts on
+        the factor's strength; a down-weighted KL lets z grow while W shrinks, and unneeded factors
+        stay on. Without a loadings prior: none (scvi-tools' 400-epoch warm-up).
+        """
+        return {} if self.loadings_prior is None else {"n_epochs_kl_warmup": None}
+
+    @property
     def device(self) -> torch.device:
         return self.library_log_means.device
