@@ -291,7 +291,7 @@ def test_a_model_with_custom_priors_saves_and_loads_with_the_same_code(tmp_path)
     model.save(tmp_path / "custom")
     with pytest.raises(ValueError, match=r"custom loadings_prior \(tests\.test_priors\.student_t_loadings\)"):
         LinearSCVI.load(tmp_path / "custom", adata)
-    with pytest.raises(ValueError, match=r"custom z_prior \(pyro_ldvae\.priors\.GaussianMixture\)"):
+    with pytest.raises(ValueError, match=r"custom z_prior \(pyro_ldvae\.models\.priors\.GaussianMixture\)"):
         LinearSCVI.load(tmp_path / "custom", adata, loadings_prior=student_t_loadings)
     loaded = LinearSCVI.load(tmp_path / "custom", adata, loadings_prior=student_t_loadings, z_prior=GaussianMixture(3))
     saved_state, loaded_state = model.module.state_dict(), loaded.module.state_dict()
