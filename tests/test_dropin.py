@@ -1,0 +1,129 @@
+"""scvi-tools drop-in surface of LinearSCVI: extra methods, return types, module keyword arguments,
+and the Normal likelihood for non-integer data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import pyro_ldvae
+
+
+@pytest.fixture(scope="module")
+def data():
+    return pyro_ldvae.simulate(n_cells=200, n_genes=30, n_latent=2, n_batch=2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def model(data):
+    adata = data.copy()
+    pyro_ldvae.LinearSCVI.setup_anndata(adata, batch_key="batch")
+    model = pyro_ldvae.LinearSCVI(adata, n_latent=2, n_hidden=16, seed=0)
+    model.train(max_epochs=3, batch_size=64, progress_bar=False)
+    return model
+
+
+# 1. Methods and attributes ---------------------------------------------------------------------
+def test_view_setup_args_reads_saved_model(model, tmp_path):
+    model.save(tmp_path / "m", prefix="p_")
+    args = pyro_ldvae.LinearSCVI.view_setup_args(tmp_path / "m", prefix="p_")
+    assert args["batch_key"] == "batch" and args["labels_key"] is None and args["layer"] is None
+    assert args["categorical_covariate_keys"] == [] and args["check_counts"] is True
+
+
+def test_view_anndata_setup(model, data):
+    setup = model.view_anndata_setup()
+    assert setup["batch_key"] == "batch" and setup["batch_categories"] == ["batch_0", "batch_1"]
+    assert setup["n_vars"] == 30 and setup["n_obs"] == 200
+    short = model.view_anndata_setup(data.copy(), hide_state_registries=True)
+    assert "batch_categories" not in short
+    unknown = data.copy()
+    unknown.obs["batch"] = "batch_7"
+    with pytest.raises(ValueError):
+        model.view_anndata_setup(unknown)
+
+
+def test_adata_setter_validates_genes(model, data):
+    original = model.adata
+    try:
+        same = data.copy()
+        model.adata = same
+        assert model.adata is same and "_pyro_ldvae_setup" in same.uns
+        assert np.isfinite(float(model.get_elbo()))
+        with pytest.raises(ValueError, match="genes"):
+            model.adata = data[:, ::-1].copy()
+        with pytest.raises(ValueError, match="genes"):
+            model.adata = data[:, :10].copy()
+        with pytest.raises(ValueError):
+            model.adata = None
+        assert model.adata is same  # a refused AnnData leaves the model as it was
+    finally:
+        model.adata = original
+
+
+def test_minify_adata_says_what_to_use(model):
+    with pytest.raises(NotImplementedError, match="return_dist=True"):
+        model.minify_adata()
+
+
+@pytest.mark.parametrize("correlation_type", ["spearman", "pearson"])
+def test_feature_correlation_matrix(model, correlation_type):
+    torch.manual_seed(0)
+    corr = model.get_feature_correlation_matrix(
+        indices=np.arange(40), n_samples=3, correlation_type=correlation_type, transform_batch=["batch_0", "batch_1"]
+    )
+    assert isinstance(corr, pd.DataFrame) and corr.shape == (30, 30)
+    assert list(corr.index) == list(model.var_names) == list(corr.columns)
+    assert np.allclose(np.diag(corr), 1.0) and np.allclose(corr, corr.T)
+    # the correlation of the samples themselves, computed directly
+    draws = model.get_normalized_expression(indices=np.arange(40), n_samples=3, return_mean=False, library_size=1000)
+    assert draws.shape == (3, 40, 30)
+    with pytest.raises(ValueError, match="correlation_type"):
+        model.get_feature_correlation_matrix(correlation_type="kendall")
+
+
+def test_feature_correlation_pearson_matches_numpy(model):
+    """One batch code: the matrix is np.corrcoef of the stacked normalized-expression draws."""
+    torch.manual_seed(3)
+    corr = model.get_feature_correlation_matrix(indices=np.arange(30), n_samples=2, correlation_type="pearson")
+    torch.manual_seed(3)
+    draws = model.get_normalized_expression(
+        indices=np.arange(30), n_samples=2, return_mean=False, library_size=1000, batch_size=64
+    )
+    expected = np.corrcoef(draws.reshape(-1, 30), rowvar=False)
+    np.testing.assert_allclose(corr.to_numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+# 2. Return types --------------------------------------------------------------------------------
+def test_evaluation_return_types_match_scvi(model):
+    elbo = model.get_elbo()
+    assert isinstance(elbo, torch.Tensor) and elbo.dim() == 0
+    per_cell = model.get_elbo(indices=np.arange(7), return_mean=False)
+    assert isinstance(per_cell, torch.Tensor) and per_cell.shape == (7,)
+    ll = model.get_marginal_ll(indices=np.arange(5), n_mc_samples=20)
+    assert isinstance(ll, float)
+    ll_cells = model.get_marginal_ll(indices=np.arange(5), n_mc_samples=20, return_mean=False)
+    assert isinstance(ll_cells, torch.Tensor) and ll_cells.shape == (5,)
+    error = model.get_reconstruction_error(indices=np.arange(6))
+    assert set(error) == {"reconstruction_loss"}
+    assert isinstance(error["reconstruction_loss"], torch.Tensor) and error["reconstruction_loss"].dim() == 0
+    cells = model.get_reconstruction_error(indices=np.arange(6), return_mean=False)["reconstruction_loss"]
+    assert isinstance(cells, torch.Tensor) and cells.shape == (6,)
+
+
+def test_posterior_predictive_sample_type_and_several_batches(model):
+    sparse = pytest.importorskip("sparse")
+    one = model.posterior_predictive_sample(indices=np.arange(8))
+    assert isinstance(one, sparse.GCXS) and one.shape == (8, 30)
+    dense = one.todense()
+    assert np.allclose(dense, np.round(dense))
+    # scvi-tools' positional order: adata, indices, transform_batch, n_samples
+    many = model.posterior_predictive_sample(None, np.arange(8), None, 4)
+    assert many.shape == (8, 30, 4)
+    torch.manual_seed(0)
+    both = model.posterior_predictive_sample(indices=np.arange(8), transform_batch=["batch_0", "batch_1"], n_samples=2)
+    assert both.shape == (8, 30, 2)
+    values = both.todense()
+    assert (values >= 0).all() and not np.allclose(values, np.round(values))  # averaged over the two batches
