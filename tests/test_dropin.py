@@ -127,3 +127,62 @@ def test_posterior_predictive_sample_type_and_several_batches(model):
     assert both.shape == (8, 30, 2)
     values = both.todense()
     assert (values >= 0).all() and not np.allclose(values, np.round(values))  # averaged over the two batches
+
+
+# 3. Module keyword arguments of scvi-tools' LDVAE / VAE -----------------------------------------
+@pytest.fixture(scope="module")
+def small(data):
+    adata = data[:80].copy()
+    pyro_ldvae.LinearSCVI.setup_anndata(adata, batch_key="batch")
+    return adata
+
+
+def test_batch_norm_places(small):
+    both = pyro_ldvae.LinearSCVI(small, n_latent=2, n_hidden=8, use_batch_norm="both")
+    assert both.module.decoder.factor_regressor.batch_norm is not None
+    encoder_only = pyro_ldvae.LinearSCVI(small, n_latent=2, n_hidden=8, use_batch_norm="encoder")
+    assert encoder_only.module.decoder.factor_regressor.batch_norm is None
+    for place in ("decoder", "none"):
+        with pytest.raises(ValueError, match="encoders' batch norm"):
+            pyro_ldvae.LinearSCVI(small, n_latent=2, use_batch_norm=place)
+    with pytest.raises(ValueError, match="use_batch_norm"):
+        pyro_ldvae.LinearSCVI(small, n_latent=2, use_batch_norm="sometimes")
+
+
+def test_accepted_scvi_module_kwargs_train_and_save(small, tmp_path):
+    model = pyro_ldvae.LinearSCVI(
+        small, n_latent=2, n_hidden=8, use_layer_norm="none", var_activation=torch.exp, encode_covariates=False,
+        deeply_inject_covariates=False, extra_encoder_kwargs={}, extra_decoder_kwargs=None,
+        use_size_factor_key=False, use_batch_norm="encoder",
+    )  # fmt: skip
+    model.train(max_epochs=1, batch_size=40, progress_bar=False)
+    model.save(tmp_path / "m")
+    loaded = pyro_ldvae.LinearSCVI.load(tmp_path / "m", adata=small.copy(), accelerator="cpu")
+    assert loaded.module.decoder.factor_regressor.batch_norm is None
+    np.testing.assert_allclose(loaded.get_loadings().to_numpy(), model.get_loadings().to_numpy())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"use_layer_norm": "both"}, "use_layer_norm"),
+        ({"var_activation": torch.nn.functional.softplus}, "var_activation"),
+        ({"encode_covariates": True}, "encode_covariates"),
+        ({"deeply_inject_covariates": "yes"}, "deeply_inject_covariates"),
+        ({"extra_encoder_kwargs": {"var_eps": 1e-3}}, "extra_encoder_kwargs"),
+        ({"extra_decoder_kwargs": {"scale_activation": "softplus"}}, "extra_decoder_kwargs"),
+        ({"use_size_factor_key": True}, "use_observed_lib_size=True"),
+        ({"not_an_option": 1}, "unknown keyword"),
+    ],
+)
+def test_refused_scvi_module_kwargs_raise_value_error(small, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pyro_ldvae.LinearSCVI(small, n_latent=2, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        pyro_ldvae.LDVAE(n_input=30, use_observed_lib_size=True, **kwargs)
+
+
+def test_latent_distribution_ln_is_accepted(small):
+    model = pyro_ldvae.LinearSCVI(small, n_latent=2, n_hidden=8, latent_distribution="ln")
+    latent = model.get_latent_representation()
+    assert np.allclose(latent.sum(1), 1.0, atol=1e-4)

@@ -71,7 +71,7 @@ class LinearSCVI:
         self.init_params_ = dict(
             n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate, dispersion=dispersion,
             gene_likelihood=gene_likelihood, latent_distribution=latent_distribution,
-            use_observed_lib_size=use_observed_lib_size, **model_kwargs,
+            use_observed_lib_size=use_observed_lib_size, **setup.module_kwargs(model_kwargs),
         )  # fmt: skip
         cells, self.module = setup.build(adata, self.registry, seed, self.init_params_)
         self.n_latent = n_latent
