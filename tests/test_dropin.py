@@ -186,3 +186,63 @@ def test_latent_distribution_ln_is_accepted(small):
     model = pyro_ldvae.LinearSCVI(small, n_latent=2, n_hidden=8, latent_distribution="ln")
     latent = model.get_latent_representation()
     assert np.allclose(latent.sum(1), 1.0, atol=1e-4)
+
+
+# 4. gene_likelihood='normal' for non-integer data -------------------------------------------------
+def test_normal_likelihood_log_prob_dense_and_sparse():
+    from pyro_ldvae.kernels.sparse import SparseCounts
+    from pyro_ldvae.models.likelihoods import CellCounts, Normal, count_kernel, count_likelihood
+
+    torch.manual_seed(0)
+    mu, scale = torch.rand(4, 6) * 3, torch.rand(6) + 0.5
+    x = torch.rand(4, 6) * (torch.rand(4, 6) > 0.5)
+    px = count_likelihood("normal", mu, scale, None)
+    assert isinstance(px, Normal)
+    expected = torch.distributions.Normal(mu, scale).log_prob(x)
+    torch.testing.assert_close(px.log_prob(x), expected)
+    sparse_x = SparseCounts.from_scipy(__import__("scipy.sparse").sparse.csr_matrix(x.numpy()))
+    torch.testing.assert_close(px.log_prob(sparse_x), expected)
+    cell = CellCounts(px, kernel=count_kernel(sparse_x, px))
+    torch.testing.assert_close(cell.log_prob(sparse_x), expected.sum(-1))
+    draws = px.sample((2000,))
+    torch.testing.assert_close(draws.mean(0), mu, atol=0.15, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def log_normalized(data):
+    import scipy.sparse as sp
+
+    adata = data.copy()
+    counts = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
+    lognorm = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4).astype(np.float32)
+    adata.layers["lognorm"] = lognorm
+    adata.layers["lognorm_csr"] = sp.csr_matrix(lognorm)
+    return adata
+
+
+def test_normal_likelihood_needs_check_counts_off_for_counts_likelihoods(log_normalized):
+    adata = log_normalized.copy()
+    with pytest.raises(ValueError, match="gene_likelihood='normal'"):
+        pyro_ldvae.LinearSCVI.setup_anndata(adata, layer="lognorm")
+
+
+@pytest.mark.parametrize("layer", ["lognorm", "lognorm_csr"])
+def test_normal_likelihood_trains_on_log_normalized_data(log_normalized, layer):
+    adata = log_normalized.copy()
+    pyro_ldvae.LinearSCVI.setup_anndata(adata, batch_key="batch", layer=layer, check_counts=False)
+    # The observed library (total of the values) keeps mu = total * rho bounded; see docs/scvi_differences.md.
+    model = pyro_ldvae.LinearSCVI(
+        adata, n_latent=2, n_hidden=16, gene_likelihood="normal", use_observed_lib_size=True, seed=0
+    )
+    torch.manual_seed(0)
+    before = float(model.get_elbo())
+    model.train(max_epochs=8, batch_size=50, progress_bar=False, plan_kwargs={"lr": 1e-2})
+    torch.manual_seed(0)
+    after = float(model.get_elbo())
+    assert np.isfinite(after) and after > before + 200, (before, after)
+    params = model.get_likelihood_parameters(indices=np.arange(5))
+    assert set(params) == {"mean", "dispersions"} and params["mean"].shape == (5, 30)
+    assert (params["dispersions"] > 0).all()
+    draws = model.posterior_predictive_sample(indices=np.arange(5), n_samples=2).todense()
+    assert draws.shape == (5, 30, 2) and not np.allclose(draws, np.round(draws))
+    assert np.isfinite(float(model.get_reconstruction_error()["reconstruction_loss"]))

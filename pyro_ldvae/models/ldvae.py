@@ -119,7 +119,8 @@ class LDVAE(PyroModule):
     log_variational
         Encode ``log1p(x)`` instead of ``x``.
     gene_likelihood
-        'nb', 'zinb' or 'poisson'.
+        'nb', 'zinb', 'poisson', or 'normal' for non-integer data (a Normal with mean
+        ``exp(l) rho`` and a learned standard deviation in place of theta).
     use_batch_norm, bias
         Batch norm and bias in the linear decoder (``use_batch_norm`` also takes scvi-tools'
         'both' = True and 'encoder' = False; the encoders always have batch norm). ``use_batch_norm=None`` (default) means True
