@@ -1,14 +1,15 @@
 """``LinearSCVI`` methods that exist for scvi-tools compatibility, with scvi-tools' return types.
 
 Each function takes the model as its first argument; ``LinearSCVI`` binds them as methods, so
-``model.get_elbo()`` here is ``get_elbo(model)``.
+``model.get_elbo()`` here is ``get_elbo(model)``. (``model`` is not annotated: importing
+``LinearSCVI`` here would be an import circle.)
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -21,9 +22,6 @@ from ..tasks import posterior as tasks
 from ..tasks.expression import feature_correlation, gene_mask
 from . import io
 from .results import check_genes
-
-if TYPE_CHECKING:
-    from .linear_scvi import LinearSCVI
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +55,7 @@ def view_setup_args(dir_path: str, prefix: str | None = None) -> dict:
     return args
 
 
-def view_anndata_setup(model: LinearSCVI, adata: AnnData | None = None, hide_state_registries: bool = False) -> dict:
+def view_anndata_setup(model, adata: AnnData | None = None, hide_state_registries: bool = False) -> dict:
     """The setup the model reads ``adata`` (default: the model's AnnData) with.
 
     Checks that ``adata`` fits the model (genes, registered columns, categories) and returns the
@@ -75,7 +73,7 @@ def view_anndata_setup(model: LinearSCVI, adata: AnnData | None = None, hide_sta
     return registry
 
 
-def set_adata(model: LinearSCVI, adata: AnnData) -> None:
+def set_adata(model, adata: AnnData) -> None:
     """Attach ``adata`` to the model (the setter of ``model.adata``).
 
     ``adata`` must hold the model's genes in the model's order (``ValueError`` otherwise) and
@@ -91,7 +89,7 @@ def set_adata(model: LinearSCVI, adata: AnnData) -> None:
     model._adata = adata
 
 
-def minify_adata(model: LinearSCVI, *args, **kwargs) -> None:
+def minify_adata(model, *args, **kwargs) -> None:
     """Not supported: pyro_ldvae has no minified (latent-posterior-only) AnnData mode.
 
     Raises
@@ -111,7 +109,7 @@ def minify_adata(model: LinearSCVI, *args, **kwargs) -> None:
 # Evaluation, with scvi-tools' return types --------------------------------------------------
 @torch.no_grad()
 def get_elbo(
-    model: LinearSCVI, adata: AnnData | None = None, indices: Sequence[int] | None = None,
+    model, adata: AnnData | None = None, indices: Sequence[int] | None = None,
     batch_size: int | None = None, return_mean: bool = True,
 ) -> torch.Tensor:  # fmt: skip
     """ELBO per cell, higher is better (scvi-tools' ``get_elbo``).
@@ -127,7 +125,7 @@ def get_elbo(
 
 
 def get_marginal_ll(
-    model: LinearSCVI, adata: AnnData | None = None, indices: Sequence[int] | None = None,
+    model, adata: AnnData | None = None, indices: Sequence[int] | None = None,
     n_mc_samples: int = 1000, batch_size: int | None = None, return_mean: bool = True,
 ) -> float | torch.Tensor:  # fmt: skip
     """Importance-sampled ``log p(x)`` with the guide as proposal; higher is better.
@@ -143,7 +141,7 @@ def get_marginal_ll(
 
 
 def get_reconstruction_error(
-    model: LinearSCVI, adata: AnnData | None = None, indices: Sequence[int] | None = None,
+    model, adata: AnnData | None = None, indices: Sequence[int] | None = None,
     batch_size: int | None = None, return_mean: bool = True,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """``{'reconstruction_loss': -log p(x | z, l)}`` at a posterior draw; lower is better.
@@ -162,7 +160,7 @@ def get_reconstruction_error(
 
 # Sampling ------------------------------------------------------------------------------------
 def posterior_predictive_sample(
-    model: LinearSCVI, adata: AnnData | None = None, indices: Sequence[int] | None = None,
+    model, adata: AnnData | None = None, indices: Sequence[int] | None = None,
     transform_batch: str | int | Sequence[str | int] | None = None, n_samples: int = 1,
     gene_list: Sequence[str] | None = None, batch_size: int | None = None,
 ):  # fmt: skip
@@ -191,7 +189,7 @@ def posterior_predictive_sample(
 
 
 def get_feature_correlation_matrix(
-    model: LinearSCVI, adata: AnnData | None = None, indices: Sequence[int] | None = None, n_samples: int = 10,
+    model, adata: AnnData | None = None, indices: Sequence[int] | None = None, n_samples: int = 10,
     batch_size: int = 64, rna_size_factor: int = 1000, transform_batch: Sequence[str | int] | None = None,
     correlation_type: Literal["spearman", "pearson"] = "spearman",
 ) -> pd.DataFrame:  # fmt: skip
