@@ -171,9 +171,9 @@ BAD_INPUTS = [
     Case("unknown dispersion", model={"dispersion": "gene-gene"}, stage="model", words=("dispersion", "'gene-gene'")),
     Case(
         "unknown gene_likelihood",
-        model={"gene_likelihood": "normal"},
+        model={"gene_likelihood": "gaussian"},
         stage="model",
-        words=("gene_likelihood", "'normal'"),
+        words=("gene_likelihood", "'gaussian'"),
     ),
     Case(
         "unknown latent_distribution",

@@ -19,7 +19,6 @@ from anndata import AnnData
 from ..data import validate
 from ..data.cells import CellData
 from ..data.registry import SETUP_KEY, get_registry, register
-from ..infer.evaluate import evaluate_elbo
 from ..infer.options import TrainOptions
 from ..infer.plan import split_indices
 from ..infer.train import train_svi
@@ -28,7 +27,7 @@ from ..tasks import de
 from ..tasks import posterior as tasks
 from ..tasks.expression import Weights, expression_samples, gene_mask
 from ..tasks.latent import latent_representation
-from . import io, multimodal, query, results, scvi_import, setup
+from . import dropin, io, multimodal, query, results, scvi_import, setup
 from .device import Accelerator, resolve_device
 from .history import append_history as _append_history
 from .history import keeping_history_on_fault as _keeping_history_on_fault
@@ -68,12 +67,12 @@ class LinearSCVI:
         **model_kwargs,
     ):  # fmt: skip
         adata = multimodal.split(adata)[1]  # a MuData: its RNA modality, named by setup_mudata
-        self.adata, self.seed, self.var_names = adata, seed, pd.Index(adata.var_names)
+        self._adata, self.seed, self.var_names = adata, seed, pd.Index(adata.var_names)
         self.registry = get_registry(adata)
         self.init_params_ = dict(
             n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate, dispersion=dispersion,
             gene_likelihood=gene_likelihood, latent_distribution=latent_distribution,
-            use_observed_lib_size=use_observed_lib_size, **model_kwargs,
+            use_observed_lib_size=use_observed_lib_size, **setup.module_kwargs(model_kwargs),
         )  # fmt: skip
         cells, self.module = setup.build(adata, self.registry, seed, self.init_params_)
         self.n_latent = n_latent
@@ -103,6 +102,11 @@ class LinearSCVI:
             f"n_batch={self.registry.n_batch}, gene_likelihood={p['gene_likelihood']!r}, "
             f"dispersion={p['dispersion']!r}, trained={self.is_trained_})"
         )
+
+    adata = property(lambda self: self._adata, dropin.set_adata, doc="The AnnData the model reads by default.")
+    view_setup_args = staticmethod(dropin.view_setup_args)
+    view_anndata_setup = dropin.view_anndata_setup
+    minify_adata = dropin.minify_adata
 
     @property
     def history(self) -> dict[str, pd.DataFrame]:
@@ -266,16 +270,6 @@ class LinearSCVI:
             return frame(mean), frame(std)
         return pd.DataFrame(self.module.get_loadings(), index=self.var_names, columns=columns)
 
-    @torch.no_grad()
-    def get_elbo(
-        self, adata: AnnData | None = None, indices: Sequence[int] | None = None, batch_size: int | None = None,
-        return_mean: bool = True,
-    ) -> float | np.ndarray:  # fmt: skip
-        """ELBO per cell (mean over cells by default); higher is better, as scvi-tools' ``get_elbo``."""
-        cells = self.get_cells(adata)
-        per_cell = evaluate_elbo(self.module, cells, self._indices(cells, indices), batch_size or 1024)
-        return per_cell.mean().item() if return_mean else per_cell.cpu().numpy()
-
     def get_normalized_expression(
         self, adata: AnnData | None = None, indices: Sequence[int] | None = None,
         transform_batch: str | int | Sequence[str | int] | None = None, gene_list: Sequence[str] | None = None,
@@ -309,25 +303,12 @@ class LinearSCVI:
             return exprs
         return pd.DataFrame(exprs, index=adata.obs_names[idx], columns=self.var_names[mask])
 
-    def posterior_predictive_sample(
-        self, adata: AnnData | None = None, indices: Sequence[int] | None = None, n_samples: int = 1,
-        gene_list: Sequence[str] | None = None, batch_size: int | None = None,
-        transform_batch: str | int | None = None,
-    ) -> np.ndarray:  # fmt: skip
-        """Counts drawn from the posterior predictive ``p(x_new | x)``: z and l from the guide, then
-        the model's ``'x'`` site sampled instead of observed; ``transform_batch`` decodes every
-        cell as if from that batch category.
-
-        Returns a dense array ``(cells, genes)``, or ``(cells, genes, n_samples)`` when
-        ``n_samples > 1`` (scvi-tools' layout; scvi-tools returns a sparse GCXS array).
-        """
-        cells = self.get_cells(adata)
-        codes = self.registry.batch_codes(transform_batch)
-        if len(codes) != 1:
-            raise ValueError("posterior_predictive_sample takes one transform_batch category, not several.")
-        idx, mask = self._indices(cells, indices), gene_mask(self.var_names, gene_list)
-        draws = tasks.posterior_predictive(self.module, cells, idx, n_samples, mask, batch_size or 128, codes[0])
-        return draws[0] if n_samples == 1 else np.moveaxis(draws, 0, -1)  # draws: (n_samples, cells, genes)
+    # scvi-tools' evaluation and sampling methods, with its return types (dropin.py)
+    get_elbo = dropin.get_elbo
+    get_marginal_ll = dropin.get_marginal_ll
+    get_reconstruction_error = dropin.get_reconstruction_error
+    posterior_predictive_sample = dropin.posterior_predictive_sample
+    get_feature_correlation_matrix = dropin.get_feature_correlation_matrix
 
     def get_likelihood_parameters(
         self, adata: AnnData | None = None, indices: Sequence[int] | None = None, n_samples: int = 1,
@@ -383,26 +364,6 @@ class LinearSCVI:
             mode, delta, batch_size, all_stats, batch_correction, batchid1, batchid2, fdr_target, silent,
             weights, filter_outlier_cells, importance_weighting_kwargs, **kwargs,
         )  # fmt: skip
-
-    def get_reconstruction_error(
-        self, adata: AnnData | None = None, indices: Sequence[int] | None = None, batch_size: int | None = None,
-        return_mean: bool = True,
-    ) -> dict[str, float | np.ndarray]:  # fmt: skip
-        """``{'reconstruction_loss': -log p(x | z, l)}`` at a posterior draw: the mean per cell
-        (scvi-tools' form) or, with ``return_mean=False``, per cell ``(cells,)``. Lower is better."""
-        cells = self.get_cells(adata)
-        nll = tasks.reconstruction_nll(self.module, cells, self._indices(cells, indices), batch_size or 128)
-        return {"reconstruction_loss": float(nll.mean()) if return_mean else nll}
-
-    def get_marginal_ll(
-        self, adata: AnnData | None = None, indices: Sequence[int] | None = None, n_mc_samples: int = 1000,
-        batch_size: int | None = None, return_mean: bool = True,
-    ) -> float | np.ndarray:  # fmt: skip
-        """Importance-sampled ``log p(x)`` with the guide as proposal (higher is better): the mean
-        over cells, or per cell ``(cells,)`` with ``return_mean=False``."""
-        cells = self.get_cells(adata)
-        ll = tasks.marginal_ll(self.module, cells, self._indices(cells, indices), n_mc_samples, batch_size or 128)
-        return float(ll.mean()) if return_mean else ll
 
     def get_factor_variance_explained(
         self, adata: AnnData | None = None, indices: Sequence[int] | None = None, sort: bool = False

@@ -15,6 +15,19 @@ from ..data.registry import Registry
 from ..models.ldvae import LDVAE
 
 
+def module_kwargs(model_kwargs: dict) -> dict:
+    """``LinearSCVI``'s ``**model_kwargs`` in the form saved with a model.
+
+    ``var_activation=torch.exp`` is the encoders' fixed variance activation, so it is stored as
+    None (a function cannot be written to ``model.json``); the rest is checked by
+    :class:`~pyro_ldvae.LDVAE`.
+    """
+    kwargs = dict(model_kwargs)
+    if kwargs.get("var_activation") is torch.exp:
+        kwargs["var_activation"] = None
+    return kwargs
+
+
 def build(adata: AnnData, registry: Registry, seed: int, settings: dict) -> tuple[CellData, LDVAE]:
     """The registered cells of ``adata`` and a new module for them, its initial weights set by ``seed``.
 

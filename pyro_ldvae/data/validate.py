@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 CHUNK_VALUES = 1 << 22
 
 DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
-LIKELIHOODS = ("nb", "zinb", "poisson")
+LIKELIHOODS = ("nb", "zinb", "poisson", "normal")
 LATENT_DISTRIBUTIONS = ("normal", "ln")
 
 FILTER_HINT = "scanpy.pp.filter_cells(adata, min_counts=1)"
@@ -125,7 +125,7 @@ def check_count_values(matrix, name: str = "adata.X", integers: bool = True) -> 
             f"{name} has {n_fractional} non-integer value(s) (e.g. {example_fraction:g}); LDVAE models raw counts "
             "and this looks normalized or log-transformed (e.g. by scanpy.pp.normalize_total / log1p). "
             "Point setup_anndata at raw counts with layer= (e.g. layer='counts'), or pass check_counts=False (--no-check-counts) "
-            "if your values are meant to be non-integer."
+            "if your values are meant to be non-integer (e.g. with gene_likelihood='normal')."
         )
 
 

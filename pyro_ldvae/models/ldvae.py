@@ -37,6 +37,7 @@ from ..data.validate import check_model_args
 from ..kernels.linear import narrow_linear
 from ..kernels.sparse import log1p_counts, total_counts
 from .likelihoods import CellCounts, count_kernel, count_likelihood
+from .module_options import SCVI_MODULE_KWARGS, check_scvi_module_kwargs, decoder_batch_norm
 from .nn import Encoder, LinearHead
 from .options import Dispersion, GeneLikelihood, LatentDistribution
 from .priors import GlobalNormalGuide, LoadingsPrior, ZPrior, resolve_loadings_prior
@@ -118,9 +119,11 @@ class LDVAE(PyroModule):
     log_variational
         Encode ``log1p(x)`` instead of ``x``.
     gene_likelihood
-        'nb', 'zinb' or 'poisson'.
+        'nb', 'zinb', 'poisson', or 'normal' for non-integer data (a Normal with mean
+        ``exp(l) rho`` and a learned standard deviation in place of theta).
     use_batch_norm, bias
-        Batch norm and bias in the linear decoder. ``use_batch_norm=None`` (default) means True
+        Batch norm and bias in the linear decoder (``use_batch_norm`` also takes scvi-tools'
+        'both' = True and 'encoder' = False; the encoders always have batch norm). ``use_batch_norm=None`` (default) means True
         without a loadings prior (scvi-tools' LDVAE) and False with one. With a loadings prior the
         decoder has no batch norm and always a per-gene intercept (``bias``): batch norm divides
         each gene's logits by their spread over the minibatch, so the likelihood does not change
@@ -148,6 +151,11 @@ class LDVAE(PyroModule):
     z_prior
         None (default): ``z ~ Normal(0, I)``. A callable ``z_prior(n_latent) -> Distribution`` with
         event shape ``(n_latent,)``, e.g. :class:`pyro_ldvae.priors.GaussianMixture`.
+    **scvi_module_kwargs
+        scvi-tools' ``VAE`` options ``use_layer_norm``, ``var_activation``, ``encode_covariates``,
+        ``deeply_inject_covariates``, ``extra_encoder_kwargs``, ``extra_decoder_kwargs``,
+        ``use_size_factor_key``: the values that describe this model are accepted, the others
+        raise ``ValueError`` with the reason (see :mod:`pyro_ldvae.models.module_options`).
     """
 
     @_local_params
@@ -163,7 +171,7 @@ class LDVAE(PyroModule):
         dispersion: Dispersion = "gene",
         log_variational: bool = True,
         gene_likelihood: GeneLikelihood = "nb",
-        use_batch_norm: bool | None = None,
+        use_batch_norm: bool | str | None = None,
         bias: bool = False,
         latent_distribution: LatentDistribution = "normal",
         use_observed_lib_size: bool = False,
@@ -175,8 +183,14 @@ class LDVAE(PyroModule):
         loadings_prior_scale: float | None = None,
         loadings_prior_kwargs: dict | None = None,
         z_prior: ZPrior | None = None,
+        **scvi_module_kwargs,
     ):
         super().__init__()
+        unknown = set(scvi_module_kwargs) - set(SCVI_MODULE_KWARGS)
+        if unknown:
+            raise ValueError(f"LDVAE got unknown keyword arguments {sorted(unknown)}.")
+        check_scvi_module_kwargs(**scvi_module_kwargs)
+        use_batch_norm = decoder_batch_norm(use_batch_norm)
         loadings_prior = resolve_loadings_prior(loadings_prior, loadings_prior_scale, **(loadings_prior_kwargs or {}))
         if loadings_prior is not None and use_batch_norm:
             raise ValueError(

@@ -36,7 +36,7 @@ from ..kernels.sparse_density import (
     sparse_nb_log_prob,
 )
 
-GeneLikelihood = Literal["nb", "zinb", "poisson"]
+GeneLikelihood = Literal["nb", "zinb", "poisson", "normal"]
 # How a cell's log-density is computed: the elementwise densities of dense counts summed over genes,
 # those of sparse counts (zero term everywhere, count term at the non-zeros) summed, or, for an NB with
 # one theta per gene, each cell's sum directly without the (cells, genes) array of densities.
@@ -181,10 +181,53 @@ class Poisson(_CountDistribution):
         return new
 
 
+class Normal(_CountDistribution):
+    """Normal with mean ``mu`` and standard deviation ``theta``, for non-integer data (scvi-tools'
+    ``gene_likelihood='normal'``: ``Normal(exp(l) rho, exp(px_r))``, the scale learned per gene,
+    per batch, per label or per cell as ``dispersion`` says). Sparse values are densified."""
+
+    arg_constraints = {"mu": constraints.real, "theta": constraints.positive}
+    support = constraints.real
+    has_rsample = True
+
+    def __init__(self, mu: torch.Tensor, theta: torch.Tensor, validate_args: bool | None = None):
+        self.mu, self.theta = mu, theta
+        super().__init__(torch.broadcast_shapes(mu.shape, theta.shape), validate_args=validate_args)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.mu.expand(self.batch_shape)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return (self.theta**2).expand(self.batch_shape)
+
+    def dense_log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return torch.distributions.Normal(self.mu, self.theta, validate_args=False).log_prob(value)
+
+    def sparse_log_prob(self, value: torch.Tensor | SparseCounts) -> torch.Tensor:
+        return self.dense_log_prob(value.to_dense())
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        mu, theta = broadcast_all(self.mu, self.theta)
+        return mu + theta * torch.randn(torch.Size(sample_shape) + mu.shape, dtype=mu.dtype, device=mu.device)
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(Normal, _instance)
+        new.mu, new.theta = self.mu.expand(batch_shape), _broadcastable(self.theta, batch_shape)
+        super(Normal, new).__init__(torch.Size(batch_shape), validate_args=False)
+        return new
+
+
 def count_likelihood(
     gene_likelihood: GeneLikelihood, mu: torch.Tensor, theta: torch.Tensor | None, gate_logits: torch.Tensor | None
-) -> NegativeBinomial | ZeroInflatedNegativeBinomial | Poisson:
-    """The elementwise observation distribution named by ``gene_likelihood``, ``(cells, genes)``."""
+) -> NegativeBinomial | ZeroInflatedNegativeBinomial | Poisson | Normal:
+    """The elementwise observation distribution named by ``gene_likelihood``, ``(cells, genes)``;
+    for 'normal', ``theta`` is the standard deviation."""
     # No argument validation: mu = exp(l) softmax(.) >= 0 and theta > 0 hold by construction, and
     # checking them costs a full pass over (cells, genes) every step.
     if gene_likelihood == "nb":
@@ -193,7 +236,9 @@ def count_likelihood(
         return ZeroInflatedNegativeBinomial(mu, theta, gate_logits, validate_args=False)
     if gene_likelihood == "poisson":
         return Poisson(mu, validate_args=False)
-    raise ValueError(f"gene_likelihood must be 'nb', 'zinb' or 'poisson', got {gene_likelihood!r}.")
+    if gene_likelihood == "normal":
+        return Normal(mu, theta, validate_args=False)
+    raise ValueError(f"gene_likelihood must be 'nb', 'zinb', 'poisson' or 'normal', got {gene_likelihood!r}.")
 
 
 def count_kernel(counts: torch.Tensor | SparseCounts, likelihood: _CountDistribution) -> Kernel:

@@ -7,6 +7,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-GeneLikelihood = Literal["nb", "zinb", "poisson"]
+GeneLikelihood = Literal["nb", "zinb", "poisson", "normal"]
 Dispersion = Literal["gene", "gene-batch", "gene-label", "gene-cell"]
 LatentDistribution = Literal["normal", "ln"]

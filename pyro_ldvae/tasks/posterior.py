@@ -126,18 +126,24 @@ def posterior_predictive(
     n_samples: int = 1,
     gene_mask: np.ndarray | slice = slice(None),
     batch_size: int = 128,
-    batch_code: int | None = None,
+    batch_codes: Sequence[int | None] = (None,),
 ) -> np.ndarray:
-    """Counts drawn from the posterior predictive, ``(n_samples, cells, genes_selected)``;
-    ``batch_code`` decodes every cell into that batch."""
+    """Counts drawn from the posterior predictive, ``(n_samples, cells, genes_selected)``.
+
+    Every cell is decoded into each of ``batch_codes`` (None: its own batch); with several codes
+    the draws are averaged over them, as scvi-tools does, and are then no longer integers.
+    """
     module.eval()
     out = []
     for mb in cells.iter_minibatches(indices, batch_size, module.device):
-        parts = []
-        for n in chunks(n_samples, samples_per_chunk(module, mb.n_cells, n_samples)):
-            _, trace = posterior_traces(module, mb, n, batch_code, sample_x=True)
-            parts.append(trace.nodes["x"]["value"].reshape(n, mb.n_cells, -1)[..., gene_mask].cpu())
-        out.append(torch.cat(parts, dim=0))
+        per_code = []
+        for code in batch_codes:
+            parts = []
+            for n in chunks(n_samples, samples_per_chunk(module, mb.n_cells, n_samples)):
+                _, trace = posterior_traces(module, mb, n, code, sample_x=True)
+                parts.append(trace.nodes["x"]["value"].reshape(n, mb.n_cells, -1)[..., gene_mask].cpu())
+            per_code.append(torch.cat(parts, dim=0))
+        out.append(per_code[0] if len(per_code) == 1 else torch.stack(per_code).mean(0))
     return torch.cat(out, dim=1).numpy()
 
 

@@ -1,0 +1,211 @@
+"""``LinearSCVI`` methods that exist for scvi-tools compatibility, with scvi-tools' return types.
+
+Each function takes the model as its first argument; ``LinearSCVI`` binds them as methods, so
+``model.get_elbo()`` here is ``get_elbo(model)``. (``model`` is not annotated: importing
+``LinearSCVI`` here would be an import circle.)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+
+from ..data.registry import SETUP_KEY
+from ..infer.evaluate import evaluate_elbo
+from ..tasks import posterior as tasks
+from ..tasks.expression import feature_correlation, gene_mask
+from . import io
+from .results import check_genes
+
+logger = logging.getLogger(__name__)
+
+
+def _indices(cells, indices: Sequence[int] | None) -> np.ndarray:
+    return np.arange(cells.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
+
+
+# Setup and data ------------------------------------------------------------------------------
+def view_setup_args(dir_path: str, prefix: str | None = None) -> dict:
+    """The setup arguments a saved model was registered with, read from its ``model.json``.
+
+    Parameters
+    ----------
+    dir_path
+        Directory written by :meth:`LinearSCVI.save`.
+    prefix
+        Prefix of the saved file names.
+
+    Returns
+    -------
+    dict of ``setup_anndata``'s arguments (``batch_key``, ``labels_key``, ``layer``,
+    ``categorical_covariate_keys``, ``continuous_covariate_keys``, ``check_counts``). It is
+    logged and returned rather than printed (scvi-tools prints it and returns None).
+    """
+    registry = io.read_metadata(dir_path, prefix)["registry"]
+    names = ("batch_key", "labels_key", "layer", "categorical_covariate_keys", "continuous_covariate_keys")
+    args = {name: registry.get(name) for name in names}
+    args["check_counts"] = registry.get("check_counts", True)
+    logger.info("setup_anndata arguments of %s: %s", dir_path, args)
+    return args
+
+
+def view_anndata_setup(model, adata: AnnData | None = None, hide_state_registries: bool = False) -> dict:
+    """The setup the model reads ``adata`` (default: the model's AnnData) with.
+
+    Checks that ``adata`` fits the model (genes, registered columns, categories) and returns the
+    registry as a dict: keys, layer and, unless ``hide_state_registries``, the category orders
+    (``batch_categories``, ``label_categories``, ``covariate_categories``) and the sizes.
+    """
+    model.get_cells(adata)  # raises ValueError when adata does not fit the model
+    registry = dict(model.registry.__dict__)
+    if hide_state_registries:
+        for key in ("batch_categories", "label_categories", "covariate_categories"):
+            registry.pop(key)
+    else:
+        registry.update(n_batch=model.registry.n_batch, n_labels=model.registry.n_labels)
+    registry.update(n_obs=(model.adata if adata is None else adata).n_obs, n_vars=len(model.var_names))
+    return registry
+
+
+def set_adata(model, adata: AnnData) -> None:
+    """Attach ``adata`` to the model (the setter of ``model.adata``).
+
+    ``adata`` must hold the model's genes in the model's order (``ValueError`` otherwise) and
+    the registered ``obs`` columns with known categories. An AnnData not set up yet receives the
+    model's setup.
+    """
+    if not isinstance(adata, AnnData):
+        raise ValueError(f"adata must be an AnnData, got {type(adata).__name__}.")
+    check_genes(adata, model.var_names)
+    if SETUP_KEY not in adata.uns:
+        adata.uns[SETUP_KEY] = model.registry.to_json()
+    model.get_cells(adata)  # validates the registered columns against the model's categories
+    model._adata = adata
+
+
+def minify_adata(model, *args, **kwargs) -> None:
+    """Not supported: pyro_ldvae has no minified (latent-posterior-only) AnnData mode.
+
+    Raises
+    ------
+    NotImplementedError
+        Always. Store the latent posterior with ``qzm, qzv =
+        model.get_latent_representation(return_dist=True)`` in ``adata.obsm`` and keep the counts:
+        every method here reads the counts.
+    """
+    raise NotImplementedError(
+        "minify_adata is not supported: every pyro_ldvae method reads the counts. Keep them, and store the "
+        "latent posterior with `qzm, qzv = model.get_latent_representation(return_dist=True)` "
+        "(adata.obsm['ldvae_latent_qzm'] = qzm; adata.obsm['ldvae_latent_qzv'] = qzv) if you need it."
+    )
+
+
+# Evaluation, with scvi-tools' return types --------------------------------------------------
+@torch.no_grad()
+def get_elbo(
+    model, adata: AnnData | None = None, indices: Sequence[int] | None = None,
+    batch_size: int | None = None, return_mean: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """ELBO per cell, higher is better (scvi-tools' ``get_elbo``).
+
+    Returns
+    -------
+    A 0-dim ``torch.Tensor``, the mean over cells, or with ``return_mean=False`` a tensor
+    ``(cells,)``; on the CPU.
+    """
+    cells = model.get_cells(adata)
+    per_cell = evaluate_elbo(model.module, cells, _indices(cells, indices), batch_size or 1024).detach().cpu()
+    return per_cell.mean() if return_mean else per_cell
+
+
+def get_marginal_ll(
+    model, adata: AnnData | None = None, indices: Sequence[int] | None = None,
+    n_mc_samples: int = 1000, batch_size: int | None = None, return_mean: bool = True,
+) -> float | torch.Tensor:  # fmt: skip
+    """Importance-sampled ``log p(x)`` with the guide as proposal; higher is better.
+
+    Returns
+    -------
+    The mean over cells as a ``float``, or with ``return_mean=False`` a ``torch.Tensor``
+    ``(cells,)`` (scvi-tools' types).
+    """
+    cells = model.get_cells(adata)
+    ll = tasks.marginal_ll(model.module, cells, _indices(cells, indices), n_mc_samples, batch_size or 128)
+    return float(ll.mean()) if return_mean else torch.from_numpy(np.asarray(ll))
+
+
+def get_reconstruction_error(
+    model, adata: AnnData | None = None, indices: Sequence[int] | None = None,
+    batch_size: int | None = None, return_mean: bool = True,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """``{'reconstruction_loss': -log p(x | z, l)}`` at a posterior draw; lower is better.
+
+    Returns
+    -------
+    dict whose value is a 0-dim ``torch.Tensor`` (the mean over cells) or, with
+    ``return_mean=False``, a tensor ``(cells,)``: scvi-tools' types.
+    """
+    cells = model.get_cells(adata)
+    nll = torch.from_numpy(
+        np.asarray(tasks.reconstruction_nll(model.module, cells, _indices(cells, indices), batch_size or 128))
+    )
+    return {"reconstruction_loss": nll.mean() if return_mean else nll}
+
+
+# Sampling ------------------------------------------------------------------------------------
+def posterior_predictive_sample(
+    model, adata: AnnData | None = None, indices: Sequence[int] | None = None,
+    transform_batch: str | int | Sequence[str | int] | None = None, n_samples: int = 1,
+    gene_list: Sequence[str] | None = None, batch_size: int | None = None,
+):  # fmt: skip
+    """Counts drawn from the posterior predictive ``p(x_new | x)`` (scvi-tools' arguments, in its order).
+
+    z and l come from the guide, then the model's ``'x'`` site is sampled instead of observed.
+    ``transform_batch`` decodes every cell as if from that batch category; with several
+    categories the draws are averaged over them (no longer integers), as in scvi-tools.
+
+    Returns
+    -------
+    ``sparse.GCXS`` (scvi-tools' type; the ``sparse`` package is a dependency of scvi-tools)
+    of shape ``(cells, genes)``, or ``(cells, genes, n_samples)`` when ``n_samples > 1``. When
+    ``sparse`` is not installed, the same values as a dense numpy array.
+    """
+    cells = model.get_cells(adata)
+    codes = model.registry.batch_codes(transform_batch)
+    idx, mask = _indices(cells, indices), gene_mask(model.var_names, gene_list)
+    draws = tasks.posterior_predictive(model.module, cells, idx, n_samples, mask, batch_size or 128, codes)
+    draws = draws[0] if n_samples == 1 else np.moveaxis(draws, 0, -1)  # draws: (n_samples, cells, genes)
+    try:
+        import sparse
+    except ImportError:  # pragma: no cover - sparse comes with scvi-tools
+        return draws
+    return sparse.GCXS.from_numpy(np.ascontiguousarray(draws))
+
+
+def get_feature_correlation_matrix(
+    model, adata: AnnData | None = None, indices: Sequence[int] | None = None, n_samples: int = 10,
+    batch_size: int = 64, rna_size_factor: int = 1000, transform_batch: Sequence[str | int] | None = None,
+    correlation_type: Literal["spearman", "pearson"] = "spearman",
+) -> pd.DataFrame:  # fmt: skip
+    """Gene-gene correlation of posterior samples of the normalized expression (scvi-tools' arguments).
+
+    ``n_samples`` draws per cell of ``rna_size_factor * rho`` are correlated across cells and
+    draws; with several ``transform_batch`` categories, the matrices of each are averaged. See
+    :func:`pyro_ldvae.tasks.expression.feature_correlation`.
+
+    Returns
+    -------
+    DataFrame ``(genes, genes)`` indexed and labelled by the model's genes.
+    """
+    cells = model.get_cells(adata)
+    codes = model.registry.batch_codes(transform_batch)
+    matrix = feature_correlation(
+        model.module, cells, _indices(cells, indices), codes, n_samples, batch_size, rna_size_factor, correlation_type
+    )
+    return pd.DataFrame(matrix, index=model.var_names, columns=model.var_names)
