@@ -115,8 +115,10 @@ def test_kl_warmup_by_step():
     plan = TrainingPlan(n_epochs_kl_warmup=None, n_steps_kl_warmup=10, min_kl_weight=0.0, max_kl_weight=1.0)
     assert [plan.kl_weight(epoch=5, step=s) for s in (0, 5, 10, 50)] == [0.0, 0.5, 1.0, 1.0]
     assert plan.by_step
+    assert not TrainingPlan(n_steps_kl_warmup=10).by_step  # the default n_epochs_kl_warmup=400 wins
     with pytest.warns(UserWarning, match="overrides n_steps_kl_warmup"):
-        assert not TrainingPlan.from_kwargs({"n_steps_kl_warmup": 10}).by_step
+        resolved = TrainOptions(plan_kwargs={"n_steps_kl_warmup": 10}).resolved()
+    assert resolved.plan_kwargs is None and resolved.resolved() == resolved
     planned = policy.planned_step_kinds(plan, 0, 2, 70, 32)
     assert planned == {(32, True): 1, (32, False): 3, (6, False): 2}
 

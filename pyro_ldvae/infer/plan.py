@@ -89,15 +89,16 @@ class TrainingPlan:
                     UserWarning,
                     stacklevel=4,
                 )
-        plan = cls(**kwargs)
-        if plan.n_steps_kl_warmup and plan.n_epochs_kl_warmup:
-            warnings.warn(
-                f"n_epochs_kl_warmup={plan.n_epochs_kl_warmup} overrides n_steps_kl_warmup, as in scvi-tools; pass "
-                "n_epochs_kl_warmup=None to warm the KL weight up by steps.",
-                UserWarning,
-                stacklevel=4,
+        return cls(**kwargs)
+
+    def overridden_warmup(self) -> str | None:
+        """A warning when ``n_epochs_kl_warmup`` overrides a given ``n_steps_kl_warmup`` (as in scvi-tools)."""
+        if self.n_steps_kl_warmup and self.n_epochs_kl_warmup:
+            return (
+                f"n_epochs_kl_warmup={self.n_epochs_kl_warmup} overrides n_steps_kl_warmup, as in scvi-tools; pass "
+                "n_epochs_kl_warmup=None to warm the KL weight up by steps."
             )
-        return plan
+        return None
 
     @property
     def by_step(self) -> bool:

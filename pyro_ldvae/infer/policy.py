@@ -95,7 +95,13 @@ def planned_step_kinds(
         masked = plan.kl_weight(epoch) == 0 if not plan.by_step else plan.max_kl_weight == 0
         for size in sizes:
             planned[size, masked] = planned.get((size, masked), 0) + 1
-    if plan.by_step and not plan.max_kl_weight == 0 and start_epoch == 0 and sizes and plan.kl_weight(0, 0) == 0:
+    if (
+        plan.by_step
+        and plan.max_kl_weight != 0
+        and start_epoch == 0 < max_epochs
+        and sizes
+        and plan.kl_weight(0, 0) == 0
+    ):
         planned[sizes[0], False] -= 1  # the run's first step: weight 0
         planned[sizes[0], True] = 1
     return planned

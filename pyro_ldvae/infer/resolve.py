@@ -60,8 +60,11 @@ def resolve(options: Any) -> Any:
     if options.datasplitter_kwargs is not None and splitter != options.datasplitter_kwargs:
         changes["datasplitter_kwargs"] = splitter or None
     if options.plan_kwargs:
-        TrainingPlan.from_kwargs(options.plan_kwargs)  # warns once about keys with no effect
+        plan = TrainingPlan.from_kwargs(options.plan_kwargs)  # warns once about keys with no effect
         known = set(TrainingPlan.__dataclass_fields__)
+        if plan.overridden_warmup():  # scvi-tools' rule: the epochs win; the steps are dropped, so warned once
+            warnings.warn(plan.overridden_warmup(), UserWarning, stacklevel=4)
+            known.discard("n_steps_kl_warmup")
         changes["plan_kwargs"] = {k: v for k, v in options.plan_kwargs.items() if k in known} or None
     if options.callbacks:
         changes["callbacks"] = cb.usable(options.callbacks) or None
