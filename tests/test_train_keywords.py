@@ -208,3 +208,4 @@ def test_options_carry_the_new_keywords():
     resolved = options.resolved()
     assert resolved.progress_bar is False and resolved.early_stopping_patience == 3
     assert resolved.trainer_kwargs is None and resolved.resolved() == resolved
+    assert TrainOptions(trainer_kwargs={"devices": [1]}).resolved().device == 1  # scvi-tools' name

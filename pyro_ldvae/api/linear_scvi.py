@@ -220,9 +220,9 @@ class LinearSCVI:
             Objects with ``on_epoch_end(module, epoch, history)`` (see ``infer.callbacks``);
             True stops training. Lightning callbacks warn and are ignored.
         **trainer_kwargs
-            Lightning ``Trainer`` keywords: ``enable_progress_bar`` sets ``progress_bar``; the
-            others (``logger``, ``log_every_n_steps``, ``enable_checkpointing``, ...) warn and
-            have no effect, as the loop is not Lightning.
+            Lightning ``Trainer`` keywords: ``enable_progress_bar`` and ``devices`` set
+            ``progress_bar`` and ``device``; the others (``logger``, ``log_every_n_steps``,
+            ``enable_checkpointing``, ...) warn and have no effect: the loop is not Lightning.
 
         The history holds ``elbo_train``, ``elbo_validation``, ``kl_weight``, ``train_loss_epoch``,
         ``train_time`` by epoch and ``train_loss_step`` by step. Ctrl-C stops after the current

@@ -14,7 +14,7 @@ from . import callbacks as cb
 from .plan import MONITORS, TrainingPlan
 
 # Trainer keywords whose counterpart is one of our options.
-TRAINER_ALIASES = {"enable_progress_bar": "progress_bar"}
+TRAINER_ALIASES = {"enable_progress_bar": "progress_bar", "devices": "device"}
 SPLITTER_KEYS = ("drop_last", "external_indexing")
 NOT_LIGHTNING = "the training loop is not Lightning (see docs/design.md)"
 # Why some well-known keywords have no effect.
@@ -44,7 +44,11 @@ def resolve(options: Any) -> Any:
         _warn("", "load_sparse_tensor")
         changes["load_sparse_tensor"] = False
     for key, value in (options.trainer_kwargs or {}).items():
-        if key in TRAINER_ALIASES:
+        if key == "devices" and isinstance(value, (list, tuple)):
+            if len(value) != 1:
+                raise ValueError(f"devices={value!r}: one device trains here; run under torchrun for several.")
+            changes["device"] = value[0]
+        elif key in TRAINER_ALIASES:
             changes[TRAINER_ALIASES[key]] = value
         elif key in options.names() and key != "trainer_kwargs":
             changes[key] = value
