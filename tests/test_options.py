@@ -24,6 +24,8 @@ def test_linear_scvi_train_takes_exactly_the_options_with_their_defaults():
     params.pop("self")
     fields = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
     assert list(params) == list(fields)
+    # scvi-tools' **trainer_kwargs is the last option, a dict
+    assert params.pop("trainer_kwargs").kind is inspect.Parameter.VAR_KEYWORD and fields.pop("trainer_kwargs") is None
     assert {name: p.default for name, p in params.items()} == fields
 
 

@@ -469,8 +469,10 @@ def test_genes_are_matched_at_inference(base):
 
 
 def test_tiny_datasets_train(base):
-    """5 cells (one minibatch, batch norm on 5 cells), a last minibatch of one cell."""
-    for n_cells, kwargs in ((5, {}), (10, {"batch_size": 4}), (9, {"batch_size": 4, "train_size": 1.0})):
+    """5 cells (one minibatch, batch norm on 5 cells), a last minibatch of one cell moved to
+    validation, or dropped (``drop_last``)."""
+    drop_last = {"batch_size": 4, "train_size": 1.0, "datasplitter_kwargs": {"drop_last": True}}
+    for n_cells, kwargs in ((5, {}), (10, {"batch_size": 4}), (9, drop_last)):
         adata = base[:n_cells].copy()
         LinearSCVI.setup_anndata(adata)
         model = LinearSCVI(adata, n_latent=2, n_hidden=8)

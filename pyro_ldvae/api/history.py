@@ -6,6 +6,8 @@ from typing import Any, Callable
 
 import pandas as pd
 
+STEP_KEYS = ("train_loss_step",)  # figures indexed by step, not epoch
+
 
 def keeping_history_on_fault(model: Any, train_fn: Callable) -> Callable:
     """``train_fn`` that, when the loss turns NaN (``FloatingPointError``), still records the
@@ -26,9 +28,9 @@ def append_history(old: dict[str, pd.DataFrame], new: dict[str, pd.DataFrame]) -
     """``new`` after ``old``, its epochs numbered on from ``old``'s (when ``train`` is called again)."""
     if not old:
         return new
-    offset = max(len(v) for v in old.values())
+    offset = max(len(v) for key, v in old.items() if key not in STEP_KEYS)
     out = dict(old)
     for key, frame in new.items():
-        frame = frame.set_axis(frame.index + offset)
+        frame = frame.set_axis(frame.index + (len(old.get(key, ())) if key in STEP_KEYS else offset))
         out[key] = pd.concat([old[key], frame]) if key in old else frame
     return out

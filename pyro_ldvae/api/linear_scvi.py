@@ -16,12 +16,9 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from ..data import validate
 from ..data.cells import CellData
 from ..data.registry import SETUP_KEY, get_registry, register
 from ..infer.options import TrainOptions
-from ..infer.plan import split_indices
-from ..infer.train import train_svi
 from ..models.options import Dispersion, GeneLikelihood, LatentDistribution
 from ..tasks import de
 from ..tasks import posterior as tasks
@@ -29,8 +26,7 @@ from ..tasks.expression import Weights, expression_samples, gene_mask
 from ..tasks.latent import latent_representation
 from . import dropin, io, multimodal, query, results, scvi_import, setup
 from .device import Accelerator, resolve_device
-from .history import append_history as _append_history
-from .history import keeping_history_on_fault as _keeping_history_on_fault
+from .fit import fit
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +134,8 @@ class LinearSCVI:
         return np.arange(cells.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
 
     # ------------------------------------------------------------------------------------
+    test_indices = np.zeros(0, dtype=np.int64)  # cells of neither training nor validation
+
     def train(
         self,
         max_epochs: int | None = None,
@@ -146,10 +144,15 @@ class LinearSCVI:
         train_size: float | None = None,
         validation_size: float | None = None,
         shuffle_set_split: bool = True,
+        load_sparse_tensor: bool = False,
         batch_size: int = 128,
         early_stopping: bool = False,
+        datasplitter_kwargs: dict | None = None,
         early_stopping_patience: int = 45,
         early_stopping_min_delta: float = 0.0,
+        early_stopping_monitor: str = "elbo_validation",
+        early_stopping_mode: Literal["min", "max"] = "min",
+        early_stopping_warmup_epochs: int = 0,
         plan_kwargs: dict | None = None,
         check_val_every_n_epoch: int = 1,
         seed: int | None = None,
@@ -161,6 +164,8 @@ class LinearSCVI:
         data_on_device: bool | None = None,
         cuda_graphs: bool | None = None,
         traced_step: bool | None = None,
+        callbacks: list | None = None,
+        **trainer_kwargs,
     ) -> LinearSCVI:
         """Train with SVI; arguments as ``scvi.model.LinearSCVI.train``.
 
@@ -171,13 +176,28 @@ class LinearSCVI:
         accelerator, device
             'auto' trains on CUDA when available; data, module and optimizer live there.
         train_size, validation_size, shuffle_set_split
-            Train/validation split (default 90/10), drawn as scvi-tools draws it for the same seed.
+            Train/validation split (default 90/10), drawn as scvi-tools draws it for the same seed;
+            the cells of neither are ``test_indices``.
+        load_sparse_tensor
+            Accepted for scvi-tools' sake; no effect (minibatches are always cut from sparse counts).
         batch_size
-            Cells per minibatch.
+            Cells per minibatch. A last training minibatch of exactly one cell is a ValueError
+            (batch norm cannot train on it) unless ``datasplitter_kwargs={'drop_last': True}``.
         early_stopping, early_stopping_patience, early_stopping_min_delta
-            Stop when the validation ELBO has not improved for ``patience`` epochs.
+            Stop when the monitored figure has not improved for ``patience`` validations; a
+            ValueError without validation cells.
+        datasplitter_kwargs
+            As scvi-tools' ``DataSplitter``: ``drop_last`` drops each epoch's last partial
+            minibatch; ``external_indexing=[train, validation, test]`` gives the cell indices.
+        early_stopping_monitor, early_stopping_mode, early_stopping_warmup_epochs
+            The figure watched ('elbo_validation'), whether lower ('min') or higher ('max') is
+            better, and how many first validations are not judged.
         plan_kwargs
-            ``lr``, ``weight_decay``, ``eps``, ``n_epochs_kl_warmup``, ``max_kl_weight``, ``min_kl_weight``.
+            ``lr``, ``weight_decay``, ``eps``, ``optimizer`` ('Adam', 'AdamW', 'SGD', 'Custom' with
+            ``optimizer_creator``), ``n_epochs_kl_warmup`` or (with it None) ``n_steps_kl_warmup``,
+            ``max_kl_weight``, ``min_kl_weight``, ``reduce_lr_on_plateau`` with ``lr_factor``,
+            ``lr_patience``, ``lr_threshold``, ``lr_min`` (the history then records ``lr``). Keys
+            with no effect here (``compile``) or unknown warn.
         seed
             Seed of the split, minibatch order and sampling; default: the model's seed.
         gradient_clip_val
@@ -195,51 +215,31 @@ class LinearSCVI:
             Default: on CUDA when the counts fit in half the free GPU memory.
         cuda_graphs
             On a GPU, record one training step as a CUDA graph and replay it for every full
-            minibatch, instead of launching its few hundred kernels from Python each step.
-            Default: whenever it can (in-memory counts that fit in half the free GPU memory,
-            no prior of the user's own, one process); ``False`` never; ``True`` raises if it cannot.
+            minibatch. Default: whenever it can (in-memory counts that fit in half the free GPU
+            memory, no prior of the user's own, Adam(W), one process); ``False`` never; ``True``
+            raises if it cannot.
         traced_step
-            On CPU, record one training step (guide, model, ELBO and gradients) as a graph of
-            torch ops and replay it (in TorchScript's interpreter) for every later minibatch of
-            its kind, without Pyro's and autograd's Python overhead. The results are the eager
-            step's, bit for bit. A kind (a minibatch size, at KL weight 0 or not) is recorded
-            only if the run takes at least 200 steps of it, which repay the recording.
-            Default: for runs of at least 1,000 full minibatches, no prior of the user's own, one
-            process; ``False`` never; ``True`` always, or raises if it cannot.
+            On CPU, record one training step as a graph of torch ops and replay it for every
+            later minibatch of its kind (a size, at KL weight 0 or not), bit for bit the eager
+            step's results. Default: for runs of at least 1,000 full minibatches, no prior of the
+            user's own, one process; ``False`` never; ``True`` always, or raises if it cannot.
+        callbacks
+            Objects with ``on_epoch_end(module, epoch, history)`` (see ``infer.callbacks``);
+            True stops training. Lightning callbacks warn and are ignored.
+        **trainer_kwargs
+            Lightning ``Trainer`` keywords: ``enable_progress_bar`` and ``devices`` set
+            ``progress_bar`` and ``device``; the others (``logger``, ``log_every_n_steps``,
+            ``enable_checkpointing``, ...) warn and have no effect: the loop is not Lightning.
 
-        Ctrl-C stops after the current step; the model keeps the last completed epoch and
-        ``stop_reason_`` is 'interrupted'. If the loss becomes NaN or infinite, a
-        ``FloatingPointError`` names the epoch and the model keeps the last good epoch.
+        The history holds ``elbo_train``, ``elbo_validation``, ``kl_weight``, ``train_loss_epoch``,
+        ``train_time`` by epoch and ``train_loss_step`` by step. Ctrl-C stops after the current
+        step; the model keeps the last completed epoch and ``stop_reason_`` is 'interrupted'. If
+        the loss becomes NaN or infinite, a ``FloatingPointError`` names the epoch and the model
+        keeps the last good epoch.
         """
-        options = TrainOptions(**{name: value for name, value in locals().items() if name in TrainOptions.names()})
-        cells = self._cells(None)
-        n_obs = cells.n_obs
-        options = options.replace(
-            max_epochs=options.epochs(n_obs), seed=self.seed if options.seed is None else options.seed
-        )
-        validate.check_train_args(
-            options.max_epochs,
-            batch_size,
-            train_size,
-            validation_size,
-            gradient_clip_val,
-            checkpoint_every,
-        )
-        options.plan()  # unknown plan_kwargs fail here, before the split
-        train_idx, val_idx = split_indices(
-            n_obs, train_size, validation_size, batch_size, options.seed, shuffle_set_split
-        )
-        validate.check_split(n_obs, train_idx, batch_size)
-        self.train_indices, self.validation_indices = train_idx, val_idx
-        if resume_from is not None:
-            self.history_ = {}  # the checkpoint carries the history of the epochs it holds
-        history = _keeping_history_on_fault(self, train_svi)(
-            self.module, cells, train_idx, val_idx, options, resolve_device(accelerator, device)
-        )
-        self.stop_reason_ = getattr(history, "stop_reason", "completed")
-        self.history_ = _append_history(self.history_, dict(history))
-        self.module.eval()
-        self.is_trained_ = True
+        given = {name: value for name, value in locals().items() if name in TrainOptions.names()}
+        given["trainer_kwargs"] = trainer_kwargs or None
+        fit(self, TrainOptions(**given))
         return self
 
     # Posterior quantities, computed from the Pyro model (tasks/) -------------------------

@@ -47,7 +47,9 @@ def ldvae(
         Passed to :meth:`~pyro_ldvae.LinearSCVI.setup_anndata`.
     max_epochs, batch_size, accelerator, seed, progress_bar, train_kwargs
         Passed to :meth:`~pyro_ldvae.LinearSCVI.train`; ``train_kwargs`` takes any of its options
-        (``TrainOptions``), and an unknown one is a TypeError before any work is done.
+        (``TrainOptions``: ``plan_kwargs``, ``datasplitter_kwargs``, ``callbacks``, scvi-tools'
+        Lightning keywords as ``trainer_kwargs={...}``, ...), and an unknown name is a TypeError
+        before any work is done.
     key_added
         Name under which results are stored.
     copy

@@ -34,17 +34,29 @@ class Shard(Protocol):
     def shard(self, order: np.ndarray) -> np.ndarray: ...
 
 
+def smallest_minibatch(batch_size: int, drop_last: bool = False) -> int:
+    """The fewest cells a minibatch may hold: all ``batch_size`` with ``drop_last``, else 2 (batch norm
+    cannot train on one cell)."""
+    return batch_size if drop_last else 2
+
+
 def minibatch_indices(
-    train_idx: np.ndarray, batch_size: int, generator: torch.Generator, ddp: Shard | None = None
+    train_idx: np.ndarray,
+    batch_size: int,
+    generator: torch.Generator,
+    ddp: Shard | None = None,
+    drop_last: bool = False,
 ) -> Iterator[np.ndarray]:
     """Shuffled minibatches of positions into ``train_idx``; a last minibatch of one cell is dropped
-    (batch norm cannot train on one). Under DDP, this rank's strided share of the shared permutation."""
+    (batch norm cannot train on one), and any last partial one with ``drop_last``. Under DDP, this
+    rank's strided share of the shared permutation."""
+    smallest = smallest_minibatch(batch_size, drop_last)
     order = torch.randperm(len(train_idx), generator=generator).numpy()
     if ddp is not None:
         order = ddp.shard(order)
     for start in range(0, len(order), batch_size):
         positions = order[start : start + batch_size]
-        if len(positions) > 1:
+        if len(positions) >= smallest:
             yield positions
 
 
@@ -83,10 +95,12 @@ class ResidentMinibatches:
         batch_size: int,
         ddp: Shard | None = None,
         form: MinibatchForm = "csr",
+        drop_last: bool = False,
     ):
         if form == "sparse_counts":
             raise ValueError("counts resident on the device are cut as dense or CSR minibatches, not SparseCounts.")
         self.resident, self.batch_size, self.ddp, self.form = resident, batch_size, ddp, form
+        self.smallest = smallest_minibatch(batch_size, drop_last)
         self.n_train = len(train_idx)
         self.train_cells = torch.from_numpy(np.asarray(train_idx, dtype=np.int64)).to(resident.device)
 
@@ -102,7 +116,7 @@ class ResidentMinibatches:
         order = order.to(self.resident.device)  # one copy per epoch
         for start in range(0, len(order), self.batch_size):
             positions = order[start : start + self.batch_size]
-            if len(positions) > 1:
+            if len(positions) >= self.smallest:
                 yield positions if self.form == "positions" else self.minibatch(positions)
 
 
@@ -118,14 +132,15 @@ class CutMinibatches:
         device: torch.device,
         ddp: Shard | None = None,
         form: MinibatchForm = "csr",
+        drop_last: bool = False,
     ):
         if form == "positions":
             raise ValueError("minibatches come as positions only from counts resident on the device.")
         self.data, self.train_idx, self.batch_size, self.device, self.ddp = data, train_idx, batch_size, device, ddp
-        self.form = form
+        self.form, self.drop_last = form, drop_last
 
     def __call__(self, generator: torch.Generator) -> Iterator[Minibatch]:
-        for positions in minibatch_indices(self.train_idx, self.batch_size, generator, self.ddp):
+        for positions in minibatch_indices(self.train_idx, self.batch_size, generator, self.ddp, self.drop_last):
             yield self.data.minibatch(
                 self.train_idx[positions],
                 self.device,
@@ -144,12 +159,14 @@ def minibatch_source(
     ddp: Shard | None = None,
     form: MinibatchForm = "csr",
     resident: DeviceCells | None = None,
+    drop_last: bool = False,
 ) -> Source:
     """A function of the epoch's generator that yields that epoch's shuffled training minibatches.
 
     In-memory data are cut per step from CSR on the host, or from counts resident on the device
     (``resident``, else ``resident_cells(data, device, data_on_device)``); data with their own
     epoch iterator (on-disk data) use it and yield ``Minibatch`` es whatever ``form`` asks.
+    ``drop_last`` drops each epoch's last minibatch when it holds fewer than ``batch_size`` cells.
 
     Examples
     --------
@@ -158,9 +175,13 @@ def minibatch_source(
     """
     device = torch.device(device)
     if hasattr(data, "iter_epoch"):
-        return lambda generator: data.iter_epoch(train_idx, batch_size, generator, device, ddp)
+        smallest = smallest_minibatch(batch_size, drop_last)
+        return lambda generator: (
+            mb for mb in data.iter_epoch(train_idx, batch_size, generator, device, ddp) if mb.n_cells >= smallest
+        )
     if resident is None:
         resident = resident_cells(data, device, data_on_device)
     if resident is not None:
-        return ResidentMinibatches(resident, train_idx, batch_size, ddp, "csr" if form == "sparse_counts" else form)
-    return CutMinibatches(data, train_idx, batch_size, device, ddp, form)
+        form = "csr" if form == "sparse_counts" else form
+        return ResidentMinibatches(resident, train_idx, batch_size, ddp, form, drop_last)
+    return CutMinibatches(data, train_idx, batch_size, device, ddp, form, drop_last)

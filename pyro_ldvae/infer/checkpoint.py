@@ -63,6 +63,7 @@ def capture(
     epochs_since_best: int,
     train_idx: np.ndarray,
     val_idx: np.ndarray,
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None,
 ) -> dict:
     """A deep copy of everything training needs to continue from the end of epoch ``epoch - 1``."""
     device = next(module.parameters()).device
@@ -78,6 +79,7 @@ def capture(
         "epochs_since_best": int(epochs_since_best),
         "train_idx": torch.as_tensor(np.asarray(train_idx, dtype=np.int64)),
         "val_idx": torch.as_tensor(np.asarray(val_idx, dtype=np.int64)),
+        "scheduler": None if scheduler is None else copy.deepcopy(scheduler.state_dict()),
     }
 
 

@@ -22,11 +22,18 @@ class TrainingFault(FloatingPointError):
 
 
 def make_history(rows: list[dict], stop_reason: str = "completed") -> History:
-    """Rows of per-epoch figures as scvi-tools' history: one one-column DataFrame per figure, by epoch."""
+    """Rows of per-epoch figures as scvi-tools' history: one one-column DataFrame per figure, by epoch;
+    ``train_loss_step`` (each row holds its epoch's list) by global step."""
     out = History()
     if rows:
-        frame = pd.DataFrame(rows).set_index("epoch")
+        frame = pd.DataFrame([{k: v for k, v in row.items() if k != "train_loss_step"} for row in rows])
+        frame = frame.set_index("epoch")
         out.update({name: frame[[name]] for name in frame.columns})
+        steps = [loss for row in rows for loss in row.get("train_loss_step", torch.zeros(0)).tolist()]
+        if steps:
+            out["train_loss_step"] = pd.DataFrame(
+                {"train_loss_step": steps}, index=pd.RangeIndex(len(steps), name="step")
+            )
     out.stop_reason = stop_reason
     return out
 

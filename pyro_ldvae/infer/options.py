@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .plan import TrainingPlan
+from .resolve import resolve
 
 Accelerator = Literal["auto", "cpu", "gpu", "cuda"]
 
@@ -37,10 +38,15 @@ class TrainOptions:
     train_size: float | None = _option(None, "fraction of cells to train on (default 0.9)")
     validation_size: float | None = _option(None, "fraction of cells to validate on (default: the rest)")
     shuffle_set_split: bool = _option(True, "draw the split at random (else the first cells validate)")
+    load_sparse_tensor: bool = _option(False, "no effect: minibatches are always cut from sparse counts")
     batch_size: int = _option(128, "cells per minibatch", "--batch-size")
     early_stopping: bool = _option(False, "stop when the validation ELBO stalls", "--early-stopping")
+    datasplitter_kwargs: dict | None = _option(None, "drop_last; external_indexing=[train, validation, test]")
     early_stopping_patience: int = _option(45, "epochs without improvement before stopping")
     early_stopping_min_delta: float = _option(0.0, "the least improvement that counts")
+    early_stopping_monitor: str = _option("elbo_validation", "the figure early stopping watches")
+    early_stopping_mode: Literal["min", "max"] = _option("min", "'min': lower is better; 'max': higher")
+    early_stopping_warmup_epochs: int = _option(0, "validations before early stopping may stop")
     plan_kwargs: dict | None = _option(None, "TrainingPlan settings: lr, weight_decay, eps, KL warm-up")
     check_val_every_n_epoch: int = _option(1, "epochs between validation ELBOs")
     seed: int | None = _option(None, "seed of the split, minibatch order and sampling (default: the model's)")
@@ -56,6 +62,8 @@ class TrainOptions:
     traced_step: bool | None = _option(
         None, "on CPU, take eager steps instead of replaying a recorded graph of the step", "--no-traced-step"
     )
+    callbacks: list | None = _option(None, "objects with on_epoch_end(module, epoch, history); True stops")
+    trainer_kwargs: dict | None = _option(None, "Lightning Trainer keywords: accepted, warned about, no effect")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -74,8 +82,14 @@ class TrainOptions:
         return dataclasses.replace(self, **changes)
 
     def plan(self, module: Any = None) -> TrainingPlan:
-        """The optimiser and annealing settings: ``plan_kwargs`` over ``module.plan_defaults``."""
-        return TrainingPlan(**{**getattr(module, "plan_defaults", {}), **(self.plan_kwargs or {})})
+        """The optimiser and annealing settings: ``plan_kwargs`` over ``module.plan_defaults`` (keys with
+        no effect warn)."""
+        return TrainingPlan.from_kwargs({**getattr(module, "plan_defaults", {}), **(self.plan_kwargs or {})})
+
+    def resolved(self) -> TrainOptions:
+        """These options with scvi-tools' keywords that mean nothing here warned about and removed,
+        Lightning names mapped to ours, and the rest checked; resolving again changes nothing."""
+        return resolve(self)
 
     def epochs(self, n_obs: int) -> int:
         """``max_epochs``, or scvi-tools' rule for ``n_obs`` cells when it is None."""

@@ -37,10 +37,15 @@ def _replay_wanted(option: str, value: bool | None, reasons: list[str]) -> bool:
 
 
 def use_cuda_graphs(
-    cuda_graphs: bool | None, module: LDVAE, resident: bool, device: torch.device, ddp: object | None
+    cuda_graphs: bool | None,
+    module: LDVAE,
+    resident: bool,
+    device: torch.device,
+    ddp: object | None,
+    plan: TrainingPlan | None = None,
 ) -> bool:
     """Whether to replay the training step as a CUDA graph; ``True`` that cannot be met is an error."""
-    reasons = []
+    reasons = [] if plan is None else plan.graph_reasons()
     if device.type != "cuda":
         reasons.append("it needs a CUDA device")
     if not resident:
@@ -67,24 +72,36 @@ def choose_step(
     ddp: object | None,
     resident: bool,
     planned_steps: int,
+    plan: TrainingPlan | None = None,
 ) -> StepKind:
     """The kind of step a run takes; an option set to True that cannot be met is an error."""
-    graphed = use_cuda_graphs(cuda_graphs, module, resident, device, ddp)
+    graphed = use_cuda_graphs(cuda_graphs, module, resident, device, ddp, plan)
     traced = use_traced_step(traced_step, module, device, ddp, planned_steps)
     return "cuda_graph" if graphed else "traced" if traced else "eager"
 
 
 def planned_step_kinds(
-    plan: TrainingPlan, start_epoch: int, max_epochs: int, n_train: int, batch_size: int
+    plan: TrainingPlan, start_epoch: int, max_epochs: int, n_train: int, batch_size: int, drop_last: bool = False
 ) -> dict[tuple[int, bool], int]:
     """How many steps of each ``(cells, KL weight is 0)`` kind the epochs to come will take
     (``TracedTrainingStep`` records a graph only for kinds that repay the recording). The sizes
     are those ``data.sources.minibatch_indices`` yields: full minibatches, then the rest unless
-    it is one cell."""
-    sizes = [batch_size] * (n_train // batch_size) + ([n_train % batch_size] if n_train % batch_size > 1 else [])
+    it is one cell or ``drop_last``. With a KL warm-up by step, the weight is 0 at most in the
+    run's first step (``min_kl_weight=0``) or throughout (``max_kl_weight=0``)."""
+    rest = n_train % batch_size
+    sizes = [batch_size] * (n_train // batch_size) + ([rest] if rest > 1 and not drop_last else [])
     planned: dict[tuple[int, bool], int] = {}
     for epoch in range(start_epoch, max_epochs):
-        masked = plan.kl_weight(epoch) == 0
+        masked = plan.kl_weight(epoch) == 0 if not plan.by_step else plan.max_kl_weight == 0
         for size in sizes:
             planned[size, masked] = planned.get((size, masked), 0) + 1
+    if (
+        plan.by_step
+        and plan.max_kl_weight != 0
+        and start_epoch == 0 < max_epochs
+        and sizes
+        and plan.kl_weight(0, 0) == 0
+    ):
+        planned[sizes[0], False] -= 1  # the run's first step: weight 0
+        planned[sizes[0], True] = 1
     return planned

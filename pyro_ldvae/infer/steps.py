@@ -3,7 +3,8 @@
 Each strategy declares the minibatch form it consumes (``form``, see ``data.sources``) and keeps
 the epoch's running sums of the loss and the per-cell ELBO in tensors it owns, updated in place
 (a CUDA graph writes to fixed addresses). The loop calls ``begin_epoch(kl_weight)`` and then the
-strategy with every item its source yields; ``policy.choose_step`` picks the strategy.
+strategy with every item its source yields (with a KL warm-up by step, ``set_kl_weight`` before
+each step); ``policy.choose_step`` picks the strategy.
 
 - ``EagerStep``: Pyro's program, ``backward`` and Adam, op by op from Python.
 - ``TracedStep``: on CPU, gradients from a graph of the step recorded once and replayed
@@ -55,6 +56,10 @@ class EagerStep:
         """Zero the running sums and set the epoch's KL warm-up weight."""
         self.elbo_sum.zero_()
         self.loss_sum.zero_()
+        self.kl_weight = kl_weight
+
+    def set_kl_weight(self, kl_weight: float) -> None:
+        """Set the KL weight of the steps to come (a warm-up by step, ``n_steps_kl_warmup``)."""
         self.kl_weight = kl_weight
 
     def __call__(self, mb: Minibatch) -> None:
@@ -111,6 +116,10 @@ class GraphedStep(EagerStep):
     def begin_epoch(self, kl_weight: float) -> None:
         super().begin_epoch(kl_weight)
         self.graph.set_kl_weight(kl_weight)
+
+    def set_kl_weight(self, kl_weight: float) -> None:
+        super().set_kl_weight(kl_weight)
+        self.graph.set_kl_weight(kl_weight)  # the graph's input tensor, filled in place: no host copy
 
     def __call__(self, positions: torch.Tensor) -> None:
         if len(positions) == self.batch_size:  # a shape, known on the host: no sync

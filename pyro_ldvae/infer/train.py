@@ -22,13 +22,14 @@ from tqdm.auto import tqdm
 from ..data.cells import CellData
 from ..data.sources import minibatch_source, resident_cells
 from ..models.ldvae import LDVAE
+from . import callbacks as cb
 from . import checkpoint as ckpt
 from . import distributed, policy
 from .allocator import keep_freed_memory
 from .evaluate import evaluate_elbo
 from .history import History, all_finite, fault, make_history
 from .options import TrainOptions
-from .plan import make_optimizer
+from .plan import make_optimizer, make_scheduler
 from .steps import STEPS
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def train_svi(
     end and on interruption; ``resume_from`` continues from it, bit for bit as an uninterrupted
     run with the same seed; ``max_epochs`` counts the epochs already done.
     """
-    options = (options or TrainOptions()).replace(**changes)
+    options = (options or TrainOptions()).replace(**changes).resolved()
     device = torch.device(device)
     keep_freed_memory()  # the one place the allocator is tuned: when training starts
     seed = 0 if options.seed is None else options.seed
@@ -98,6 +99,15 @@ def _fit(
 ) -> History:
     plan, batch_size, n_train = options.plan(module), options.batch_size, len(train_idx)
     max_epochs = options.epochs(data.n_obs)
+    drop_last = bool((options.datasplitter_kwargs or {}).get("drop_last", False))
+    needs_validation = ["early_stopping"] if options.early_stopping else []
+    needs_validation += ["reduce_lr_on_plateau"] if plan.reduce_lr_on_plateau else []
+    if needs_validation and not len(val_idx):
+        raise ValueError(
+            f"{needs_validation[0]} watches the validation ELBO, but there are no validation cells "
+            "(train_size=1.0?): pass train_size < 1, e.g. 0.9, or turn it off."
+        )
+    callbacks = list(options.callbacks or [])
     generator = torch.Generator().manual_seed(seed)  # the minibatch order
     module.to(device).train()
     ddp = distributed.current()  # under torchrun: shard cells, average gradients over ranks
@@ -107,20 +117,31 @@ def _fit(
     if state is not None:
         start_epoch = state["epoch"]
     resident = resident_cells(data, device, options.data_on_device)
-    planned = policy.planned_step_kinds(plan, start_epoch, max_epochs, n_train, batch_size)
+    planned = policy.planned_step_kinds(plan, start_epoch, max_epochs, n_train, batch_size, drop_last)
     full_steps = (max_epochs - start_epoch) * (n_train // batch_size)
     kind = policy.choose_step(
-        options.cuda_graphs, options.traced_step, module, device, ddp, resident is not None, full_steps
+        options.cuda_graphs, options.traced_step, module, device, ddp, resident is not None, full_steps, plan
     )
     strategy = STEPS[kind]
     source = minibatch_source(
-        data, train_idx, batch_size, device, data_on_device=False, ddp=ddp, form=strategy.form, resident=resident
+        data,
+        train_idx,
+        batch_size,
+        device,
+        data_on_device=False,
+        ddp=ddp,
+        form=strategy.form,
+        resident=resident,
+        drop_last=drop_last,
     )
     optimizer = make_optimizer(module, plan, capturable=kind == "cuda_graph")
+    scheduler = make_scheduler(optimizer, plan)
     if state is not None:
         path = ckpt.checkpoint_path(options.resume_from)
         ckpt.restore(state, module, optimizer, generator, train_idx, val_idx, str(path))
         rows, best, epochs_since_best = state["rows"], state["best"], state["epochs_since_best"]
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
         logger.info("Resuming from %s after epoch %d.", path, start_epoch - 1)
     elbo_fn = module.elbo if ddp is None else distributed.wrap(module, ddp)
     step = strategy(
@@ -135,8 +156,12 @@ def _fit(
     )
     logger.info("Training %d epochs with the %s step.", max_epochs - start_epoch, kind)
     params = step.params
+    # Each step's running loss sum is copied here (no host read); the epoch reads it once.
+    cumulative_loss = torch.zeros(-(-n_train // batch_size) + 1, device=device)
+    global_step = sum(len(row.get("train_loss_step", ())) for row in rows)
+    sign = 1.0 if options.early_stopping_mode == "min" else -1.0  # early stopping minimises sign * figure
     snapshot = ckpt.capture(
-        module, optimizer, generator, start_epoch, rows, best, epochs_since_best, train_idx, val_idx
+        module, optimizer, generator, start_epoch, rows, best, epochs_since_best, train_idx, val_idx, scheduler
     )
     saved_epoch, stop_reason, epoch = start_epoch, "completed", start_epoch
     bar = tqdm(
@@ -151,10 +176,15 @@ def _fit(
     try:
         for epoch in bar:
             start = time.perf_counter()
-            kl_weight = plan.kl_weight(epoch)
+            kl_weight = plan.kl_weight(epoch, global_step)  # by step: the weight of the epoch's first step
             step.begin_epoch(kl_weight)
+            n_steps = 0
             for i, item in enumerate(source(generator)):
+                if plan.by_step and global_step + i <= plan.n_steps_kl_warmup:
+                    step.set_kl_weight(plan.kl_weight(epoch, global_step + i))
                 step(item)
+                cumulative_loss[i].copy_(step.loss_sum)
+                n_steps = i + 1
                 if (i + 1) % FAULT_CHECK_EVERY == 0 and not torch.isfinite(step.loss_sum + step.elbo_sum):
                     break
                 if guard.requested:
@@ -165,31 +195,46 @@ def _fit(
             if ddp is not None:  # sum the ranks' shares; align batch-norm running statistics
                 epoch_elbo = ddp.all_reduce_sum(step.elbo_sum)
                 ddp.sync_buffers(module)
-            row = {"epoch": epoch, "kl_weight": kl_weight, "elbo_train": -(epoch_elbo / n_train).item()}
+            figures = torch.cat([cumulative_loss[:n_steps].double(), (epoch_elbo / n_train).double().reshape(1)]).cpu()
+            losses = torch.diff(figures[:-1], prepend=figures.new_zeros(1))  # one host read per epoch
+            global_step += n_steps
+            row = {"epoch": epoch, "kl_weight": kl_weight, "elbo_train": -figures[-1].item()}
+            row["train_loss_epoch"] = figures[-2].item() / n_steps if n_steps else math.nan
+            row["train_loss_step"] = losses
             row["train_time"] = time.perf_counter() - start
             if len(val_idx) and (epoch + 1) % options.check_val_every_n_epoch == 0:
                 if ddp is None:
                     row["elbo_validation"] = -evaluate_elbo(module, data, val_idx).mean().item()
                 else:
                     row["elbo_validation"] = -distributed.validation_elbo(module, data, val_idx, ddp)
+            if scheduler is not None:
+                row["lr"] = float(optimizer.param_groups[0]["lr"])
+                if "elbo_validation" in row:
+                    scheduler.step(row["elbo_validation"])
             rows.append(row)
             bar.set_postfix(
                 elbo_train=f"{row['elbo_train']:.1f}", elbo_val=f"{row.get('elbo_validation', float('nan')):.1f}"
             )
-            if options.early_stopping and "elbo_validation" in row:
-                if row["elbo_validation"] < best - options.early_stopping_min_delta:
-                    best, epochs_since_best = row["elbo_validation"], 0
+            monitor = options.early_stopping_monitor
+            validations = sum(monitor in r for r in rows)
+            if options.early_stopping and monitor in row and validations > options.early_stopping_warmup_epochs:
+                if sign * row[monitor] < best - options.early_stopping_min_delta:
+                    best, epochs_since_best = sign * row[monitor], 0
                 else:
                     epochs_since_best += 1
                     if epochs_since_best >= options.early_stopping_patience:
                         logger.info(
-                            "Early stopping in epoch %d: validation ELBO has not improved for %d epochs.",
+                            "Early stopping in epoch %d: %s has not improved for %d validations.",
                             epoch,
+                            monitor,
                             epochs_since_best,
                         )
                         stop_reason = "early_stopping"
+            if callbacks and cb.call(callbacks, module, epoch, rows) and stop_reason == "completed":
+                logger.info("A callback stopped training after epoch %d.", epoch)
+                stop_reason = "callback"
             snapshot = ckpt.capture(
-                module, optimizer, generator, epoch + 1, rows, best, epochs_since_best, train_idx, val_idx
+                module, optimizer, generator, epoch + 1, rows, best, epochs_since_best, train_idx, val_idx, scheduler
             )
             last = epoch + 1 == max_epochs or stop_reason != "completed"
             if options.checkpoint_dir is not None and ((epoch + 1) % options.checkpoint_every == 0 or last):
