@@ -70,7 +70,8 @@ def _add_training_options(group: argparse._ArgumentGroup) -> None:
             kwargs.update(choices=list(choices))
             text += f" (default {option.default})"
         else:
-            kwargs.update(type=_positive_int)
+            kinds = set(choices) or {type(option.default)}
+            kwargs.update(type=float if float in kinds else str if str in kinds else _positive_int)
             text += "" if option.default is None else f" (default {option.default})"
         group.add_argument(flag, help=text, **kwargs)
     group.add_argument(
@@ -97,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("input", nargs="?", help="input .h5ad with raw counts; omitted: scanpy's bundled PBMC (700 cells)")
     fit.add_argument("-o", "--output", required=True, help="output .h5ad (input plus obsm/varm/uns results)")
+    fit.add_argument("--config", metavar="TOML", default=None,
+                     help="read options from a TOML file (keys as the long options, e.g. n_latent = 20); "
+                     "options on the command line take precedence")  # fmt: skip
     data = fit.add_argument_group("data")
     data.add_argument("--layer", default=None, help="layer holding raw counts (default: X)")
     data.add_argument("--batch-key", default=None, help="obs column of batches (enters the decoder)")
@@ -112,10 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--n-hidden", type=_positive_int, default=128, help="encoder width (default 128)")
     model.add_argument("--n-layers", type=_positive_int, default=1, help="encoder depth (default 1)")
     model.add_argument("--dropout-rate", type=float, default=0.1, help="encoder dropout (default 0.1)")
-    model.add_argument("--gene-likelihood", choices=["nb", "zinb", "poisson"], default="nb", help="default nb")
+    model.add_argument(
+        "--gene-likelihood", choices=["nb", "zinb", "poisson", "normal"], default="nb", help="default nb"
+    )
     model.add_argument("--dispersion", choices=["gene", "gene-batch", "gene-label", "gene-cell"], default="gene",
                        help="default gene")  # fmt: skip
     model.add_argument("--latent-distribution", choices=["normal", "ln"], default="normal", help="default normal")
+    model.add_argument("--loadings-prior", choices=["normal", "laplace", "horseshoe", "ard"], default=None,
+                       help="a prior on the loadings: Bayesian loadings with uncertainty; horseshoe and ard switch "
+                       "unneeded factors off (default: none, point estimates as scvi-tools)")  # fmt: skip
     train = fit.add_argument_group("training")
     _add_training_options(train)
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -230,6 +239,7 @@ def run_fit(args: argparse.Namespace) -> int:
         dispersion=args.dispersion,
         gene_likelihood=args.gene_likelihood,
         latent_distribution=args.latent_distribution,
+        loadings_prior=args.loadings_prior,
         seed=args.seed,
     )
     start = time.perf_counter()
@@ -280,12 +290,36 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"pyro-ldvae: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
+def _with_config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None):
+    """``args`` re-parsed with the TOML file's values as defaults, so the command line still wins."""
+    fit = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices["fit"]
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        fit.error("--config needs Python 3.11 or later (tomllib)")
+    try:
+        with open(args.config, "rb") as handle:
+            config = tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        fit.error(f"--config {args.config}: {err}")
+    known = {action.dest for action in fit._actions} - {"help", "config"}
+    values = {key.replace("-", "_"): value for key, value in config.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        fit.error(f"--config {args.config}: unknown option(s) {unknown}; the options are {sorted(known)}")
+    fit.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pyro-ldvae`` console script; returns the exit status."""
     import warnings
 
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "config", None):
+            args = _with_config(parser, args, argv)
     except SystemExit as exit_:  # --help, --version, or a bad argument (already reported in one line)
         return int(exit_.code or 0)
     with warnings.catch_warnings():

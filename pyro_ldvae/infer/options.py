@@ -35,14 +35,16 @@ class TrainOptions:
     )
     accelerator: Accelerator = _option("auto", "where to train: auto picks CUDA when present", "--accelerator")
     device: str | int = _option("auto", "the CUDA device ('cuda:1', 1) or 'auto'")
-    train_size: float | None = _option(None, "fraction of cells to train on (default 0.9)")
+    train_size: float | None = _option(None, "fraction of cells to train on (default 0.9)", "--train-size")
     validation_size: float | None = _option(None, "fraction of cells to validate on (default: the rest)")
     shuffle_set_split: bool = _option(True, "draw the split at random (else the first cells validate)")
     load_sparse_tensor: bool = _option(False, "no effect: minibatches are always cut from sparse counts")
     batch_size: int = _option(128, "cells per minibatch", "--batch-size")
     early_stopping: bool = _option(False, "stop when the validation ELBO stalls", "--early-stopping")
     datasplitter_kwargs: dict | None = _option(None, "drop_last; external_indexing=[train, validation, test]")
-    early_stopping_patience: int = _option(45, "epochs without improvement before stopping")
+    early_stopping_patience: int = _option(
+        45, "epochs without improvement before stopping", "--early-stopping-patience"
+    )
     early_stopping_min_delta: float = _option(0.0, "the least improvement that counts")
     early_stopping_monitor: str = _option("elbo_validation", "the figure early stopping watches")
     early_stopping_mode: Literal["min", "max"] = _option("min", "'min': lower is better; 'max': higher")
@@ -51,10 +53,12 @@ class TrainOptions:
     check_val_every_n_epoch: int = _option(1, "epochs between validation ELBOs")
     seed: int | None = _option(None, "seed of the split, minibatch order and sampling (default: the model's)")
     progress_bar: bool = _option(True, "show a progress bar")
-    gradient_clip_val: float | None = _option(None, "clip the gradient's total norm to this value")
-    checkpoint_dir: str | None = _option(None, "write last.ckpt here every checkpoint_every epochs")
-    checkpoint_every: int = _option(1, "epochs between checkpoints")
-    resume_from: str | None = _option(None, "a checkpoint (or its directory) to continue from")
+    gradient_clip_val: float | None = _option(
+        None, "clip the gradient's total norm to this value", "--gradient-clip-val"
+    )
+    checkpoint_dir: str | None = _option(None, "write last.ckpt here every checkpoint_every epochs", "--checkpoint-dir")
+    checkpoint_every: int = _option(1, "epochs between checkpoints", "--checkpoint-every")
+    resume_from: str | None = _option(None, "a checkpoint (or its directory) to continue from", "--resume-from")
     data_on_device: bool | None = _option(None, "keep the counts on the training device (default: on CUDA if they fit)")
     cuda_graphs: bool | None = _option(
         None, "on a GPU, launch each training step from Python instead of replaying a CUDA graph", "--no-cuda-graphs"
