@@ -18,9 +18,9 @@ from .plan import TrainingPlan
 
 StepKind = Literal["eager", "traced", "cuda_graph"]
 
-# Recording the CPU step as a graph (traced_step) costs 0.3-0.7 s, plus about 1 s to import
-# torch's tracing machinery once per process; a replayed step saves about 2 ms. By default a
-# run records only when it plans at least this many steps.
+# Recording the CPU step as a graph (traced_step), and importing torch's tracing machinery once
+# per process, repay only over many replayed steps: by default a run records only when it plans
+# at least this many steps.
 TRACED_STEP_MIN_STEPS = 1000
 
 

@@ -2,8 +2,7 @@
 
 Why: at batch size 128 on CPU, about half of a step's time is Python rather than arithmetic:
 Pyro's traces of guide and model, the module calls, and the autograd engine walking a few
-hundred nodes. (On the 2-core benchmark machine a step on 20 genes, almost no arithmetic, takes
-4.6 ms; on 2,000 genes it takes 8-9 ms.) ``make_fx`` runs one real step on fake tensors (the
+hundred nodes (benchmarks/README.md has the figures). ``make_fx`` runs one real step on fake tensors (the
 guide, the model, the ELBO and ``torch.autograd.grad``) and records every aten op it
 dispatches, forward and backward. Replaying the recording runs the same ops on the next
 minibatch without the Python around them, from TorchScript's interpreter (``script_replay``).
@@ -70,8 +69,7 @@ class TracedTrainingStep:
     eager step masks the z terms out, or positive, where it scales them by a tensor input), at
     most ``MAX_GRAPHS``. ``planned_steps`` says how many steps of each kind, ``(cells, weight is
     0)``, the run will take: only those of at least ``MIN_REPLAYS`` are recorded, since a
-    recording costs 0.3-0.6 s and a replay saves 3-4 ms against an eager step (2-core benchmark
-    machine, 128 cells x 2,000 genes). Training for a few epochs thus leaves the epoch's last,
+    recording costs about as much as a few hundred replays save. Training for a few epochs thus leaves the epoch's last,
     smaller minibatch eager, and the first epoch's KL weight of 0 too on a small dataset.
     Without ``planned_steps`` every kind is recorded when first asked for.
     """
@@ -247,10 +245,8 @@ def script_replay(graph: torch.fx.GraphModule) -> Callable | None:
     """``graph`` as a TorchScript function of its flat inputs, returning its flat outputs; None if
     TorchScript cannot compile it.
 
-    Why: the interpreter dispatches each op from C++, without a Python call per op. A replayed
-    step at 128 cells x 2,000 genes took 4.3-5.0 ms against 5.7-6.2 ms for ``python_replay``
-    (interleaved runs on the 2-core benchmark machine, ``benchmarks/README.md``), and scripting
-    takes 0.1 s. TorchScript's CPU fuser is off by default (and without LLVM in torch's CPU
+    Why: the interpreter dispatches each op from C++, without a Python call per op, which makes
+    a replayed step faster than ``python_replay`` (``benchmarks/README.md``). TorchScript's CPU fuser is off by default (and without LLVM in torch's CPU
     wheels), so the ops run unfused and the results equal the eager step's bit for bit
     (``tests/test_traced_step.py``). ``torch.jit.script`` is deprecated in favour of
     ``torch.compile``; ``torch.compile``'s inductor would fuse the ops and could be faster still,
@@ -289,9 +285,8 @@ def script_replay(graph: torch.fx.GraphModule) -> Callable | None:
 def python_replay(graph: torch.fx.GraphModule) -> Callable:
     """Generated Python code that calls each op of ``graph`` on its flat inputs.
 
-    The graph's own code calls each op as ``torch.ops.aten.mul.Tensor(...)``, about 2.6 us a call;
-    calling the op's C++ handle directly takes 1.7 us, which over the ~370 ops of a step saves
-    0.3-0.5 ms (measured on the 2-core benchmark machine).
+    The graph's own code calls each op as ``torch.ops.aten.mul.Tensor(...)``; calling the op's C++
+    handle directly skips a Python lookup per op.
     """
     nodes = graph.graph
     names: dict[torch.fx.Node, str] = {}
