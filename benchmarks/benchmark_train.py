@@ -100,7 +100,7 @@ def run_ours(adata, args) -> dict:
     history = model.history
     epoch_times = history["train_time"]["train_time"].to_numpy()
     val_curve = history["elbo_validation"]["elbo_validation"].to_numpy()
-    held_out = -model.get_elbo(indices=model.validation_indices)
+    held_out = -float(model.get_elbo(indices=model.validation_indices))
     start = time.perf_counter()
     model.get_latent_representation()
     latent_s = time.perf_counter() - start

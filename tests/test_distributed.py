@@ -45,7 +45,7 @@ WORKER = textwrap.dedent(
         model.train(batch_size=64, **phase)
     torch.save(model.module.state_dict(), f"{out}/rank{ctx.rank}.pt")
     if ctx.rank == 0:
-        held_out = model.get_elbo(indices=model.validation_indices)
+        held_out = float(model.get_elbo(indices=model.validation_indices))
         history = model.history["elbo_validation"]["elbo_validation"].tolist()
         train = model.history["elbo_train"]["elbo_train"].tolist()
         json.dump({"held_out": held_out, "history": history, "train": train}, open(f"{out}/result.json", "w"))
@@ -94,7 +94,7 @@ def test_two_gloo_ranks_match_each_other_and_single_process(tmp_path):
         single.train(batch_size=128, **phase, **TRAIN)
     train_elbo = single.history["elbo_train"]["elbo_train"].iloc[-1]
     assert abs(result["train"][-1] - train_elbo) / abs(train_elbo) < 0.01
-    held_out = single.get_elbo(indices=single.validation_indices)
+    held_out = float(single.get_elbo(indices=single.validation_indices))
     assert abs(result["held_out"] - held_out) / abs(held_out) < 0.01
     # the all-reduced validation ELBO of the last epoch is the ELBO of all validation cells
     assert result["history"][-1] == pytest.approx(-result["held_out"], rel=0.01)
