@@ -61,7 +61,10 @@ def main(argv=None):
                 active, strength, seconds = fit_one(n_true, seed, prior, args)
                 hits[prior, n_true] += abs(active - n_true) <= 1
                 counts[prior, n_true].append(active)
-                print(f"{prior:10s} {n_true:5d} {seed:4d} {active:6d} {seconds:8.1f}  {strength[: n_true + 3]}", flush=True)
+                print(
+                    f"{prior:10s} {n_true:5d} {seed:4d} {active:6d} {seconds:8.1f}  {strength[: n_true + 3]}",
+                    flush=True,
+                )
     print("\nprior      truth  within one  active counts")
     for (prior, n_true), found in sorted(counts.items()):
         print(f"{prior:10s} {n_true:5d}  {hits[prior, n_true]:3d} / {len(found):<3d}  {found}")

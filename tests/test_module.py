@@ -98,7 +98,7 @@ def test_two_modules_do_not_share_parameters():
         ({"n_latent": 0}, "n_latent"),
         ({"dropout_rate": 1.0}, "dropout_rate"),
         ({"dispersion": "gene-gene"}, "dispersion"),
-        ({"gene_likelihood": "normal"}, "gene_likelihood"),
+        ({"gene_likelihood": "gaussian"}, "gene_likelihood"),
         ({"latent_distribution": "lognormal"}, "latent_distribution"),
     ],
 )
@@ -159,3 +159,20 @@ def test_factor_variance_of_a_prior_model_uses_its_posterior_loadings():
     expected = z.var(0, unbiased=False) * (torch.as_tensor(module.get_loadings(), dtype=torch.float64) ** 2).sum(0)
     np.testing.assert_allclose(frame["variance"].to_numpy(), expected.numpy(), rtol=1e-4)
     assert ((frame["fraction"] > 0) & (frame["fraction"] <= 1)).all()
+
+
+def test_tasks_leave_pyro_global_param_store_empty():
+    """Posterior tasks read the decoder's params module-locally: the user's global store stays as it was."""
+    import pyro
+
+    import pyro_ldvae
+
+    pyro.clear_param_store()
+    adata = pyro_ldvae.simulate(n_cells=80, n_genes=15, n_latent=2, seed=4)
+    pyro_ldvae.LinearSCVI.setup_anndata(adata)
+    model = pyro_ldvae.LinearSCVI(adata, n_latent=2, n_hidden=8)
+    model.train(max_epochs=1, progress_bar=False)
+    model.get_factor_variance_explained()
+    model.to_adata(adata)
+    model.get_likelihood_parameters()
+    assert len(pyro.get_param_store()) == 0

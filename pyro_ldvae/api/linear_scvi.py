@@ -231,6 +231,8 @@ class LinearSCVI:
             ``progress_bar`` and ``device``; the others (``logger``, ``log_every_n_steps``,
             ``enable_checkpointing``, ...) warn and have no effect: the loop is not Lightning.
 
+        Notes
+        -----
         The history holds ``elbo_train``, ``elbo_validation``, ``kl_weight``, ``train_loss_epoch``,
         ``train_time`` by epoch and ``train_loss_step`` by step. Ctrl-C stops after the current
         step; the model keeps the last completed epoch and ``stop_reason_`` is 'interrupted'. If

@@ -328,6 +328,7 @@ class LDVAE(PyroModule):
             z_prior = None if self.z_prior is None else self.z_prior(self.n_latent)
         return loadings, z_prior
 
+    @_pyro_method  # called by tasks too: the decoder's params stay module-local
     def factor_logits(self, decoder_input: torch.Tensor, loadings: torch.Tensor | None) -> torch.Tensor:
         """``BN(W [z ; c] + b)`` ``(cells, genes)``; with a prior the factor columns of W are ``loadings``."""
         head = self.decoder.factor_regressor
@@ -372,6 +373,7 @@ class LDVAE(PyroModule):
             return self.library_log_means.new_zeros(mb.n_cells, 0)
         return torch.cat([c.to(dtype) for c in columns], dim=-1)
 
+    @_pyro_method
     def inverse_dispersion(self, decoder_input: torch.Tensor, mb: Minibatch) -> torch.Tensor | None:
         """theta: ``(genes,)`` for 'gene', ``(cells, genes)`` otherwise; None for Poisson."""
         if self.gene_likelihood == "poisson":
