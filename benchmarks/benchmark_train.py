@@ -1,6 +1,6 @@
 """Train pyro_ldvae and scvi-tools' LinearSCVI side by side and print one comparison table.
 
-Both libraries get the same data, the same train/validation split (``split_indices`` draws
+Both libraries get the same data, the same train/validation split (``split_cells`` draws
 scvi-tools' split when ``scvi.settings.seed`` equals our seed), the same torch thread count,
 batch size and number of epochs. Every (library, repeat) runs in a fresh subprocess, so peak
 resident memory is per library, and the two libraries alternate (ours, scvi, ours, scvi, ...)

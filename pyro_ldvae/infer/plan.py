@@ -168,20 +168,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, plan: TrainingPlan) -> Redu
     )
 
 
-def split_indices(
-    n_obs: int,
-    train_size: float | None = None,
-    validation_size: float | None = None,
-    batch_size: int = 128,
-    seed: int = 0,
-    shuffle: bool = True,
-    drop_last: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Train and validation cell indices, drawn exactly as scvi-tools' ``DataSplitter`` does
-    (``split_cells`` without the test cells)."""
-    return split_cells(n_obs, train_size, validation_size, batch_size, seed, shuffle, drop_last)[:2]
-
-
 def split_cells(
     n_obs: int,
     train_size: float | None = None,

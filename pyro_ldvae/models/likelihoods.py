@@ -73,10 +73,8 @@ class _CountDistribution(TorchDistribution):
         raise NotImplementedError
 
 
-class NegativeBinomial(_CountDistribution):
-    """NB with mean ``mu`` and inverse dispersion ``theta`` (variance ``mu + mu^2 / theta``)."""
-
-    arg_constraints = {"mu": constraints.nonnegative, "theta": constraints.positive}
+class _MeanAndScale(_CountDistribution):
+    """A law of a mean ``mu`` ``(cells, genes)`` and a second parameter ``theta`` that keeps its own shape."""
 
     def __init__(self, mu: torch.Tensor, theta: torch.Tensor, validate_args: bool | None = None):
         self.mu, self.theta = mu, theta
@@ -85,6 +83,20 @@ class NegativeBinomial(_CountDistribution):
     @property
     def mean(self) -> torch.Tensor:
         return self.mu.expand(self.batch_shape)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(type(self), _instance)
+        # theta keeps its own shape (broadcasting): Pyro's plates expand every site, and a (genes,)
+        # theta expanded to (cells, genes) would make the per-gene terms cost cells x genes.
+        new.mu, new.theta = self.mu.expand(batch_shape), _broadcastable(self.theta, batch_shape)
+        super(_MeanAndScale, new).__init__(torch.Size(batch_shape), validate_args=False)
+        return new
+
+
+class NegativeBinomial(_MeanAndScale):
+    """NB with mean ``mu`` and inverse dispersion ``theta`` (variance ``mu + mu^2 / theta``)."""
+
+    arg_constraints = {"mu": constraints.nonnegative, "theta": constraints.positive}
 
     @property
     def variance(self) -> torch.Tensor:
@@ -99,14 +111,6 @@ class NegativeBinomial(_CountDistribution):
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
         with torch.no_grad():
             return _sample_gamma_poisson(self.mu, self.theta, torch.Size(sample_shape))
-
-    def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(NegativeBinomial, _instance)
-        # theta keeps its own shape (broadcasting): Pyro's plates expand every site, and a (genes,)
-        # theta expanded to (cells, genes) would make the per-gene terms cost cells x genes.
-        new.mu, new.theta = self.mu.expand(batch_shape), _broadcastable(self.theta, batch_shape)
-        super(NegativeBinomial, new).__init__(torch.Size(batch_shape), validate_args=False)
-        return new
 
 
 class ZeroInflatedNegativeBinomial(_CountDistribution):
@@ -181,7 +185,7 @@ class Poisson(_CountDistribution):
         return new
 
 
-class Normal(_CountDistribution):
+class Normal(_MeanAndScale):
     """Normal with mean ``mu`` and standard deviation ``theta``, for non-integer data (scvi-tools'
     ``gene_likelihood='normal'``: ``Normal(exp(l) rho, exp(px_r))``, the scale learned per gene,
     per batch, per label or per cell as ``dispersion`` says). Sparse values are densified."""
@@ -189,14 +193,6 @@ class Normal(_CountDistribution):
     arg_constraints = {"mu": constraints.real, "theta": constraints.positive}
     support = constraints.real
     has_rsample = True
-
-    def __init__(self, mu: torch.Tensor, theta: torch.Tensor, validate_args: bool | None = None):
-        self.mu, self.theta = mu, theta
-        super().__init__(torch.broadcast_shapes(mu.shape, theta.shape), validate_args=validate_args)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.mu.expand(self.batch_shape)
 
     @property
     def variance(self) -> torch.Tensor:
@@ -215,12 +211,6 @@ class Normal(_CountDistribution):
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
         with torch.no_grad():
             return self.rsample(sample_shape)
-
-    def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(Normal, _instance)
-        new.mu, new.theta = self.mu.expand(batch_shape), _broadcastable(self.theta, batch_shape)
-        super(Normal, new).__init__(torch.Size(batch_shape), validate_args=False)
-        return new
 
 
 def count_likelihood(
