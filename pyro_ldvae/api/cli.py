@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_map import add_subcommand  # pyro-ldvae map
 
+    fit.set_defaults(run=run_fit)
     add_subcommand(sub, sys.modules[__name__])
     transform = sub.add_parser(
         "transform",
@@ -148,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     transform.add_argument("--batch-size", type=_positive_int, default=1024, help="cells per pass (default 1024)")
     transform.add_argument("--accelerator", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
     transform.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    cli_info.add_parser(sub)
+    transform.set_defaults(run=run_transform)
+    cli_info.add_parser(sub).set_defaults(run=cli_info.run_info)
     return parser
 
 
@@ -325,14 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning
         try:
-            if hasattr(args, "run"):  # subcommands of their own modules (cli_map)
-                return args.run(args)
-            if args.command == "fit":
-                return run_fit(args)
-            if args.command == "transform":
-                run_transform(args)
-            if args.command == "info":
-                cli_info.run_info(args)
+            return args.run(args) or 0  # each subcommand sets its run function
         except (UserError, ValueError, OSError, FloatingPointError) as err:
             message = " ".join(str(err).split())  # one line
             print(f"pyro-ldvae: error: {message}", file=sys.stderr)
@@ -340,4 +335,3 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("pyro-ldvae: interrupted; nothing written", file=sys.stderr)
             return 130
-    return 0
