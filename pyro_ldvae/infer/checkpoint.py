@@ -45,8 +45,11 @@ def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
 
 
 def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
-    """Set the streams of ``_rng_state``; numpy's and Python's of older checkpoints are left alone
-    (training does not draw from them, and they are the user's)."""
+    """Set the streams of ``_rng_state``.
+
+    Numpy's and Python's of older checkpoints are left alone (training does not draw from them, and they are the
+    user's).
+    """
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -171,9 +174,11 @@ def load(path: str | os.PathLike) -> dict:
 
 
 class InterruptGuard:
-    """Within ``with``: the first Ctrl-C sets ``requested`` (training stops after the current step);
-    a second one raises ``KeyboardInterrupt`` at once. Outside the main thread it does nothing and
-    a Ctrl-C arrives as ``KeyboardInterrupt``, which the trainer handles the same way."""
+    """Within ``with``: the first Ctrl-C sets ``requested`` (training stops after the current step).
+
+    A second one raises ``KeyboardInterrupt`` at once. Outside the main thread it does nothing and a Ctrl-C arrives as
+    ``KeyboardInterrupt``, which the trainer handles the same way.
+    """
 
     def __init__(self):
         self.requested = False
