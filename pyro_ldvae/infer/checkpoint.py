@@ -163,10 +163,9 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def save(state: dict, directory: str | os.PathLike) -> Path:
-    """Write ``state`` to ``directory/last.ckpt`` atomically, with its SHA-256; the file it replaces
-    becomes ``previous.ckpt``.
+    """Write ``state`` to ``directory/last.ckpt`` atomically, with its SHA-256.
 
-    The file is written whole under a temporary name, fsynced, then renamed: a crash at any point
+    The checkpoint it replaces becomes ``previous.ckpt``. The file is written whole under a temporary name, fsynced, then renamed: a crash at any point
     leaves ``last.ckpt`` or ``previous.ckpt`` intact (and at worst a stray ``.tmp`` file), never a
     truncated checkpoint under either name.
     """

@@ -100,8 +100,7 @@ def init_from_env(accelerator: str = "auto") -> DistributedContext | None:
 
 
 def _attempt_store() -> dist.Store | None:
-    """Under ``--max-restarts`` with torchrun's shared rendezvous store, a view of it private to this
-    restart; None where ``env://`` is safe.
+    """Return a view of torchrun's rendezvous store private to this restart, or None where ``env://`` is safe.
 
     torchrun shares its rendezvous TCPStore with the workers and keeps it across restarts, so a
     restarted group would read the addresses its dead predecessors published and fail to connect

@@ -128,8 +128,10 @@ def starting_state(
 
 
 def _restarted(ddp: DistributedContext | None) -> bool:
-    """Whether torchrun has restarted the group; on several nodes the agents' counts can differ, so
-    the ranks agree on the highest (one all-reduce)."""
+    """Whether torchrun has restarted the group.
+
+    On several nodes the agents' restart counts can differ, so the ranks agree on the highest.
+    """
     if ddp is None:
         return restart_count() > 0
     count = torch.tensor([restart_count()], dtype=torch.int64)
@@ -138,8 +140,11 @@ def _restarted(ddp: DistributedContext | None) -> bool:
 
 
 def _agreed_newest(directory: Path, ddp: DistributedContext | None) -> tuple[dict, Path] | None:
-    """Rank 0 picks the newest intact checkpoint and sends its name and hash; every rank loads and
-    verifies that file. A failure on any rank is raised on every rank (none waits forever)."""
+    """Load the newest intact checkpoint of ``directory`` that all ranks agree on.
+
+    Rank 0 picks it and sends its name and hash; every rank loads and verifies that file. A failure
+    on any rank is raised on every rank (none waits forever).
+    """
     choice: list = [None]
     state = None
     if ddp is None or ddp.is_main:
