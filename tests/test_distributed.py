@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from pyro_ldvae import LinearSCVI, simulate
+from pyro_ldvae.infer import checkpoint as ckpt
 from pyro_ldvae.infer.distributed import DistributedContext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,5 +215,7 @@ def test_killed_worker_restarts_and_ends_bit_identical(tmp_path):
         assert killed["states"][rank].keys() == plain["states"][rank].keys()
         for name, value in plain["states"][rank].items():
             assert torch.equal(killed["states"][rank][name], value), f"rank {rank}: {name} differs"
+    saved = ckpt.load(tmp_path / "killed" / "ckpt")  # written by rank 0, with both ranks' random streams
+    assert saved["epoch"] == 6 and len(saved["rng"]["by_rank"]) == 2 and saved["run"]["processes"] == "2"
     log = (tmp_path / "killed" / "torchrun.log").read_text()
     assert "resuming from" in log and "after 2 completed epochs" in log, log[-3000:]

@@ -182,7 +182,7 @@ def save_agreed(snapshot: dict, directory: str | os.PathLike, ddp: DistributedCo
     """Write ``snapshot`` as the checkpoint of ``directory``; under torchrun a collective call.
 
     Every rank's torch (and CUDA) random-stream states go in; rank 0 writes; all ranks leave
-    once the file is on disk.
+    once the file is on disk, or all raise rank 0's error (none waits forever).
     """
     if ddp is None:
         ckpt.save(snapshot, directory)
@@ -190,6 +190,12 @@ def save_agreed(snapshot: dict, directory: str | os.PathLike, ddp: DistributedCo
     own = {"torch": snapshot["rng"]["torch"], "cuda": snapshot["rng"]["cuda"]}
     by_rank: list = [None] * ddp.world_size
     dist.all_gather_object(by_rank, own)
+    outcome: list = [None]
     if ddp.is_main:
-        ckpt.save({**snapshot, "rng": {**snapshot["rng"], "by_rank": by_rank}}, directory)
-    dist.barrier()
+        try:
+            ckpt.save({**snapshot, "rng": {**snapshot["rng"], "by_rank": by_rank}}, directory)
+        except OSError as err:
+            outcome = [f"rank 0 could not write the checkpoint to {directory}: {err}"]
+    dist.broadcast_object_list(outcome, src=0)  # also the barrier: the file is on disk
+    if outcome[0] is not None:
+        raise OSError(outcome[0])
