@@ -96,9 +96,9 @@ def starting_state(
     fingerprint is a ValueError). A checkpoint past ``max_epochs`` is a ValueError.
     """
     if resume_from is not None:
-        path = Path(resume_from)
-        state = ckpt.load(path)
-        file = path if not path.is_dir() else path / ckpt.CHECKPOINT_NAME
+        file = Path(resume_from)
+        found = ckpt.newest(file) if file.is_dir() else None  # the file a directory resumes from
+        state, file = (found[0], found[1]) if found is not None else (ckpt.load(file), file)
         differences = _differences(state, fingerprint)
         if differences:
             logger.warning("Resuming from %s, written by a run with other settings: %s.", file, "; ".join(differences))
