@@ -57,8 +57,10 @@ def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
 
 
 def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device, rank: int = 0) -> None:
-    """Set the streams of ``_rng_state``; with ``by_rank`` (written under torchrun) the torch and
-    CUDA streams are this ``rank``'s own."""
+    """Set the streams of ``_rng_state``.
+
+    With ``by_rank`` (written under torchrun) the torch and CUDA streams are this ``rank``'s own.
+    """
     own = state["by_rank"][rank] if state.get("by_rank") else state
     torch.set_rng_state(own["torch"])
     if own.get("cuda") is not None and device.type == "cuda":
@@ -114,8 +116,10 @@ def restore(
     source: str = "checkpoint",
     rank: int = 0,
 ) -> None:
-    """Restore parameters, optimizer and every RNG (``rank``'s own, if recorded) from ``state``; the
-    split must match."""
+    """Restore parameters, optimizer and every RNG (``rank``'s own, if recorded) from ``state``.
+
+    The split must match.
+    """
     if not (
         np.array_equal(state["train_idx"].numpy(), np.asarray(train_idx))
         and np.array_equal(state["val_idx"].numpy(), np.asarray(val_idx))
@@ -283,9 +287,11 @@ def load(path: str | os.PathLike) -> dict:
 
 
 class InterruptGuard:
-    """Within ``with``: the first Ctrl-C sets ``requested`` (training stops after the current step);
-    a second one raises ``KeyboardInterrupt`` at once. Outside the main thread it does nothing and
-    a Ctrl-C arrives as ``KeyboardInterrupt``, which the trainer handles the same way."""
+    """Within ``with``: the first Ctrl-C sets ``requested`` (training stops after the current step).
+
+    A second one raises ``KeyboardInterrupt`` at once. Outside the main thread it does nothing and a Ctrl-C arrives as
+    ``KeyboardInterrupt``, which the trainer handles the same way.
+    """
 
     def __init__(self):
         self.requested = False

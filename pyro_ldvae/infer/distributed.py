@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DistributedContext:
-    """This process's place in the process group."""
+    """The place of this process in the process group."""
 
     rank: int
     world_size: int
@@ -44,11 +44,14 @@ class DistributedContext:
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0, the process that logs and writes."""
         return self.rank == 0
 
     def shard(self, order: np.ndarray) -> np.ndarray:
-        """This rank's strided share of ``order``, equal in length on every rank (the remainder
-        ``len(order) % world_size``, different cells each epoch, is left out)."""
+        """The rank's strided share of ``order``, equal in length on every rank.
+
+        The remainder ``len(order) % world_size`` (different cells each epoch) is left out.
+        """
         usable = len(order) - len(order) % self.world_size
         return order[:usable][self.rank :: self.world_size]
 
@@ -169,6 +172,7 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Batch norm of ``x`` with the statistics of all ranks' cells in training."""
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         n_features = x.shape[1]
@@ -202,12 +206,16 @@ class ElboLoss(nn.Module):
         self.module = module
 
     def forward(self, mb, n_obs: int | None = None, kl_weight: float = 1.0):
+        """The module's ELBO loss on ``mb`` (DDP synchronises the gradients of this call)."""
         return self.module.elbo(mb, n_obs, kl_weight)
 
 
 def wrap(module: nn.Module, ctx: DistributedContext) -> DistributedDataParallel:
-    """``module.elbo`` under DDP; the initial weights are broadcast from rank 0 and batch norm
-    statistics are synchronised across ranks (``SyncBatchNorm1d``)."""
+    """``module.elbo`` under DDP.
+
+    The initial weights are broadcast from rank 0 and batch norm statistics are synchronised across ranks
+    (``SyncBatchNorm1d``).
+    """
     device_ids = (
         [module.device.index if module.device.index is not None else ctx.local_rank]
         if module.device.type == "cuda"

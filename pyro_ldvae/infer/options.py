@@ -90,13 +90,17 @@ class TrainOptions:
         return dataclasses.replace(self, **changes)
 
     def plan(self, module: Any = None) -> TrainingPlan:
-        """The optimiser and annealing settings: ``plan_kwargs`` over ``module.plan_defaults`` (keys with
-        no effect warn)."""
+        """The optimiser and annealing settings.
+
+        ``plan_kwargs`` over ``module.plan_defaults`` (keys with no effect warn).
+        """
         return TrainingPlan.from_kwargs({**getattr(module, "plan_defaults", {}), **(self.plan_kwargs or {})})
 
     def resolved(self) -> TrainOptions:
-        """These options with scvi-tools' keywords that mean nothing here warned about and removed,
-        Lightning names mapped to ours, and the rest checked; resolving again changes nothing."""
+        """These options, resolved: keywords that mean nothing here warned about and removed.
+
+        Lightning names are mapped to ours and the rest checked; resolving again changes nothing.
+        """
         return resolve(self)
 
     def epochs(self, n_obs: int) -> int:

@@ -40,8 +40,10 @@ FAULT_CHECK_EVERY = 100
 
 @contextlib.contextmanager
 def own_random_streams(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch's generators on the CPU and ``device`` (Pyro's draws and dropout use them) for the
-    block, and give the caller's states back afterwards; Python's and numpy's are not touched."""
+    """Seed torch's generators on the CPU and ``device`` for the block, then give the caller's states back.
+
+    Pyro's draws and dropout use them; Python's and numpy's are not touched.
+    """
     devices = (
         [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     )
