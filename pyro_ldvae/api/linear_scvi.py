@@ -207,7 +207,9 @@ class LinearSCVI:
             Clip the gradient's total norm to this value (``None``: no clipping).
         checkpoint_dir, checkpoint_every
             Write ``checkpoint_dir/last.ckpt`` atomically every ``checkpoint_every`` epochs, at the
-            end and on Ctrl-C: module, optimizer, RNG states, epoch and history.
+            end and on Ctrl-C: module, optimizer, RNG states, epoch and history, with its SHA-256
+            (the one before is kept as ``previous.ckpt``). Under ``torchrun --max-restarts`` a
+            restarted group resumes from it by itself (guide: Speed and scale).
         resume_from
             A ``checkpoint_dir`` (or its ``last.ckpt``) to continue from; use the same data,
             seed and split arguments. ``max_epochs`` counts the epochs already done, so the

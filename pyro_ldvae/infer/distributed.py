@@ -20,6 +20,7 @@ import atexit
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -89,10 +90,44 @@ def init_from_env(accelerator: str = "auto") -> DistributedContext | None:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        store = _attempt_store()
+        backend = "nccl" if use_cuda else "gloo"
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
         atexit.register(_shutdown)
         logger.info("rank %d of %d joined the process group", dist.get_rank(), dist.get_world_size())
     return current()
+
+
+def _attempt_store() -> dist.Store | None:
+    """Return a view of torchrun's rendezvous store private to this restart, or None where ``env://`` is safe.
+
+    torchrun shares its rendezvous TCPStore with the workers and keeps it across restarts, so a
+    restarted group would read the addresses its dead predecessors published and fail to connect
+    (pytorch issue 135712). On one node every worker has the same restart count, so a prefix by
+    it isolates each attempt; across nodes the counts can differ, and torchrun must be told to
+    give each attempt a store of its own instead (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``).
+    """
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if not shared or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) == 0:
+        return None
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(
+            "torchrun with --max-restarts on several nodes shares its rendezvous store with the workers across "
+            "restarts, so a restarted group cannot connect (pytorch issue 135712): launch torchrun with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment on every node."
+        )
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timedelta(minutes=30),
+    )
+    return dist.PrefixStore(f"pyro_ldvae/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _shutdown() -> None:

@@ -56,7 +56,11 @@ class TrainOptions:
     gradient_clip_val: float | None = _option(
         None, "clip the gradient's total norm to this value", "--gradient-clip-val"
     )
-    checkpoint_dir: str | None = _option(None, "write last.ckpt here every checkpoint_every epochs", "--checkpoint-dir")
+    checkpoint_dir: str | None = _option(
+        None,
+        "write last.ckpt here every checkpoint_every epochs; under torchrun --max-restarts a restarted group resumes from it",
+        "--checkpoint-dir",
+    )
     checkpoint_every: int = _option(1, "epochs between checkpoints", "--checkpoint-every")
     resume_from: str | None = _option(None, "a checkpoint (or its directory) to continue from", "--resume-from")
     data_on_device: bool | None = _option(None, "keep the counts on the training device (default: on CUDA if they fit)")
