@@ -63,6 +63,8 @@ def build(adata: AnnData, registry: Registry, seed: int, settings: dict) -> tupl
             n_continuous_cov=len(registry.continuous_covariate_keys),
             **settings,
         )
+        if hasattr(module.loadings_prior, "initialise_guide"):  # gene programs: see ProgramPrior
+            module.loadings_prior.initialise_guide(module.global_guide)
     return cells, module
 
 

@@ -93,6 +93,19 @@ class ProgramPrior(nn.Module):
         raw = pyro.sample("loadings_raw", dist.Normal(torch.zeros_like(s), torch.ones_like(s)).to_event(2))
         return pyro.deterministic("loadings", scale * raw, event_dim=2)  # (genes, n_latent)
 
+    @torch.no_grad()
+    def initialise_guide(self, guide, init_loading: float = 1.0) -> None:
+        """Start each program's annotated genes at ``w_gk = init_loading`` in the guide ``q(w)``.
+
+        At ``w = 0`` every factor is alike, and the free factors, which reach all genes, take the
+        strongest signals before the programs can; starting the annotated genes at a positive
+        loading points each program factor at its genes from the first step (and orients it:
+        a high activity means the annotated genes are up).
+        """
+        member = self.local_prior_scale[:, : self.n_programs] == 1.0
+        loc = guide.locs.loadings_raw  # (genes, n_latent)
+        loc[:, : self.n_programs] = torch.where(member, init_loading, loc[:, : self.n_programs])
+
     def extra_repr(self) -> str:
         """The settings, for ``repr``."""
         return (
