@@ -48,7 +48,9 @@ def test_every_input_form_gives_the_same_mask(adata, tmp_path):
     assert expected(from_dict) == {"A": ["g0", "g1", "g2"], "B": ["g0", "g3", "g4", "g5"]}
     assert list(from_dict.index) == GENES and from_dict.dtypes.eq(bool).all()
 
-    long = pd.DataFrame([(s, g, 1.0) for s, genes in sets.items() for g in genes], columns=["source", "target", "weight"])
+    long = pd.DataFrame(
+        [(s, g, 1.0) for s, genes in sets.items() for g in genes], columns=["source", "target", "weight"]
+    )
     pd.testing.assert_frame_equal(program_mask(long, adata, min_genes=2), from_dict)
 
     wide = from_dict.iloc[::-1]  # genes in another order, and as 0/1
@@ -132,7 +134,11 @@ def test_model_options_are_checked():
     with pytest.raises(ValueError, match="has no gene programs"):
         LinearSCVI(adata, n_latent=2).get_program_membership()
     model = LinearSCVI(adata, gene_programs="programs", n_unannotated=1)
-    assert model.module.n_latent == 3 and list(model.get_loadings().columns) == ["program_0", "program_1", "unannotated_0"]
+    assert model.module.n_latent == 3 and list(model.get_loadings().columns) == [
+        "program_0",
+        "program_1",
+        "unannotated_0",
+    ]
 
 
 def test_simulated_annotations_have_the_asked_noise():
@@ -181,7 +187,11 @@ def test_activity_follows_the_true_factors_and_the_unsupported_program_switches_
     correlations = [np.corrcoef(activity.iloc[:, k], adata.obsm["true_z"][:, k])[0, 1] for k in range(4)]
     assert min(correlations) > 0.8, correlations  # oriented: positive, not only large in size
     variance = model.get_factor_variance_explained()
-    assert variance.loc["unsupported", "fraction"] < 0.01 < variance.loc[[f"program_{k}" for k in range(4)], "fraction"].min()
+    assert (
+        variance.loc["unsupported", "fraction"]
+        < 0.01
+        < variance.loc[[f"program_{k}" for k in range(4)], "fraction"].min()
+    )
     membership = model.get_program_membership(num_samples=100)["unsupported"]
     assert membership.sum() < 0.25 * annotation["unsupported"].sum()  # at most a few genes stay with it
 
@@ -216,7 +226,9 @@ def test_results_carry_the_names_and_save_load_keeps_the_programs(fitted, tmp_pa
     loaded = LinearSCVI.load(tmp_path / "m", adata=adata)
     pd.testing.assert_frame_equal(loaded.get_loadings(), model.get_loadings())
     pd.testing.assert_frame_equal(loaded.get_program_activity(), model.get_program_activity())
-    pd.testing.assert_frame_equal(loaded.get_program_membership(num_samples=50), model.get_program_membership(num_samples=50))
+    pd.testing.assert_frame_equal(
+        loaded.get_program_membership(num_samples=50), model.get_program_membership(num_samples=50)
+    )
 
 
 def test_cli_fits_programs_from_a_gmt(tmp_path, capsys):
@@ -224,7 +236,10 @@ def test_cli_fits_programs_from_a_gmt(tmp_path, capsys):
     members = adata.varm["programs"]
     gmt = tmp_path / "sets.gmt"
     gmt.write_text(
-        "".join(f"{name}\tna\t" + "\t".join(adata.var_names[members[:, k]]) + "\n" for k, name in enumerate(adata.uns["terms"]))
+        "".join(
+            f"{name}\tna\t" + "\t".join(adata.var_names[members[:, k]]) + "\n"
+            for k, name in enumerate(adata.uns["terms"])
+        )
     )
     counts, out = tmp_path / "counts.h5ad", tmp_path / "out.h5ad"
     adata.write_h5ad(counts)

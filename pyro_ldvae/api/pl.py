@@ -1,5 +1,6 @@
 """Plots, scanpy style: the training curve, factor loadings with their top genes, the variance
-each factor explains, a factor or a gene program's activity on an embedding, a program's refined members. Each function returns the matplotlib Axes (a list for several panels), takes
+each factor explains, a factor or a gene program's activity on an embedding, a program's refined
+members. Each function returns the matplotlib Axes (a list for several panels), takes
 ``ax=`` to draw into an existing figure, ``show=True`` to call ``plt.show()`` (and return None)
 and ``save='file.png'`` (or ``True`` for ``figures/<name>.png``) to write the figure.
 """

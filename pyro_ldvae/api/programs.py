@@ -213,6 +213,4 @@ def differential_program_activity(
     cells = self.get_cells(adata)
     loc, var = tasks.program_activity(self.module, cells, np.arange(cells.n_obs), signs, batch_size or 1024)
     names = _check_programs(self)
-    return tasks.differential_activity(
-        loc[in1], var[in1], loc[in2], var[in2], names, delta, fdr_target, n_draws, seed
-    )
+    return tasks.differential_activity(loc[in1], var[in1], loc[in2], var[in2], names, delta, fdr_target, n_draws, seed)

@@ -18,7 +18,6 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import pandas as pd
@@ -26,7 +25,7 @@ from anndata import AnnData
 
 logger = logging.getLogger(__name__)
 
-GenePrograms = Union[Mapping[str, Iterable[str]], pd.DataFrame, str, os.PathLike]
+GenePrograms = Mapping[str, Iterable[str]] | pd.DataFrame | str | os.PathLike
 
 
 def read_gmt(path: str | os.PathLike) -> dict[str, list[str]]:
@@ -99,7 +98,9 @@ def _from_wide(frame: pd.DataFrame) -> pd.DataFrame:
                 "pairs use decoupler's 'source' and 'target' columns."
             )
     if frame.columns.duplicated().any():
-        raise ValueError(f"gene_programs has duplicated program names: {sorted(set(frame.columns[frame.columns.duplicated()]))}.")
+        raise ValueError(
+            f"gene_programs has duplicated program names: {sorted(set(frame.columns[frame.columns.duplicated()]))}."
+        )
     return frame.astype(bool).set_axis(frame.index.astype(str), axis=0).set_axis(frame.columns.astype(str), axis=1)
 
 

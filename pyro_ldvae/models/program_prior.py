@@ -59,7 +59,9 @@ class ProgramPrior(nn.Module):
         super().__init__()
         mask = np.asarray(mask)
         if mask.ndim != 2 or mask.dtype != bool:
-            raise ValueError(f"ProgramPrior needs a boolean (genes, programs) mask, got {mask.dtype} of shape {mask.shape}.")
+            raise ValueError(
+                f"ProgramPrior needs a boolean (genes, programs) mask, got {mask.dtype} of shape {mask.shape}."
+            )
         if not (isinstance(n_unannotated, (int, np.integer)) and n_unannotated >= 0):
             raise ValueError(f"n_unannotated must be a non-negative integer, got {n_unannotated!r}.")
         if not 0.0 <= confidence < 1.0:

@@ -29,9 +29,7 @@ def program_signs(loadings: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def program_membership(
-    module: LDVAE, n_programs: int, threshold: float = 0.1, num_samples: int = 500
-) -> np.ndarray:
+def program_membership(module: LDVAE, n_programs: int, threshold: float = 0.1, num_samples: int = 500) -> np.ndarray:
     """Posterior probability that each gene acts in each program, ``(genes, programs)``.
 
     ``P(|W_gk| > threshold | data)`` under the fitted posterior of the loadings, a Monte Carlo
@@ -57,9 +55,7 @@ def program_activity(
     return loc[:, :n] * signs, var[:, :n]
 
 
-def _bootstrap_means(
-    loc: np.ndarray, var: np.ndarray, n_draws: int, rng: np.random.Generator
-) -> np.ndarray:
+def _bootstrap_means(loc: np.ndarray, var: np.ndarray, n_draws: int, rng: np.random.Generator) -> np.ndarray:
     """Draws of a group's population mean activity, ``(n_draws, programs)``.
 
     Bayesian bootstrap over cells (Dirichlet(1, ..., 1) weights ``w``) with each cell's activity
