@@ -256,3 +256,24 @@ def test_cli_fits_programs_from_a_gmt(tmp_path, capsys):
     assert "program_0" in capsys.readouterr().out
     assert main([*argv, "--overwrite", "--n-unannotated", "1"]) == 2
     assert "need --gene-programs" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_program_plots_return_their_axes(fitted):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model, adata, annotation = fitted
+    adata.obsm["X_umap"] = adata.obsm["true_z"][:, :2]
+    fig, (left, right) = plt.subplots(1, 2)
+    assert pyro_ldvae.pl.program_activity(model, "program_0", ax=left) is left
+    assert pyro_ldvae.pl.program_members(model, "program_0", n_top=15, ax=right) is right
+    bars = right.patches
+    assert 0 < len(bars) <= 15 and all(0.0 <= bar.get_height() <= 1.0 for bar in bars)
+    labels = {t.get_text() for t in right.get_xticklabels()}
+    assert labels <= set(adata.var_names)
+    with pytest.raises(ValueError, match="Unknown program"):
+        pyro_ldvae.pl.program_members(model, "nope")
+    plt.close("all")
