@@ -90,6 +90,8 @@ def muvi_data(seed: int, cells: int, genes: int, programs: int, noise: float, mu
 
 def fit_ours(adata, seed: int, epochs: int | None):
     start = time.perf_counter()
+    adata = adata.copy()
+    pyro_ldvae.LinearSCVI.setup_anndata(adata)
     model = pyro_ldvae.LinearSCVI(adata, gene_programs="programs", n_unannotated=2)
     model.train(max_epochs=epochs, seed=seed) if epochs else model.train(seed=seed)
     membership = model.get_program_membership().to_numpy()  # (genes, programs)
