@@ -32,20 +32,48 @@ def is_lightning(callback: Any) -> bool:
     return any(cls.__module__.split(".")[0] in ("lightning", "pytorch_lightning") for cls in type(callback).__mro__)
 
 
+# What to use instead of the Lightning callbacks scvi-tools users pass most, by class name.
+INSTEAD = {
+    "EarlyStopping": "train(early_stopping=True, early_stopping_monitor=..., early_stopping_patience=..., "
+    "early_stopping_min_delta=..., early_stopping_mode=...)",
+    "ModelCheckpoint": "train(checkpoint_dir=..., checkpoint_every=...) and train(resume_from=...)",
+    "SaveCheckpoint": "train(checkpoint_dir=..., checkpoint_every=...) and train(resume_from=...)",
+    "LearningRateMonitor": "plan_kwargs={'reduce_lr_on_plateau': True}, which records model.history['lr']",
+    "GradientAccumulationScheduler": "a larger batch_size",
+    "StochasticWeightAveraging": "a callback of your own with on_epoch_end(module, epoch, history)",
+    "TQDMProgressBar": "train(progress_bar=True)",
+    "RichProgressBar": "train(progress_bar=True)",
+    "Timer": "model.history['train_time'] (seconds since the start, by epoch)",
+}
+OWN = "objects with on_epoch_end(module, epoch, history), returning True to stop (pyro_ldvae.infer.callbacks)"
+
+
+def _instead(callback: Any) -> str:
+    for cls in type(callback).__mro__:
+        if cls.__name__ in INSTEAD:
+            return INSTEAD[cls.__name__]
+    return OWN
+
+
 def usable(callbacks: list | None) -> list:
-    """The callbacks the loop can call; Lightning callbacks and other objects warn and are left out."""
+    """The callbacks the loop can call; Lightning callbacks and other objects warn and are left out.
+
+    A Lightning callback's warning names what does its job here (:data:`INSTEAD`), or this
+    module's interface when nothing does.
+    """
     kept = []
     for callback in callbacks or []:
         if not is_lightning(callback) and (hasattr(callback, "on_epoch_end") or callable(callback)):
             kept.append(callback)
             continue
-        what = "a Lightning callback" if is_lightning(callback) else "not a callback (no on_epoch_end)"
-        warnings.warn(
-            f"callbacks: {type(callback).__name__} is {what} and is ignored. The training loop is not Lightning "
-            "(see docs/design.md); pass objects with on_epoch_end(module, epoch, history), returning True to stop.",
-            UserWarning,
-            stacklevel=5,
-        )
+        if is_lightning(callback):
+            why = (
+                f"is a Lightning callback and is ignored: the training loop is not Lightning (see docs/design.md). "
+                f"Use {_instead(callback)}."
+            )
+        else:
+            why = f"is not a callback (no on_epoch_end) and is ignored; pass {OWN}."
+        warnings.warn(f"callbacks: {type(callback).__name__} {why}", UserWarning, stacklevel=5)
     return kept
 
 

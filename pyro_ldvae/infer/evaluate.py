@@ -1,6 +1,8 @@
-"""The per-cell ELBO of held-out cells, in eval mode."""
+"""The per-cell ELBO of held-out cells and its parts (reconstruction, local KL), in eval mode."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 import pyro
@@ -8,23 +10,78 @@ import torch
 
 from ..data.cells import CellData
 from ..models.ldvae import LDVAE
+from ..models.trace import replayed_traces, site_terms
+
+# The validation figures the loop records, under scvi-tools' history keys (lower is better for all).
+VALIDATION_FIGURES = ("elbo_validation", "reconstruction_loss_validation", "kl_local_validation")
+
+
+def _in_eval_mode(module: LDVAE, data: CellData, indices: np.ndarray, batch_size: int, fn) -> Iterator:
+    """``fn(minibatch)`` for minibatches of ``indices`` in file order (sequential reads for on-disk data),
+    in eval mode (running batch-norm statistics, no dropout); yields ``(order, parts)``."""
+    was_training = module.training
+    module.eval()
+    order = np.argsort(indices, kind="stable")
+    try:
+        minibatches = data.iter_minibatches(indices[order], batch_size, module.device, sparse=True)
+        with pyro.validation_enabled(False):  # the values are finite unless training diverged
+            parts = [fn(mb) for mb in minibatches]
+    finally:
+        module.train(was_training)
+    return order, parts
+
+
+def _unsort(order: np.ndarray, parts: list[torch.Tensor], n: int) -> torch.Tensor:
+    if not parts:
+        return torch.zeros(0)
+    out = torch.empty((n, *parts[0].shape[1:]), device=parts[0].device)
+    out[torch.from_numpy(order).to(out.device)] = torch.cat(parts)
+    return out
 
 
 @torch.no_grad()
 def evaluate_elbo(module: LDVAE, data: CellData, indices: np.ndarray, batch_size: int = 1024) -> torch.Tensor:
     """Per-cell ELBO ``(cells,)`` in eval mode (running batch-norm statistics, no dropout)."""
-    was_training = module.training
-    module.eval()
     indices = np.asarray(indices)
-    order = np.argsort(indices, kind="stable")  # cells in file order: sequential reads for on-disk data
-    try:
-        minibatches = data.iter_minibatches(indices[order], batch_size, module.device, sparse=True)
-        with pyro.validation_enabled(False):  # the values are finite unless training diverged
-            parts = [module.elbo(mb)[1] for mb in minibatches]
-    finally:
-        module.train(was_training)
-    if not parts:
-        return torch.zeros(0)
-    per_cell = torch.empty(len(indices), device=parts[0].device)
-    per_cell[torch.from_numpy(order).to(per_cell.device)] = torch.cat(parts)
-    return per_cell
+    order, parts = _in_eval_mode(module, data, indices, batch_size, lambda mb: module.elbo(mb)[1])
+    return _unsort(order, parts, len(indices))
+
+
+def _local_terms(module: LDVAE, mb) -> torch.Tensor:
+    """``(cells, 2)``: ``-log p(x | z, l)`` and ``KL(q(z, l | x) || p(z, l))`` per cell, the ELBO's local parts."""
+    guide_trace, model_trace = replayed_traces(module.model, module.guide, (mb, None, 1.0))
+    reconstruction, kl = 0.0, 0.0
+    for site, term in site_terms(model_trace, guide_trace, analytic_kl=True):
+        if not any(frame.name == "cells" for frame in site["cond_indep_stack"]):
+            continue  # a global site (a prior on the loadings) has no per-cell part
+        if site["is_observed"]:
+            reconstruction = reconstruction - term
+        else:
+            kl = kl - term
+    like = reconstruction if torch.is_tensor(reconstruction) else kl
+    return torch.stack([like.new_zeros(mb.n_cells) + reconstruction, like.new_zeros(mb.n_cells) + kl], dim=-1)
+
+
+@torch.no_grad()
+def evaluate_terms(module: LDVAE, data: CellData, indices: np.ndarray, batch_size: int = 1024) -> torch.Tensor:
+    """Per-cell reconstruction loss and local KL, ``(cells, 2)``, in eval mode; the ELBO is minus their sum."""
+    indices = np.asarray(indices)
+    order, parts = _in_eval_mode(module, data, indices, batch_size, lambda mb: _local_terms(module, mb))
+    return _unsort(order, parts, len(indices)).reshape(len(indices), 2)
+
+
+def validation_sums(module: LDVAE, data: CellData, indices: np.ndarray) -> torch.Tensor:
+    """Sums over ``indices`` of the reconstruction loss and the local KL, and the count: ``(3,)``, on the module's device.
+
+    Sums rather than means so that data-parallel ranks can add their shares.
+    """
+    terms = evaluate_terms(module, data, indices).to(module.device)
+    count = torch.tensor([float(len(terms))], device=terms.device, dtype=terms.dtype)
+    return torch.cat([terms.sum(0), count])
+
+
+def validation_figures(sums: torch.Tensor) -> dict[str, float]:
+    """The mean per-cell figures of :data:`VALIDATION_FIGURES` from :func:`validation_sums` (summed over ranks)."""
+    reconstruction, kl, count = sums.double().cpu().tolist()
+    count = max(count, 1.0)
+    return dict(zip(VALIDATION_FIGURES, ((reconstruction + kl) / count, reconstruction / count, kl / count)))
