@@ -8,6 +8,7 @@ Each function takes the model as its first argument; ``LinearSCVI`` binds them a
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -16,6 +17,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
+from ..data import minified
 from ..data.registry import SETUP_KEY
 from ..infer.evaluate import evaluate_elbo
 from ..tasks import posterior as tasks
@@ -31,6 +33,29 @@ def _indices(cells, indices: Sequence[int] | None) -> np.ndarray:
 
 
 # Setup and data ------------------------------------------------------------------------------
+def unused_size_factor(adata: AnnData, size_factor_key: str | None) -> None:
+    """Check ``size_factor_key`` of ``setup_anndata`` and warn that it is not used.
+
+    scvi-tools' ``LinearSCVI.setup_anndata`` accepts the key and does not register it (its
+    ``LDVAE`` has no size-factor path); here the column must exist and a warning says the same.
+
+    Raises
+    ------
+    ValueError
+        When ``adata.obs`` has no such column.
+    """
+    if size_factor_key is None:
+        return
+    if size_factor_key not in adata.obs:
+        raise ValueError(f"size_factor_key={size_factor_key!r} is not a column of adata.obs.")
+    warnings.warn(
+        f"size_factor_key={size_factor_key!r} is not used: LinearSCVI's library size is latent, or the observed "
+        "total count with LinearSCVI(..., use_observed_lib_size=True); scvi-tools' LinearSCVI ignores the key too.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def view_setup_args(dir_path: str, prefix: str | None = None) -> dict:
     """The setup arguments a saved model was registered with, read from its ``model.json``.
 
@@ -89,21 +114,68 @@ def set_adata(model, adata: AnnData) -> None:
     model._adata = adata
 
 
-def minify_adata(model, *args, **kwargs) -> None:
-    """Not supported: pyro_ldvae has no minified (latent-posterior-only) AnnData mode.
+def minify_adata(
+    model,
+    minified_data_type: Literal[
+        "latent_posterior_parameters", "latent_posterior_parameters_with_counts"
+    ] = minified.LATENT_POSTERIOR,
+    use_latent_qzm_key: str = "X_latent_qzm",
+    use_latent_qzv_key: str = "X_latent_qzv",
+) -> None:
+    """Replace the model's AnnData by a minified copy: the latent posterior kept, the counts dropped.
+
+    As scvi-tools' ``minify_adata``: the copy holds ``adata.obsm[use_latent_qzm_key]`` and
+    ``[use_latent_qzv_key]`` (the posterior mean and variance of z, from
+    ``model.get_latent_representation(return_dist=True)``) under ``obsm['_scvi_latent_qzm']`` and
+    ``['_scvi_latent_qzv']``, the total counts under ``obs['_scvi_observed_lib_size']``, and, for
+    'latent_posterior_parameters', all-zero sparse ``X`` and layers and no ``raw``. The user's
+    AnnData is left as it was. On the minified AnnData, ``get_latent_representation``,
+    ``get_normalized_expression``, ``posterior_predictive_sample``, ``differential_expression``,
+    ``get_likelihood_parameters`` and ``get_latent_library_size`` work from the stored posterior;
+    ``save`` and ``load`` keep it. Training, the ELBO and importance weights need the counts.
+
+    Parameters
+    ----------
+    minified_data_type
+        'latent_posterior_parameters' drops the counts; 'latent_posterior_parameters_with_counts'
+        keeps them (the stored posterior is still used).
+    use_latent_qzm_key, use_latent_qzv_key
+        ``obsm`` keys of the posterior mean and variance of z.
 
     Raises
     ------
-    NotImplementedError
-        Always. Store the latent posterior with ``qzm, qzv =
-        model.get_latent_representation(return_dist=True)`` in ``adata.obsm`` and keep the counts:
-        every method here reads the counts.
+    ValueError
+        The model's library size is latent (``use_observed_lib_size=False``: as in scvi-tools, the
+        stored library is the observed one), the AnnData is minified already, or the ``obsm`` keys
+        are missing or of the wrong shape.
     """
-    raise NotImplementedError(
-        "minify_adata is not supported: every pyro_ldvae method reads the counts. Keep them, and store the "
-        "latent posterior with `qzm, qzv = model.get_latent_representation(return_dist=True)` "
-        "(adata.obsm['ldvae_latent_qzm'] = qzm; adata.obsm['ldvae_latent_qzv'] = qzv) if you need it."
-    )
+    if not model.module.use_observed_lib_size:
+        raise ValueError(
+            "minify_adata needs a model with use_observed_lib_size=True (as in scvi-tools): the minified data "
+            "keeps the observed library size, not the posterior of a latent one."
+        )
+    adata = model.adata
+    if minified.minify_type(adata) is not None:
+        raise ValueError("The model's AnnData is minified already.")
+    for key in (use_latent_qzm_key, use_latent_qzv_key):
+        if key not in adata.obsm:
+            raise ValueError(
+                f"adata.obsm has no {key!r}. Store the latent posterior first: qzm, qzv = "
+                f"model.get_latent_representation(return_dist=True); model.adata.obsm[{use_latent_qzm_key!r}] = qzm; "
+                f"model.adata.obsm[{use_latent_qzv_key!r}] = qzv."
+            )
+    qzm, qzv = np.asarray(adata.obsm[use_latent_qzm_key]), np.asarray(adata.obsm[use_latent_qzv_key])
+    if qzm.shape != (adata.n_obs, model.n_latent) or qzv.shape != qzm.shape:
+        raise ValueError(
+            f"obsm[{use_latent_qzm_key!r}] and obsm[{use_latent_qzv_key!r}] must both be (cells, n_latent) = "
+            f"({adata.n_obs}, {model.n_latent}); got {qzm.shape} and {qzv.shape}."
+        )
+    model._adata = minified.minified_copy(adata, model.registry.layer, qzm, qzv, minified_data_type)
+
+
+def minified_data_type(model) -> str | None:
+    """The kind of minified data the model's AnnData holds ('latent_posterior_parameters', ...), or None."""
+    return minified.minify_type(model.adata)
 
 
 # Evaluation, with scvi-tools' return types --------------------------------------------------

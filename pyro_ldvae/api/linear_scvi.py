@@ -82,10 +82,12 @@ class LinearSCVI:
     def setup_anndata(
         cls, adata: AnnData, batch_key: str | None = None, labels_key: str | None = None, layer: str | None = None,
         categorical_covariate_keys: list[str] | None = None, continuous_covariate_keys: list[str] | None = None,
-        check_counts: bool = True,
+        check_counts: bool = True, size_factor_key: str | None = None,
     ) -> None:  # fmt: skip
         """Register the counts' layer and the batch, labels and covariate columns of ``adata``, in
-        scvi-tools' argument order; see :func:`pyro_ldvae.data.registry.register` for arguments and checks."""
+        scvi-tools' argument order; see :func:`pyro_ldvae.data.registry.register` for arguments and checks.
+        ``size_factor_key`` is checked and not used, as in scvi-tools' LinearSCVI (a warning says so)."""
+        dropin.unused_size_factor(adata, size_factor_key)
         keys = (categorical_covariate_keys, continuous_covariate_keys)
         register(adata, batch_key, labels_key, layer, *keys, check_counts=check_counts)
 
@@ -103,6 +105,7 @@ class LinearSCVI:
     view_setup_args = staticmethod(dropin.view_setup_args)
     view_anndata_setup = dropin.view_anndata_setup
     minify_adata = dropin.minify_adata
+    minified_data_type = property(dropin.minified_data_type, doc="The kind of minified data of ``adata``, or None.")
 
     @property
     def history(self) -> dict[str, pd.DataFrame]:

@@ -11,6 +11,7 @@ from anndata import AnnData
 from ..data import validate
 from ..data.backed import cell_data
 from ..data.cells import CellData
+from ..data.minified import minify_type
 from ..data.registry import Registry
 from ..models.ldvae import LDVAE
 
@@ -46,7 +47,8 @@ def build(adata: AnnData, registry: Registry, seed: int, settings: dict) -> tupl
     validate.check_labels_for_dispersion(dispersion, registry.labels_key)
     validate.check_shape(adata)
     cells = cell_data(adata, registry)
-    validate.check_totals(cells.X, adata.obs_names, warn_genes=False)
+    if minify_type(adata) is None:  # minified cells keep their totals in obs, checked when read
+        validate.check_totals(cells.X, adata.obs_names, warn_genes=False)
     observed = settings["use_observed_lib_size"]
     library_log_means, library_log_vars = (None, None) if observed else cells.library_prior()
     with torch.random.fork_rng(devices=[]):
