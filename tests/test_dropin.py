@@ -63,11 +63,6 @@ def test_adata_setter_validates_genes(model, data):
         model.adata = original
 
 
-def test_minify_adata_says_what_to_use(model):
-    with pytest.raises(NotImplementedError, match="return_dist=True"):
-        model.minify_adata()
-
-
 @pytest.mark.parametrize("correlation_type", ["spearman", "pearson"])
 def test_feature_correlation_matrix(model, correlation_type):
     torch.manual_seed(0)

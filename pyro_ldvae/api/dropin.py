@@ -192,6 +192,7 @@ def get_elbo(
     ``(cells,)``; on the CPU.
     """
     cells = model.get_cells(adata)
+    minified.require_counts(cells, "get_elbo")
     per_cell = evaluate_elbo(model.module, cells, _indices(cells, indices), batch_size or 1024).detach().cpu()
     return per_cell.mean() if return_mean else per_cell
 
@@ -208,6 +209,7 @@ def get_marginal_ll(
     ``(cells,)`` (scvi-tools' types).
     """
     cells = model.get_cells(adata)
+    minified.require_counts(cells, "get_marginal_ll")
     ll = tasks.marginal_ll(model.module, cells, _indices(cells, indices), n_mc_samples, batch_size or 128)
     return float(ll.mean()) if return_mean else torch.from_numpy(np.asarray(ll))
 
@@ -224,6 +226,7 @@ def get_reconstruction_error(
     ``return_mean=False``, a tensor ``(cells,)``: scvi-tools' types.
     """
     cells = model.get_cells(adata)
+    minified.require_counts(cells, "get_reconstruction_error")
     nll = torch.from_numpy(
         np.asarray(tasks.reconstruction_nll(model.module, cells, _indices(cells, indices), batch_size or 128))
     )

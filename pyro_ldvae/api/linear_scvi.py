@@ -17,6 +17,7 @@ import torch
 from anndata import AnnData
 
 from ..data.cells import CellData
+from ..data.minified import require_counts
 from ..data.registry import SETUP_KEY, get_registry, register
 from ..infer.options import TrainOptions
 from ..models.options import Dispersion, GeneLikelihood, LatentDistribution
@@ -293,6 +294,8 @@ class LinearSCVI:
         :func:`pyro_ldvae.tasks.expression.expression_samples`, which takes the other arguments).
         """
         cells = self.get_cells(adata)
+        if weights == "importance":
+            require_counts(cells, "weights='importance'")
         adata = self.adata if adata is None else adata
         idx = self._indices(cells, indices)
         codes, mask = self.registry.batch_codes(transform_batch), gene_mask(self.var_names, gene_list)
@@ -363,6 +366,8 @@ class LinearSCVI:
         or ``proba_de`` (change), with ``comparison``, ``group1`` and ``group2`` columns.
         """
         cells = self.get_cells(adata)
+        if weights == "importance":
+            require_counts(cells, "weights='importance'")
         obs = (self.adata if adata is None else adata).obs
         return de.differential_expression(
             self.module, cells, self.registry, obs, self.var_names, groupby, group1, group2, idx1, idx2,

@@ -60,6 +60,7 @@ class MinifiedCellData(CellData):
             if key not in getattr(adata, where):
                 raise ValueError(f"This minified AnnData has no {where}[{key!r}]; minify it with model.minify_adata().")
         super().__init__(adata, registry)
+        self.counts_kept = minify_type(adata) == LATENT_POSTERIOR_WITH_COUNTS
         self.qz_loc = np.asarray(adata.obsm[LATENT_QZM_KEY], dtype=np.float32)
         self.qz_var = np.asarray(adata.obsm[LATENT_QZV_KEY], dtype=np.float32)
         self.library = np.asarray(adata.obs[OBSERVED_LIB_SIZE_KEY], dtype=np.float64)
@@ -82,4 +83,13 @@ class MinifiedCellData(CellData):
         tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a[idx])).to(device)  # noqa: E731
         return replace(
             mb, qz_loc=tensor(self.qz_loc), qz_var=tensor(self.qz_var), library=tensor(np.log(self.library)).float()
+        )
+
+
+def require_counts(cells: CellData, what: str) -> None:
+    """Raise ``ValueError`` when ``cells`` are minified without their counts, which ``what`` needs."""
+    if isinstance(cells, MinifiedCellData) and not cells.counts_kept:
+        raise ValueError(
+            f"{what} needs the counts, which minify_adata dropped from this AnnData: pass the full AnnData "
+            "(adata=...) or set model.adata to it."
         )

@@ -45,6 +45,9 @@ def repeat_minibatch(mb: Minibatch, n: int) -> Minibatch:
         cat_covs=rep(mb.cat_covs),
         cont_covs=rep(mb.cont_covs),
         idx=torch.arange(n * mb.n_cells, device=mb.batch.device),
+        qz_loc=rep(mb.qz_loc),
+        qz_var=rep(mb.qz_var),
+        library=rep(mb.library),
     )
 
 
