@@ -241,3 +241,20 @@ def test_normal_likelihood_trains_on_log_normalized_data(log_normalized, layer):
     draws = model.posterior_predictive_sample(indices=np.arange(5), n_samples=2).todense()
     assert draws.shape == (5, 30, 2) and not np.allclose(draws, np.round(draws))
     assert np.isfinite(float(model.get_reconstruction_error()["reconstruction_loss"]))
+
+
+# 5. scvi-tools keywords that mean nothing here are accepted ----------------------------------------
+def test_silent_is_accepted_where_scvi_tools_takes_it(model):
+    assert model.get_normalized_expression(indices=[0, 1], silent=False).shape == (2, model.adata.n_vars)
+    assert model.posterior_predictive_sample(indices=[0, 1], silent=False).shape == (2, model.adata.n_vars)
+    assert model.get_feature_correlation_matrix(indices=[0, 1, 2], n_samples=2, silent=False).shape[0] == 30
+
+
+def test_size_factor_key_is_checked_and_warns_that_it_is_unused(data):
+    adata = data.copy()
+    adata.obs["sf"] = 1.0
+    with pytest.warns(UserWarning, match="use_observed_lib_size=True"):
+        pyro_ldvae.LinearSCVI.setup_anndata(adata, batch_key="batch", size_factor_key="sf")
+    assert pyro_ldvae.LinearSCVI(adata, n_latent=2).registry.batch_key == "batch"  # registered, key aside
+    with pytest.raises(ValueError, match="not a column"):
+        pyro_ldvae.LinearSCVI.setup_anndata(adata, size_factor_key="missing")

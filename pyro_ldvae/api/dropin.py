@@ -237,13 +237,14 @@ def get_reconstruction_error(
 def posterior_predictive_sample(
     model, adata: AnnData | None = None, indices: Sequence[int] | None = None,
     transform_batch: str | int | Sequence[str | int] | None = None, n_samples: int = 1,
-    gene_list: Sequence[str] | None = None, batch_size: int | None = None,
+    gene_list: Sequence[str] | None = None, batch_size: int | None = None, silent: bool = True,
 ):  # fmt: skip
     """Counts drawn from the posterior predictive ``p(x_new | x)`` (scvi-tools' arguments, in its order).
 
     z and l come from the guide, then the model's ``'x'`` site is sampled instead of observed.
     ``transform_batch`` decodes every cell as if from that batch category; with several
     categories the draws are averaged over them (no longer integers), as in scvi-tools.
+    ``silent`` is accepted for scvi-tools' sake: nothing is printed here.
 
     Returns
     -------
@@ -266,12 +267,13 @@ def posterior_predictive_sample(
 def get_feature_correlation_matrix(
     model, adata: AnnData | None = None, indices: Sequence[int] | None = None, n_samples: int = 10,
     batch_size: int = 64, rna_size_factor: int = 1000, transform_batch: Sequence[str | int] | None = None,
-    correlation_type: Literal["spearman", "pearson"] = "spearman",
+    correlation_type: Literal["spearman", "pearson"] = "spearman", silent: bool = True,
 ) -> pd.DataFrame:  # fmt: skip
     """Gene-gene correlation of posterior samples of the normalized expression (scvi-tools' arguments).
 
     ``n_samples`` draws per cell of ``rna_size_factor * rho`` are correlated across cells and
-    draws; with several ``transform_batch`` categories, the matrices of each are averaged. See
+    draws; with several ``transform_batch`` categories, the matrices of each are averaged
+    (``silent``: accepted, nothing is printed). See
     :func:`pyro_ldvae.tasks.expression.feature_correlation`.
 
     Returns

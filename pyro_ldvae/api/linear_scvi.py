@@ -281,7 +281,7 @@ class LinearSCVI:
         transform_batch: str | int | Sequence[str | int] | None = None, gene_list: Sequence[str] | None = None,
         library_size: float | Literal["latent"] = 1, n_samples: int = 1, n_samples_overall: int | None = None,
         weights: Weights | None = None, batch_size: int | None = None, return_mean: bool = True,
-        return_numpy: bool | None = None, **importance_weighting_kwargs,
+        return_numpy: bool | None = None, silent: bool = True, **importance_weighting_kwargs,
     ) -> pd.DataFrame | np.ndarray:  # fmt: skip
         """Denoised expression: the model's ``rho`` (rows sum to one) times ``library_size``.
 
@@ -292,6 +292,7 @@ class LinearSCVI:
         genes)`` with ``return_mean=False`` and ``n_samples > 1``, or ``(n_samples_overall, genes)``
         draws from the group of cells, picked by ``weights`` ('uniform' or 'importance'; see
         :func:`pyro_ldvae.tasks.expression.expression_samples`, which takes the other arguments).
+        ``silent`` is accepted for scvi-tools' sake: nothing is printed here.
         """
         cells = self.get_cells(adata)
         if weights == "importance":
