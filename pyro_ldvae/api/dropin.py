@@ -205,13 +205,13 @@ def get_marginal_ll(
 
     Returns
     -------
-    The mean over cells as a ``float``, or with ``return_mean=False`` a ``torch.Tensor``
-    ``(cells,)`` (scvi-tools' types).
+    The mean over cells as a ``numpy.float64`` (a ``float`` with ``ndim`` 0), or with
+    ``return_mean=False`` a ``torch.Tensor`` ``(cells,)``: scvi-tools' types.
     """
     cells = model.get_cells(adata)
     minified.require_counts(cells, "get_marginal_ll")
     ll = tasks.marginal_ll(model.module, cells, _indices(cells, indices), n_mc_samples, batch_size or 128)
-    return float(ll.mean()) if return_mean else torch.from_numpy(np.asarray(ll))
+    return np.float64(np.mean(ll)) if return_mean else torch.from_numpy(np.asarray(ll))
 
 
 def get_reconstruction_error(
