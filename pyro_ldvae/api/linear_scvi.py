@@ -194,7 +194,8 @@ class LinearSCVI:
             As scvi-tools' ``DataSplitter``: ``drop_last`` drops each epoch's last partial
             minibatch; ``external_indexing=[train, validation, test]`` gives the cell indices.
         early_stopping_monitor, early_stopping_mode, early_stopping_warmup_epochs
-            The figure watched ('elbo_validation'), whether lower ('min') or higher ('max') is
+            The figure watched ('elbo_validation', 'reconstruction_loss_validation' or
+            'kl_local_validation', all recorded in the history), whether lower ('min') or higher ('max') is
             better, and how many first validations are not judged.
         plan_kwargs
             ``lr``, ``weight_decay``, ``eps``, ``optimizer`` ('Adam', 'AdamW', 'SGD', 'Custom' with
@@ -229,7 +230,7 @@ class LinearSCVI:
             user's own, one process; ``False`` never; ``True`` always, or raises if it cannot.
         callbacks
             Objects with ``on_epoch_end(module, epoch, history)`` (see ``infer.callbacks``);
-            True stops training. Lightning callbacks warn and are ignored.
+            True stops training. Lightning callbacks warn, naming what to use instead, and are not called.
         **trainer_kwargs
             Lightning ``Trainer`` keywords: ``enable_progress_bar`` and ``devices`` set
             ``progress_bar`` and ``device``; the others (``logger``, ``log_every_n_steps``,
@@ -237,7 +238,8 @@ class LinearSCVI:
 
         Notes
         -----
-        The history holds ``elbo_train``, ``elbo_validation``, ``kl_weight``, ``train_loss_epoch``,
+        The history holds ``elbo_train``, ``elbo_validation``, ``reconstruction_loss_validation``,
+        ``kl_local_validation``, ``kl_weight``, ``train_loss_epoch``,
         ``train_time`` by epoch and ``train_loss_step`` by step. Ctrl-C stops after the current
         step; the model keeps the last completed epoch and ``stop_reason_`` is 'interrupted'. If
         the loss becomes NaN or infinite, a ``FloatingPointError`` names the epoch and the model

@@ -5,7 +5,10 @@ function of the same arguments): ``module`` is the LDVAE being trained, ``epoch`
 completed (0-based), ``history`` the list of per-epoch rows so far (dicts with ``epoch``,
 ``elbo_train``, ``elbo_validation`` when validated, ``kl_weight``, ...; the last row is this
 epoch's). Returning True stops training after this epoch; the history's ``stop_reason`` is then
-'callback'. Lightning callbacks do not apply: the loop is not Lightning (docs/design.md).
+'callback'. Lightning callbacks do not apply: the loop is not Lightning (docs/design.md). They are
+accepted with a warning that names what does their job here: ``early_stopping=True`` for
+``EarlyStopping``, ``checkpoint_dir`` for ``ModelCheckpoint``, ``history['lr']`` with
+``reduce_lr_on_plateau`` for ``LearningRateMonitor``.
 
 Examples
 --------
@@ -24,7 +27,9 @@ from typing import Any, Protocol
 class EpochCallback(Protocol):
     """What the loop calls after each epoch; True stops training."""
 
-    def on_epoch_end(self, module: Any, epoch: int, history: list[dict]) -> bool | None: ...
+    def on_epoch_end(self, module: Any, epoch: int, history: list[dict]) -> bool | None:
+        """Called after ``epoch`` (0-based) with the module and the per-epoch rows so far; True stops training."""
+        ...
 
 
 def is_lightning(callback: Any) -> bool:
@@ -58,7 +63,7 @@ def _instead(callback: Any) -> str:
 def usable(callbacks: list | None) -> list:
     """The callbacks the loop can call; Lightning callbacks and other objects warn and are left out.
 
-    A Lightning callback's warning names what does its job here (:data:`INSTEAD`), or this
+    A Lightning callback's warning names what does its job here (``INSTEAD``), or this
     module's interface when nothing does.
     """
     kept = []
