@@ -250,11 +250,8 @@ def test_silent_is_accepted_where_scvi_tools_takes_it(model):
     assert model.get_feature_correlation_matrix(indices=[0, 1, 2], n_samples=2, silent=False).shape[0] == 30
 
 
-def test_size_factor_key_is_checked_and_warns_that_it_is_unused(data):
+def test_size_factor_key_is_refused_with_the_reason(data):
     adata = data.copy()
     adata.obs["sf"] = 1.0
-    with pytest.warns(UserWarning, match="use_observed_lib_size=True"):
+    with pytest.raises(ValueError, match="use_observed_lib_size=True"):
         pyro_ldvae.LinearSCVI.setup_anndata(adata, batch_key="batch", size_factor_key="sf")
-    assert pyro_ldvae.LinearSCVI(adata, n_latent=2).registry.batch_key == "batch"  # registered, key aside
-    with pytest.raises(ValueError, match="not a column"):
-        pyro_ldvae.LinearSCVI.setup_anndata(adata, size_factor_key="missing")

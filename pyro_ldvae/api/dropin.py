@@ -8,7 +8,6 @@ Each function takes the model as its first argument; ``LinearSCVI`` binds them a
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -33,27 +32,23 @@ def _indices(cells, indices: Sequence[int] | None) -> np.ndarray:
 
 
 # Setup and data ------------------------------------------------------------------------------
-def unused_size_factor(adata: AnnData, size_factor_key: str | None) -> None:
-    """Check ``size_factor_key`` of ``setup_anndata`` and warn that it is not used.
+def refuse_size_factor(size_factor_key: str | None) -> None:
+    """Refuse ``size_factor_key`` of ``setup_anndata``, with the reason and what to use.
 
-    scvi-tools' ``LinearSCVI.setup_anndata`` accepts the key and does not register it (its
-    ``LDVAE`` has no size-factor path); here the column must exist and a warning says the same.
+    scvi-tools' ``LinearSCVI.setup_anndata`` refuses it too (a ``TypeError`` from its
+    ``register_fields``): LDVAE has no size-factor path.
 
     Raises
     ------
     ValueError
-        When ``adata.obs`` has no such column.
+        Whenever ``size_factor_key`` is given.
     """
-    if size_factor_key is None:
-        return
-    if size_factor_key not in adata.obs:
-        raise ValueError(f"size_factor_key={size_factor_key!r} is not a column of adata.obs.")
-    warnings.warn(
-        f"size_factor_key={size_factor_key!r} is not used: LinearSCVI's library size is latent, or the observed "
-        "total count with LinearSCVI(..., use_observed_lib_size=True); scvi-tools' LinearSCVI ignores the key too.",
-        UserWarning,
-        stacklevel=3,
-    )
+    if size_factor_key is not None:
+        raise ValueError(
+            f"size_factor_key={size_factor_key!r} is not supported: LinearSCVI's library size is latent, or the "
+            "observed total count with LinearSCVI(..., use_observed_lib_size=True) (scvi-tools' LinearSCVI refuses "
+            "the key too). Leave it out."
+        )
 
 
 def view_setup_args(dir_path: str, prefix: str | None = None) -> dict:

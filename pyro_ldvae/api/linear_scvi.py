@@ -87,8 +87,8 @@ class LinearSCVI:
     ) -> None:  # fmt: skip
         """Register the counts' layer and the batch, labels and covariate columns of ``adata``, in
         scvi-tools' argument order; see :func:`pyro_ldvae.data.registry.register` for arguments and checks.
-        ``size_factor_key`` is checked and not used, as in scvi-tools' LinearSCVI (a warning says so)."""
-        dropin.unused_size_factor(adata, size_factor_key)
+        ``size_factor_key`` raises ``ValueError`` with the reason (scvi-tools' LinearSCVI refuses it too)."""
+        dropin.refuse_size_factor(size_factor_key)
         keys = (categorical_covariate_keys, continuous_covariate_keys)
         register(adata, batch_key, labels_key, layer, *keys, check_counts=check_counts)
 
