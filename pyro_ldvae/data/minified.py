@@ -35,8 +35,11 @@ def minify_type(adata: AnnData) -> str | None:
 
 
 def minified_copy(adata: AnnData, layer: str | None, qzm: np.ndarray, qzv: np.ndarray, kind: str) -> AnnData:
-    """A copy of ``adata`` with the posterior ``(qzm, qzv)`` and the observed library size stored,
-    and (unless ``kind`` keeps them) ``X``, the layers and ``raw`` emptied; ``adata`` is unchanged."""
+    """A copy of ``adata`` with the posterior of z and the observed library size stored.
+
+    Unless ``kind`` keeps the counts, ``X`` and the layers become all-zero sparse matrices and
+    ``raw`` is dropped; ``adata`` itself is unchanged.
+    """
     if kind not in MINIFY_TYPES:
         raise ValueError(f"minified_data_type must be one of {list(MINIFY_TYPES)}, got {kind!r}.")
     library = np.asarray(get_counts(adata, layer).sum(axis=1), dtype=np.float64).ravel()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pyro
 import torch
@@ -16,9 +14,12 @@ from ..models.trace import replayed_traces, site_terms
 VALIDATION_FIGURES = ("elbo_validation", "reconstruction_loss_validation", "kl_local_validation")
 
 
-def _in_eval_mode(module: LDVAE, data: CellData, indices: np.ndarray, batch_size: int, fn) -> Iterator:
-    """``fn(minibatch)`` for minibatches of ``indices`` in file order (sequential reads for on-disk data),
-    in eval mode (running batch-norm statistics, no dropout); yields ``(order, parts)``."""
+def _in_eval_mode(module: LDVAE, data: CellData, indices: np.ndarray, batch_size: int, fn) -> tuple:
+    """``fn(minibatch)`` over minibatches of ``indices`` in eval mode: ``(order, parts)``.
+
+    Cells go in file order (sequential reads for on-disk data); eval mode uses the running
+    batch-norm statistics and no dropout.
+    """
     was_training = module.training
     module.eval()
     order = np.argsort(indices, kind="stable")
@@ -81,7 +82,7 @@ def validation_sums(module: LDVAE, data: CellData, indices: np.ndarray) -> torch
 
 
 def validation_figures(sums: torch.Tensor) -> dict[str, float]:
-    """The mean per-cell figures of :data:`VALIDATION_FIGURES` from :func:`validation_sums` (summed over ranks)."""
+    """The mean per-cell figures of ``VALIDATION_FIGURES`` from :func:`validation_sums` (summed over ranks)."""
     reconstruction, kl, count = sums.double().cpu().tolist()
     count = max(count, 1.0)
     return dict(zip(VALIDATION_FIGURES, ((reconstruction + kl) / count, reconstruction / count, kl / count)))
