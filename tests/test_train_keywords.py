@@ -81,7 +81,7 @@ def test_early_stopping_mode_monitor_and_warmup(adata, monkeypatch):
 
     def falling(module, data, indices):  # validation negative ELBO 100, 99, 98, ... (all reconstruction)
         calls.append(1)
-        return torch.tensor([(101.0 - len(calls)) * len(indices), 0.0, float(len(indices))])
+        return torch.tensor([(101.0 - len(calls)) * len(indices), 0.0, 0.0, float(len(indices))])
 
     monkeypatch.setattr(train_mod, "validation_sums", falling)
     es = {"max_epochs": 10, "early_stopping": True, "early_stopping_patience": 2, **QUIET}
@@ -238,6 +238,12 @@ def test_validation_figures_split_the_elbo_and_each_can_be_monitored(adata):
     torch.manual_seed(0)
     terms = evaluate_terms(model.module, cells, val)
     np.testing.assert_allclose(-terms.sum(1).numpy(), elbo.numpy(), rtol=1e-5)
+    # scvi-tools' validation_loss: the KL of z weighed by the epoch's KL weight (0 in the first epoch)
+    loss, rec, elbo = (
+        h[k].values.ravel() for k in ("validation_loss", "reconstruction_loss_validation", "elbo_validation")
+    )
+    assert ((rec <= loss + 1e-6) & (loss <= elbo + 1e-6)).all()
+    assert h["kl_weight"].values[0, 0] == 0 and loss[0] < elbo[0]  # the KL of z does not count yet
     for monitor in ("reconstruction_loss_validation", "kl_local_validation"):
         m = _model(adata)
         m.train(max_epochs=3, early_stopping=True, early_stopping_monitor=monitor, early_stopping_patience=1, **QUIET)

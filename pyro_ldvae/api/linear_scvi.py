@@ -239,7 +239,7 @@ class LinearSCVI:
         Notes
         -----
         The history holds ``elbo_train``, ``elbo_validation``, ``reconstruction_loss_validation``,
-        ``kl_local_validation``, ``kl_weight``, ``train_loss_epoch``,
+        ``kl_local_validation``, ``validation_loss``, ``kl_weight``, ``train_loss_epoch``,
         ``train_time`` by epoch and ``train_loss_step`` by step. Ctrl-C stops after the current
         step; the model keeps the last completed epoch and ``stop_reason_`` is 'interrupted'. If
         the loss becomes NaN or infinite, a ``FloatingPointError`` names the epoch and the model

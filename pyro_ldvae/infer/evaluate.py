@@ -49,30 +49,31 @@ def evaluate_elbo(module: LDVAE, data: CellData, indices: np.ndarray, batch_size
 
 
 def _local_terms(module: LDVAE, mb) -> torch.Tensor:
-    """``(cells, 2)``: ``-log p(x | z, l)`` and ``KL(q(z, l | x) || p(z, l))`` per cell, the ELBO's local parts."""
+    """The ELBO's local parts per cell, ``(cells, 3)``: ``-log p(x | z, l)``, the KL of z, the KL of the rest (l).
+
+    The KL of z is the part the KL warm-up weighs, as in scvi-tools' loss.
+    """
     guide_trace, model_trace = replayed_traces(module.model, module.guide, (mb, None, 1.0))
-    reconstruction, kl = 0.0, 0.0
+    parts = [0.0, 0.0, 0.0]
     for site, term in site_terms(model_trace, guide_trace, analytic_kl=True):
         if not any(frame.name == "cells" for frame in site["cond_indep_stack"]):
             continue  # a global site (a prior on the loadings) has no per-cell part
-        if site["is_observed"]:
-            reconstruction = reconstruction - term
-        else:
-            kl = kl - term
-    like = reconstruction if torch.is_tensor(reconstruction) else kl
-    return torch.stack([like.new_zeros(mb.n_cells) + reconstruction, like.new_zeros(mb.n_cells) + kl], dim=-1)
+        slot = 0 if site["is_observed"] else 1 if site["name"] == "z" else 2
+        parts[slot] = parts[slot] - term
+    like = next(p for p in parts if torch.is_tensor(p))
+    return torch.stack([like.new_zeros(mb.n_cells) + p for p in parts], dim=-1)
 
 
 @torch.no_grad()
 def evaluate_terms(module: LDVAE, data: CellData, indices: np.ndarray, batch_size: int = 1024) -> torch.Tensor:
-    """Per-cell reconstruction loss and local KL, ``(cells, 2)``, in eval mode; the ELBO is minus their sum."""
+    """Per-cell reconstruction loss, KL of z and KL of l, ``(cells, 3)``, in eval mode; the ELBO is minus their sum."""
     indices = np.asarray(indices)
     order, parts = _in_eval_mode(module, data, indices, batch_size, lambda mb: _local_terms(module, mb))
-    return _unsort(order, parts, len(indices)).reshape(len(indices), 2)
+    return _unsort(order, parts, len(indices)).reshape(len(indices), 3)
 
 
 def validation_sums(module: LDVAE, data: CellData, indices: np.ndarray) -> torch.Tensor:
-    """Sums over ``indices`` of the reconstruction loss and the local KL, and the count: ``(3,)``, on the module's device.
+    """Sums over ``indices`` of the columns of :func:`evaluate_terms`, and the count: ``(4,)``, on the module's device.
 
     Sums rather than means so that data-parallel ranks can add their shares.
     """
@@ -81,8 +82,13 @@ def validation_sums(module: LDVAE, data: CellData, indices: np.ndarray) -> torch
     return torch.cat([terms.sum(0), count])
 
 
-def validation_figures(sums: torch.Tensor) -> dict[str, float]:
-    """The mean per-cell figures of ``VALIDATION_FIGURES`` from :func:`validation_sums` (summed over ranks)."""
-    reconstruction, kl, count = sums.double().cpu().tolist()
-    count = max(count, 1.0)
-    return dict(zip(VALIDATION_FIGURES, ((reconstruction + kl) / count, reconstruction / count, kl / count)))
+def validation_figures(sums: torch.Tensor, kl_weight: float = 1.0) -> dict[str, float]:
+    """Mean per-cell validation figures from :func:`validation_sums` (summed over ranks), by history key.
+
+    ``VALIDATION_FIGURES`` (unweighted), and ``validation_loss``: scvi-tools' loss, the
+    reconstruction plus ``kl_weight`` times the KL of z plus the KL of l.
+    """
+    reconstruction, kl_z, kl_rest, count = (sums.double().cpu() / max(float(sums[-1]), 1.0)).tolist()
+    figures = dict(zip(VALIDATION_FIGURES, (reconstruction + kl_z + kl_rest, reconstruction, kl_z + kl_rest)))
+    figures["validation_loss"] = reconstruction + kl_weight * kl_z + kl_rest
+    return figures

@@ -204,10 +204,10 @@ def _fit(
             row["train_time"] = time.perf_counter() - start
             if len(val_idx) and (epoch + 1) % options.check_val_every_n_epoch == 0:
                 if ddp is None:
-                    row.update(validation_figures(validation_sums(module, data, val_idx)))
+                    row.update(validation_figures(validation_sums(module, data, val_idx), kl_weight))
                 else:  # each rank its strided share, summed over ranks
                     sums = validation_sums(module, data, np.asarray(val_idx)[ddp.rank :: ddp.world_size])
-                    row.update(validation_figures(ddp.all_reduce_sum(sums)))
+                    row.update(validation_figures(ddp.all_reduce_sum(sums), kl_weight))
             if scheduler is not None:
                 row["lr"] = float(optimizer.param_groups[0]["lr"])
                 if plan.lr_scheduler_metric in row:
