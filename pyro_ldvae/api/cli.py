@@ -80,6 +80,7 @@ def _add_training_options(group: argparse._ArgumentGroup) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``pyro-ldvae`` argument parser: subcommands ``fit``, ``transform``, ``info`` and ``map``."""
     parser = _Parser(
         prog="pyro-ldvae",
         description="LDVAE (linearly decoded variational autoencoder) for single-cell RNA-seq counts, in Pyro.",
@@ -213,6 +214,7 @@ def _summary(model, adata, elapsed: float, n_top: int) -> None:
 
 
 def run_fit(args: argparse.Namespace) -> int:
+    """Run ``pyro-ldvae fit``: read the data, train, write the results; returns the exit status."""
     from ..infer.distributed import init_from_env, is_main_process
     from ..infer.options import TrainOptions
     from . import datasets
@@ -271,6 +273,7 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def run_transform(args: argparse.Namespace) -> None:
+    """Run ``pyro-ldvae transform``: embed new cells with a saved model and write them."""
     from .linear_scvi import LinearSCVI
 
     _check_output(args.output, args.overwrite)

@@ -85,9 +85,12 @@ class LinearSCVI:
         categorical_covariate_keys: list[str] | None = None, continuous_covariate_keys: list[str] | None = None,
         check_counts: bool = True, size_factor_key: str | None = None,
     ) -> None:  # fmt: skip
-        """Register the counts' layer and the batch, labels and covariate columns of ``adata``, in
-        scvi-tools' argument order; see :func:`pyro_ldvae.data.registry.register` for arguments and checks.
-        ``size_factor_key`` raises ``ValueError`` with the reason (scvi-tools' LinearSCVI refuses it too)."""
+        """Register the counts' layer and the batch, labels and covariate columns of ``adata``.
+
+        Arguments in scvi-tools' order; see :func:`pyro_ldvae.data.registry.register` for arguments and
+        checks. ``size_factor_key`` raises ``ValueError`` with the reason (scvi-tools' LinearSCVI refuses
+        it too).
+        """
         dropin.refuse_size_factor(size_factor_key)
         keys = (categorical_covariate_keys, continuous_covariate_keys)
         register(adata, batch_key, labels_key, layer, *keys, check_counts=check_counts)
@@ -209,7 +212,9 @@ class LinearSCVI:
             Clip the gradient's total norm to this value (``None``: no clipping).
         checkpoint_dir, checkpoint_every
             Write ``checkpoint_dir/last.ckpt`` atomically every ``checkpoint_every`` epochs, at the
-            end and on Ctrl-C: module, optimizer, RNG states, epoch and history.
+            end and on Ctrl-C: module, optimizer, RNG states, epoch and history, with its SHA-256
+            (the one before is kept as ``previous.ckpt``). Under ``torchrun --max-restarts`` a
+            restarted group resumes from it by itself (guide: Speed and scale).
         resume_from
             A ``checkpoint_dir`` (or its ``last.ckpt``) to continue from; use the same data,
             seed and split arguments. ``max_epochs`` counts the epochs already done, so the
@@ -356,7 +361,7 @@ class LinearSCVI:
         fdr_target: float = 0.05, silent: bool = False, weights: Weights | None = "uniform",
         filter_outlier_cells: bool = False, importance_weighting_kwargs: dict | None = None, **kwargs,
     ) -> pd.DataFrame:  # fmt: skip
-        """scVI's Bayesian differential expression, with scvi-tools' arguments and output columns.
+        """Bayesian differential expression of scVI, with scvi-tools' arguments and output columns.
 
         ``adata`` (default: the training data) holds the cells and their ``obs`` columns; the
         other arguments, and the ``**kwargs`` (``n_samples_overall``, ``use_permutation``,
@@ -396,7 +401,8 @@ class LinearSCVI:
         """Factors whose logit spread exceeds ``threshold`` times the strongest factor's, strongest first.
 
         The spread is ``sqrt(variance)`` of :meth:`get_factor_variance_explained` (``|W_k|`` times the
-        std of ``z_k`` over cells), which does not change when ``z_k`` and ``W_k`` trade scale."""
+        std of ``z_k`` over cells), which does not change when ``z_k`` and ``W_k`` trade scale.
+        """
         frame = self.get_factor_variance_explained(adata, sort=True)
         return list(frame.index[frame["variance"] > threshold**2 * frame["variance"].max()])
 
@@ -414,9 +420,12 @@ class LinearSCVI:
 
     # Results into AnnData (results.py), persistence (io.py), import (scvi_import.py) ------
     def to_adata(self, adata: AnnData | None = None, key: str = "ldvae") -> AnnData:
-        """Write ``obsm['X_<key>']``, ``varm['<key>_loadings']`` and ``uns['<key>']`` (settings, history,
-        variance explained) into ``adata`` (default: the training data; a MuData: its RNA modality, and
-        ``mdata.obsm['X_<key>']``) and return it; see :func:`pyro_ldvae.api.results.write_results`."""
+        """Write the latent, loadings and settings into ``adata`` and return it.
+
+        ``obsm['X_<key>']``, ``varm['<key>_loadings']`` and ``uns['<key>']`` (settings, history, variance
+        explained) go into ``adata`` (default: the training data; a MuData: its RNA modality, and
+        ``mdata.obsm['X_<key>']``); see :func:`pyro_ldvae.api.results.write_results`.
+        """
         mdata, adata = multimodal.split(self.adata if adata is None else adata)
         results.check_genes(adata, self.var_names)
         latent, variance = self.get_latent_representation(adata), self.get_factor_variance_explained(adata)
@@ -457,8 +466,10 @@ class LinearSCVI:
 
     @classmethod
     def from_scvi(cls, scvi_model, adata: AnnData | None = None) -> LinearSCVI:
-        """Import a trained ``scvi.model.LinearSCVI`` (weights, setup, history); see
-        :func:`pyro_ldvae.api.scvi_import.from_scvi`."""
+        """Import a trained ``scvi.model.LinearSCVI`` (weights, setup, history).
+
+        See :func:`pyro_ldvae.api.scvi_import.from_scvi`.
+        """
         return cls._from_parts(scvi_import.from_scvi(scvi_model, adata))
 
     @classmethod

@@ -1,7 +1,8 @@
-"""Plots, scanpy style: the training curve, factor loadings with their top genes, the variance
-each factor explains, a factor on an embedding. Each function returns the matplotlib Axes (a list for several panels), takes
-``ax=`` to draw into an existing figure, ``show=True`` to call ``plt.show()`` (and return None)
-and ``save='file.png'`` (or ``True`` for ``figures/<name>.png``) to write the figure.
+"""Plots, scanpy style: training curve, loadings with top genes, variance explained, a factor on an embedding.
+
+Each function returns the matplotlib Axes (a list for several panels), takes ``ax=`` to draw into an existing figure,
+``show=True`` to call ``plt.show()`` (and return None) and ``save='file.png'`` (or ``True`` for ``figures/<name>.png``)
+to write the figure.
 """
 
 from __future__ import annotations
@@ -106,8 +107,9 @@ def loadings(
     show: bool | None = None,
     save: str | bool | None = None,
 ) -> Axes | list[Axes] | None:
-    """Each chosen factor's loadings sorted across genes, with the ``n_top`` most positive and most
-    negative genes labelled (the figure of the LDVAE paper).
+    """Each chosen factor's loadings sorted across genes, the top genes labelled.
+
+    The ``n_top`` most positive and most negative genes are labelled (the figure of the LDVAE paper).
 
     ``factors``: names ('Z_3') or positions; default: all factors, ordered by explained variance
     when that is stored (``uns[key]['factor_order']``) or computable from a model. ``ax``: one
@@ -216,8 +218,10 @@ def factor_embedding(
     show: bool | None = None,
     save: str | bool | None = None,
 ) -> Axes | None:
-    """A factor's value per cell (``obsm['X_<key>']``) coloured on ``obsm['X_<basis>']``, with a
-    colour scale centred on zero."""
+    """A factor's value per cell (``obsm['X_<key>']``) coloured on ``obsm['X_<basis>']``.
+
+    The colour scale is centred on zero.
+    """
     import matplotlib.pyplot as plt
 
     rep = f"X_{key}"

@@ -28,7 +28,7 @@ class EpochCallback(Protocol):
     """What the loop calls after each epoch; True stops training."""
 
     def on_epoch_end(self, module: Any, epoch: int, history: list[dict]) -> bool | None:
-        """Called after ``epoch`` (0-based) with the module and the per-epoch rows so far; True stops training."""
+        """React to the end of ``epoch`` given the history so far; return True to stop training."""
         ...
 
 
