@@ -113,3 +113,5 @@ def test_a_minified_model_saves_loads_and_trains_again_on_the_full_data(trained,
     loaded.adata = full  # the full data again: training works
     loaded.train(max_epochs=1, batch_size=64, progress_bar=False)
     assert loaded.minified_data_type is None
+    with pytest.raises(ValueError, match="use_observed_lib_size=True"):
+        pyro_ldvae.LinearSCVI(model.adata, n_latent=2)  # a latent library cannot come from minified data

@@ -50,6 +50,11 @@ def build(adata: AnnData, registry: Registry, seed: int, settings: dict) -> tupl
     if minify_type(adata) is None:  # minified cells keep their totals in obs, checked when read
         validate.check_totals(cells.X, adata.obs_names, warn_genes=False)
     observed = settings["use_observed_lib_size"]
+    if minify_type(adata) is not None and not observed:
+        raise ValueError(
+            "This AnnData is minified (counts dropped, the observed library size kept): build the model with "
+            "use_observed_lib_size=True, or pass the full AnnData."
+        )
     library_log_means, library_log_vars = (None, None) if observed else cells.library_prior()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the initial weights depend on the seed only
