@@ -25,7 +25,7 @@ from ..tasks import de
 from ..tasks import posterior as tasks
 from ..tasks.expression import Weights, expression_samples, gene_mask
 from ..tasks.latent import latent_representation
-from . import dropin, io, multimodal, query, results, scvi_import, setup
+from . import dropin, io, multimodal, programs, query, results, scvi_import, setup
 from .device import Accelerator, resolve_device
 from .fit import fit
 
@@ -64,6 +64,7 @@ class LinearSCVI:
         **model_kwargs,
     ):  # fmt: skip
         adata = multimodal.split(adata)[1]  # a MuData: its RNA modality, named by setup_mudata
+        n_latent, model_kwargs = programs.resolve_settings(adata, n_latent, model_kwargs)  # gene_programs=
         self._adata, self.seed, self.var_names = adata, seed, pd.Index(adata.var_names)
         self.registry = get_registry(adata)
         self.init_params_ = dict(
@@ -276,7 +277,7 @@ class LinearSCVI:
         With a ``loadings_prior`` the posterior mean; ``return_std=True`` also returns the
         posterior standard deviation, as a second DataFrame (an error without a prior).
         """
-        columns = [f"Z_{i}" for i in range(self.n_latent)]
+        columns = programs.factor_names(self.init_params_)  # Z_k, or programs then unannotated_k
         if return_std:
             mean, std = self.module.get_loadings(return_std=True)
             frame = lambda a: pd.DataFrame(a, index=self.var_names, columns=columns)  # noqa: E731
@@ -395,6 +396,7 @@ class LinearSCVI:
         """
         cells = self.get_cells(adata)
         frame = tasks.factor_variance_explained(self.module, cells, self._indices(cells, indices))
+        frame.index = programs.factor_names(self.init_params_)
         return frame.sort_values("variance", ascending=False) if sort else frame
 
     def get_active_factors(self, threshold: float = 0.1, adata: AnnData | None = None) -> list[str]:
@@ -418,6 +420,11 @@ class LinearSCVI:
             factors = list(self.get_factor_variance_explained(sort=True).index)
         return tasks.top_genes(self.get_loadings(), n_top, factors)
 
+    # Gene programs (programs.py): membership, activity and its differential test
+    get_program_membership = programs.get_program_membership
+    get_program_activity = programs.get_program_activity
+    differential_program_activity = programs.differential_program_activity
+
     # Results into AnnData (results.py), persistence (io.py), import (scvi_import.py) ------
     def to_adata(self, adata: AnnData | None = None, key: str = "ldvae") -> AnnData:
         """Write the latent, loadings and settings into ``adata`` and return it.
@@ -432,6 +439,8 @@ class LinearSCVI:
         written = results.write_results(
             adata, key, latent, self.get_loadings(), variance, self.init_params_, self.registry, self.history_
         )
+        if programs.program_names(self.init_params_):
+            written.uns[key]["programs"] = np.asarray(programs.program_names(self.init_params_), dtype=str)
         return multimodal.write_back(mdata, written, key)
 
     def save(
