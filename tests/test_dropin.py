@@ -63,11 +63,6 @@ def test_adata_setter_validates_genes(model, data):
         model.adata = original
 
 
-def test_minify_adata_says_what_to_use(model):
-    with pytest.raises(NotImplementedError, match="return_dist=True"):
-        model.minify_adata()
-
-
 @pytest.mark.parametrize("correlation_type", ["spearman", "pearson"])
 def test_feature_correlation_matrix(model, correlation_type):
     torch.manual_seed(0)
@@ -103,7 +98,7 @@ def test_evaluation_return_types_match_scvi(model):
     per_cell = model.get_elbo(indices=np.arange(7), return_mean=False)
     assert isinstance(per_cell, torch.Tensor) and per_cell.shape == (7,)
     ll = model.get_marginal_ll(indices=np.arange(5), n_mc_samples=20)
-    assert isinstance(ll, float)
+    assert isinstance(ll, float) and ll.ndim == 0  # numpy.float64, as scvi-tools returns
     ll_cells = model.get_marginal_ll(indices=np.arange(5), n_mc_samples=20, return_mean=False)
     assert isinstance(ll_cells, torch.Tensor) and ll_cells.shape == (5,)
     error = model.get_reconstruction_error(indices=np.arange(6))
@@ -246,3 +241,17 @@ def test_normal_likelihood_trains_on_log_normalized_data(log_normalized, layer):
     draws = model.posterior_predictive_sample(indices=np.arange(5), n_samples=2).todense()
     assert draws.shape == (5, 30, 2) and not np.allclose(draws, np.round(draws))
     assert np.isfinite(float(model.get_reconstruction_error()["reconstruction_loss"]))
+
+
+# 5. scvi-tools keywords that mean nothing here are accepted ----------------------------------------
+def test_silent_is_accepted_where_scvi_tools_takes_it(model):
+    assert model.get_normalized_expression(indices=[0, 1], silent=False).shape == (2, model.adata.n_vars)
+    assert model.posterior_predictive_sample(indices=[0, 1], silent=False).shape == (2, model.adata.n_vars)
+    assert model.get_feature_correlation_matrix(indices=[0, 1, 2], n_samples=2, silent=False).shape[0] == 30
+
+
+def test_size_factor_key_is_refused_with_the_reason(data):
+    adata = data.copy()
+    adata.obs["sf"] = 1.0
+    with pytest.raises(ValueError, match="use_observed_lib_size=True"):
+        pyro_ldvae.LinearSCVI.setup_anndata(adata, batch_key="batch", size_factor_key="sf")

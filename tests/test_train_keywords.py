@@ -10,6 +10,7 @@ from pyro_ldvae import LinearSCVI, simulate
 from pyro_ldvae.data.sources import minibatch_indices
 from pyro_ldvae.infer import policy
 from pyro_ldvae.infer import train as train_mod
+from pyro_ldvae.infer.evaluate import evaluate_elbo, evaluate_terms
 from pyro_ldvae.infer.options import TrainOptions
 from pyro_ldvae.infer.plan import TrainingPlan, split_cells
 
@@ -78,11 +79,11 @@ def test_early_stopping_without_validation_cells_is_an_error(adata):
 def test_early_stopping_mode_monitor_and_warmup(adata, monkeypatch):
     calls = []
 
-    def falling(module, data, indices):  # validation negative ELBO 100, 99, 98, ...
+    def falling(module, data, indices):  # validation negative ELBO 100, 99, 98, ... (all reconstruction)
         calls.append(1)
-        return torch.full((len(indices),), -(101.0 - len(calls)))
+        return torch.tensor([(101.0 - len(calls)) * len(indices), 0.0, 0.0, float(len(indices))])
 
-    monkeypatch.setattr(train_mod, "evaluate_elbo", falling)
+    monkeypatch.setattr(train_mod, "validation_sums", falling)
     es = {"max_epochs": 10, "early_stopping": True, "early_stopping_patience": 2, **QUIET}
     model = _model(adata)
     model.train(**es)  # 'min': every validation improves
@@ -95,8 +96,8 @@ def test_early_stopping_mode_monitor_and_warmup(adata, monkeypatch):
     model = _model(adata)
     model.train(early_stopping_mode="max", early_stopping_warmup_epochs=3, **es)  # first 3 not judged
     assert model.stop_reason_ == "early_stopping" and len(model.history["elbo_train"]) == 6
-    with pytest.raises(ValueError, match="supported: \\['elbo_validation'\\]"):
-        _model(adata).train(max_epochs=1, early_stopping=True, early_stopping_monitor="kl_local_validation", **QUIET)
+    with pytest.raises(ValueError, match="supported: \\['elbo_validation', 'reconstruction_loss_validation'"):
+        _model(adata).train(max_epochs=1, early_stopping=True, early_stopping_monitor="kl_global_validation", **QUIET)
     with pytest.raises(ValueError, match="'min' or 'max'"):
         _model(adata).train(max_epochs=1, early_stopping_mode="lowest", **QUIET)
 
@@ -201,6 +202,17 @@ def test_callbacks_stop_and_lightning_callbacks_warn(adata):
     lightning = pytest.importorskip("lightning.pytorch")
     with pytest.warns(UserWarning, match="Lightning callback"):
         _model(adata).train(max_epochs=1, callbacks=[lightning.callbacks.Callback()], **QUIET)
+    # scvi-tools users' common Lightning callbacks: accepted, and the warning says what to use instead
+    from pyro_ldvae.infer import callbacks as cb
+
+    for made, instead in (
+        (lambda: lightning.callbacks.LearningRateMonitor(), "reduce_lr_on_plateau"),
+        (lambda: lightning.callbacks.EarlyStopping(monitor="elbo_validation"), "early_stopping=True"),
+        (lambda: lightning.callbacks.ModelCheckpoint(), "checkpoint_dir"),
+        (lambda: lightning.callbacks.Callback(), "on_epoch_end"),
+    ):
+        with pytest.warns(UserWarning, match=instead):
+            assert cb.usable([made(), StopAfterTwo()]) != []  # ours kept, Lightning's dropped
 
 
 def test_options_carry_the_new_keywords():
@@ -209,3 +221,30 @@ def test_options_carry_the_new_keywords():
     assert resolved.progress_bar is False and resolved.early_stopping_patience == 3
     assert resolved.trainer_kwargs is None and resolved.resolved() == resolved
     assert TrainOptions(trainer_kwargs={"devices": [1]}).resolved().device == 1  # scvi-tools' name
+
+
+def test_validation_figures_split_the_elbo_and_each_can_be_monitored(adata):
+    model = _model(adata)
+    model.train(max_epochs=2, **QUIET)
+    h = model.history
+    for key in ("reconstruction_loss_validation", "kl_local_validation"):
+        assert len(h[key]) == 2
+    total = h["reconstruction_loss_validation"].values + h["kl_local_validation"].values
+    np.testing.assert_allclose(total, h["elbo_validation"].values, rtol=1e-5)
+    assert (h["kl_local_validation"].values > 0).all()  # a KL between distinct Normals
+    cells, val = model.get_cells(), model.validation_indices
+    torch.manual_seed(0)  # the same guide draws for both
+    elbo = evaluate_elbo(model.module, cells, val)
+    torch.manual_seed(0)
+    terms = evaluate_terms(model.module, cells, val)
+    np.testing.assert_allclose(-terms.sum(1).numpy(), elbo.numpy(), rtol=1e-5)
+    # scvi-tools' validation_loss: the KL of z weighed by the epoch's KL weight (0 in the first epoch)
+    loss, rec, elbo = (
+        h[k].values.ravel() for k in ("validation_loss", "reconstruction_loss_validation", "elbo_validation")
+    )
+    assert ((rec <= loss + 1e-6) & (loss <= elbo + 1e-6)).all()
+    assert h["kl_weight"].values[0, 0] == 0 and loss[0] < elbo[0]  # the KL of z does not count yet
+    for monitor in ("reconstruction_loss_validation", "kl_local_validation"):
+        m = _model(adata)
+        m.train(max_epochs=3, early_stopping=True, early_stopping_monitor=monitor, early_stopping_patience=1, **QUIET)
+        assert m.stop_reason_ in ("completed", "early_stopping") and monitor in m.history

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
+from ..data import minified
 from ..data.registry import SETUP_KEY
 from ..infer.evaluate import evaluate_elbo
 from ..tasks import posterior as tasks
@@ -31,6 +32,25 @@ def _indices(cells, indices: Sequence[int] | None) -> np.ndarray:
 
 
 # Setup and data ------------------------------------------------------------------------------
+def refuse_size_factor(size_factor_key: str | None) -> None:
+    """Refuse ``size_factor_key`` of ``setup_anndata``, with the reason and what to use.
+
+    scvi-tools' ``LinearSCVI.setup_anndata`` refuses it too (a ``TypeError`` from its
+    ``register_fields``): LDVAE has no size-factor path.
+
+    Raises
+    ------
+    ValueError
+        Whenever ``size_factor_key`` is given.
+    """
+    if size_factor_key is not None:
+        raise ValueError(
+            f"size_factor_key={size_factor_key!r} is not supported: LinearSCVI's library size is latent, or the "
+            "observed total count with LinearSCVI(..., use_observed_lib_size=True) (scvi-tools' LinearSCVI refuses "
+            "the key too). Leave it out."
+        )
+
+
 def view_setup_args(dir_path: str, prefix: str | None = None) -> dict:
     """The setup arguments a saved model was registered with, read from its ``model.json``.
 
@@ -89,21 +109,68 @@ def set_adata(model, adata: AnnData) -> None:
     model._adata = adata
 
 
-def minify_adata(model, *args, **kwargs) -> None:
-    """Not supported: pyro_ldvae has no minified (latent-posterior-only) AnnData mode.
+def minify_adata(
+    model,
+    minified_data_type: Literal[
+        "latent_posterior_parameters", "latent_posterior_parameters_with_counts"
+    ] = minified.LATENT_POSTERIOR,
+    use_latent_qzm_key: str = "X_latent_qzm",
+    use_latent_qzv_key: str = "X_latent_qzv",
+) -> None:
+    """Replace the model's AnnData by a minified copy: the latent posterior kept, the counts dropped.
+
+    As scvi-tools' ``minify_adata``: the copy holds ``adata.obsm[use_latent_qzm_key]`` and
+    ``[use_latent_qzv_key]`` (the posterior mean and variance of z, from
+    ``model.get_latent_representation(return_dist=True)``) under ``obsm['_scvi_latent_qzm']`` and
+    ``['_scvi_latent_qzv']``, the total counts under ``obs['_scvi_observed_lib_size']``, and, for
+    'latent_posterior_parameters', all-zero sparse ``X`` and layers and no ``raw``. The user's
+    AnnData is left as it was. On the minified AnnData, ``get_latent_representation``,
+    ``get_normalized_expression``, ``posterior_predictive_sample``, ``differential_expression``,
+    ``get_likelihood_parameters`` and ``get_latent_library_size`` work from the stored posterior;
+    ``save`` and ``load`` keep it. Training, the ELBO and importance weights need the counts.
+
+    Parameters
+    ----------
+    minified_data_type
+        'latent_posterior_parameters' drops the counts; 'latent_posterior_parameters_with_counts'
+        keeps them (the stored posterior is still used).
+    use_latent_qzm_key, use_latent_qzv_key
+        ``obsm`` keys of the posterior mean and variance of z.
 
     Raises
     ------
-    NotImplementedError
-        Always. Store the latent posterior with ``qzm, qzv =
-        model.get_latent_representation(return_dist=True)`` in ``adata.obsm`` and keep the counts:
-        every method here reads the counts.
+    ValueError
+        The model's library size is latent (``use_observed_lib_size=False``: as in scvi-tools, the
+        stored library is the observed one), the AnnData is minified already, or the ``obsm`` keys
+        are missing or of the wrong shape.
     """
-    raise NotImplementedError(
-        "minify_adata is not supported: every pyro_ldvae method reads the counts. Keep them, and store the "
-        "latent posterior with `qzm, qzv = model.get_latent_representation(return_dist=True)` "
-        "(adata.obsm['ldvae_latent_qzm'] = qzm; adata.obsm['ldvae_latent_qzv'] = qzv) if you need it."
-    )
+    if not model.module.use_observed_lib_size:
+        raise ValueError(
+            "minify_adata needs a model with use_observed_lib_size=True (as in scvi-tools): the minified data "
+            "keeps the observed library size, not the posterior of a latent one."
+        )
+    adata = model.adata
+    if minified.minify_type(adata) is not None:
+        raise ValueError("The model's AnnData is minified already.")
+    for key in (use_latent_qzm_key, use_latent_qzv_key):
+        if key not in adata.obsm:
+            raise ValueError(
+                f"adata.obsm has no {key!r}. Store the latent posterior first: qzm, qzv = "
+                f"model.get_latent_representation(return_dist=True); model.adata.obsm[{use_latent_qzm_key!r}] = qzm; "
+                f"model.adata.obsm[{use_latent_qzv_key!r}] = qzv."
+            )
+    qzm, qzv = np.asarray(adata.obsm[use_latent_qzm_key]), np.asarray(adata.obsm[use_latent_qzv_key])
+    if qzm.shape != (adata.n_obs, model.n_latent) or qzv.shape != qzm.shape:
+        raise ValueError(
+            f"obsm[{use_latent_qzm_key!r}] and obsm[{use_latent_qzv_key!r}] must both be (cells, n_latent) = "
+            f"({adata.n_obs}, {model.n_latent}); got {qzm.shape} and {qzv.shape}."
+        )
+    model._adata = minified.minified_copy(adata, model.registry.layer, qzm, qzv, minified_data_type)
+
+
+def minified_data_type(model) -> str | None:
+    """The kind of minified data the model's AnnData holds ('latent_posterior_parameters', ...), or None."""
+    return minified.minify_type(model.adata)
 
 
 # Evaluation, with scvi-tools' return types --------------------------------------------------
@@ -120,6 +187,7 @@ def get_elbo(
     ``(cells,)``; on the CPU.
     """
     cells = model.get_cells(adata)
+    minified.require_counts(cells, "get_elbo")
     per_cell = evaluate_elbo(model.module, cells, _indices(cells, indices), batch_size or 1024).detach().cpu()
     return per_cell.mean() if return_mean else per_cell
 
@@ -132,12 +200,13 @@ def get_marginal_ll(
 
     Returns
     -------
-    The mean over cells as a ``float``, or with ``return_mean=False`` a ``torch.Tensor``
-    ``(cells,)`` (scvi-tools' types).
+    The mean over cells as a ``numpy.float64`` (a ``float`` with ``ndim`` 0), or with
+    ``return_mean=False`` a ``torch.Tensor`` ``(cells,)``: scvi-tools' types.
     """
     cells = model.get_cells(adata)
+    minified.require_counts(cells, "get_marginal_ll")
     ll = tasks.marginal_ll(model.module, cells, _indices(cells, indices), n_mc_samples, batch_size or 128)
-    return float(ll.mean()) if return_mean else torch.from_numpy(np.asarray(ll))
+    return np.float64(np.mean(ll)) if return_mean else torch.from_numpy(np.asarray(ll))
 
 
 def get_reconstruction_error(
@@ -152,6 +221,7 @@ def get_reconstruction_error(
     ``return_mean=False``, a tensor ``(cells,)``: scvi-tools' types.
     """
     cells = model.get_cells(adata)
+    minified.require_counts(cells, "get_reconstruction_error")
     nll = torch.from_numpy(
         np.asarray(tasks.reconstruction_nll(model.module, cells, _indices(cells, indices), batch_size or 128))
     )
@@ -162,13 +232,14 @@ def get_reconstruction_error(
 def posterior_predictive_sample(
     model, adata: AnnData | None = None, indices: Sequence[int] | None = None,
     transform_batch: str | int | Sequence[str | int] | None = None, n_samples: int = 1,
-    gene_list: Sequence[str] | None = None, batch_size: int | None = None,
+    gene_list: Sequence[str] | None = None, batch_size: int | None = None, silent: bool = True,
 ):  # fmt: skip
     """Counts drawn from the posterior predictive ``p(x_new | x)`` (scvi-tools' arguments, in its order).
 
     z and l come from the guide, then the model's ``'x'`` site is sampled instead of observed.
     ``transform_batch`` decodes every cell as if from that batch category; with several
     categories the draws are averaged over them (no longer integers), as in scvi-tools.
+    ``silent`` is accepted for scvi-tools' sake: nothing is printed here.
 
     Returns
     -------
@@ -191,12 +262,13 @@ def posterior_predictive_sample(
 def get_feature_correlation_matrix(
     model, adata: AnnData | None = None, indices: Sequence[int] | None = None, n_samples: int = 10,
     batch_size: int = 64, rna_size_factor: int = 1000, transform_batch: Sequence[str | int] | None = None,
-    correlation_type: Literal["spearman", "pearson"] = "spearman",
+    correlation_type: Literal["spearman", "pearson"] = "spearman", silent: bool = True,
 ) -> pd.DataFrame:  # fmt: skip
     """Gene-gene correlation of posterior samples of the normalized expression (scvi-tools' arguments).
 
     ``n_samples`` draws per cell of ``rna_size_factor * rho`` are correlated across cells and
-    draws; with several ``transform_batch`` categories, the matrices of each are averaged. See
+    draws; with several ``transform_batch`` categories, the matrices of each are averaged
+    (``silent``: accepted, nothing is printed). See
     :func:`pyro_ldvae.tasks.expression.feature_correlation`.
 
     Returns

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..data import validate
+from ..data.minified import minify_type
 from ..infer.options import TrainOptions
 from ..infer.plan import split_cells
 from ..infer.train import train_svi
@@ -18,6 +19,11 @@ def fit(model: Any, options: TrainOptions) -> None:
     Keywords with no meaning here warn (``TrainOptions.resolved``); the split follows scvi-tools'
     ``DataSplitter``, including ``datasplitter_kwargs`` (``drop_last``, ``external_indexing``).
     """
+    if minify_type(model.adata) is not None:
+        raise ValueError(
+            "This model's AnnData is minified (its counts were dropped by minify_adata): training needs the counts. "
+            "Set model.adata to the full AnnData, or load the model with it, to train."
+        )
     cells = model.get_cells(None)
     n_obs = cells.n_obs
     options = options.resolved()

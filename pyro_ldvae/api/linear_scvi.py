@@ -17,6 +17,7 @@ import torch
 from anndata import AnnData
 
 from ..data.cells import CellData
+from ..data.minified import require_counts
 from ..data.registry import SETUP_KEY, get_registry, register
 from ..infer.options import TrainOptions
 from ..models.options import Dispersion, GeneLikelihood, LatentDistribution
@@ -83,13 +84,15 @@ class LinearSCVI:
     def setup_anndata(
         cls, adata: AnnData, batch_key: str | None = None, labels_key: str | None = None, layer: str | None = None,
         categorical_covariate_keys: list[str] | None = None, continuous_covariate_keys: list[str] | None = None,
-        check_counts: bool = True,
+        check_counts: bool = True, size_factor_key: str | None = None,
     ) -> None:  # fmt: skip
         """Register the counts' layer and the batch, labels and covariate columns of ``adata``.
 
         Arguments in scvi-tools' order; see :func:`pyro_ldvae.data.registry.register` for arguments and
-        checks.
+        checks. ``size_factor_key`` raises ``ValueError`` with the reason (scvi-tools' LinearSCVI refuses
+        it too).
         """
+        dropin.refuse_size_factor(size_factor_key)
         keys = (categorical_covariate_keys, continuous_covariate_keys)
         register(adata, batch_key, labels_key, layer, *keys, check_counts=check_counts)
 
@@ -107,6 +110,7 @@ class LinearSCVI:
     view_setup_args = staticmethod(dropin.view_setup_args)
     view_anndata_setup = dropin.view_anndata_setup
     minify_adata = dropin.minify_adata
+    minified_data_type = property(dropin.minified_data_type, doc="The kind of minified data of ``adata``, or None.")
 
     @property
     def history(self) -> dict[str, pd.DataFrame]:
@@ -194,7 +198,8 @@ class LinearSCVI:
             As scvi-tools' ``DataSplitter``: ``drop_last`` drops each epoch's last partial
             minibatch; ``external_indexing=[train, validation, test]`` gives the cell indices.
         early_stopping_monitor, early_stopping_mode, early_stopping_warmup_epochs
-            The figure watched ('elbo_validation'), whether lower ('min') or higher ('max') is
+            The figure watched ('elbo_validation', 'reconstruction_loss_validation' or
+            'kl_local_validation', all recorded in the history), whether lower ('min') or higher ('max') is
             better, and how many first validations are not judged.
         plan_kwargs
             ``lr``, ``weight_decay``, ``eps``, ``optimizer`` ('Adam', 'AdamW', 'SGD', 'Custom' with
@@ -231,7 +236,7 @@ class LinearSCVI:
             user's own, one process; ``False`` never; ``True`` always, or raises if it cannot.
         callbacks
             Objects with ``on_epoch_end(module, epoch, history)`` (see ``infer.callbacks``);
-            True stops training. Lightning callbacks warn and are ignored.
+            True stops training. Lightning callbacks warn, naming what to use instead, and are not called.
         **trainer_kwargs
             Lightning ``Trainer`` keywords: ``enable_progress_bar`` and ``devices`` set
             ``progress_bar`` and ``device``; the others (``logger``, ``log_every_n_steps``,
@@ -239,7 +244,8 @@ class LinearSCVI:
 
         Notes
         -----
-        The history holds ``elbo_train``, ``elbo_validation``, ``kl_weight``, ``train_loss_epoch``,
+        The history holds ``elbo_train``, ``elbo_validation``, ``reconstruction_loss_validation``,
+        ``kl_local_validation``, ``validation_loss``, ``kl_weight``, ``train_loss_epoch``,
         ``train_time`` by epoch and ``train_loss_step`` by step. Ctrl-C stops after the current
         step; the model keeps the last completed epoch and ``stop_reason_`` is 'interrupted'. If
         the loss becomes NaN or infinite, a ``FloatingPointError`` names the epoch and the model
@@ -283,7 +289,7 @@ class LinearSCVI:
         transform_batch: str | int | Sequence[str | int] | None = None, gene_list: Sequence[str] | None = None,
         library_size: float | Literal["latent"] = 1, n_samples: int = 1, n_samples_overall: int | None = None,
         weights: Weights | None = None, batch_size: int | None = None, return_mean: bool = True,
-        return_numpy: bool | None = None, **importance_weighting_kwargs,
+        return_numpy: bool | None = None, silent: bool = True, **importance_weighting_kwargs,
     ) -> pd.DataFrame | np.ndarray:  # fmt: skip
         """Denoised expression: the model's ``rho`` (rows sum to one) times ``library_size``.
 
@@ -294,8 +300,11 @@ class LinearSCVI:
         genes)`` with ``return_mean=False`` and ``n_samples > 1``, or ``(n_samples_overall, genes)``
         draws from the group of cells, picked by ``weights`` ('uniform' or 'importance'; see
         :func:`pyro_ldvae.tasks.expression.expression_samples`, which takes the other arguments).
+        ``silent`` is accepted for scvi-tools' sake: nothing is printed here.
         """
         cells = self.get_cells(adata)
+        if weights == "importance":
+            require_counts(cells, "weights='importance'")
         adata = self.adata if adata is None else adata
         idx = self._indices(cells, indices)
         codes, mask = self.registry.batch_codes(transform_batch), gene_mask(self.var_names, gene_list)
@@ -366,6 +375,8 @@ class LinearSCVI:
         or ``proba_de`` (change), with ``comparison``, ``group1`` and ``group2`` columns.
         """
         cells = self.get_cells(adata)
+        if weights == "importance":
+            require_counts(cells, "weights='importance'")
         obs = (self.adata if adata is None else adata).obs
         return de.differential_expression(
             self.module, cells, self.registry, obs, self.var_names, groupby, group1, group2, idx1, idx2,

@@ -11,6 +11,7 @@ from anndata import AnnData
 from ..data import validate
 from ..data.backed import cell_data
 from ..data.cells import CellData
+from ..data.minified import minify_type
 from ..data.registry import Registry
 from ..models.ldvae import LDVAE
 from . import programs
@@ -47,8 +48,14 @@ def build(adata: AnnData, registry: Registry, seed: int, settings: dict) -> tupl
     validate.check_labels_for_dispersion(dispersion, registry.labels_key)
     validate.check_shape(adata)
     cells = cell_data(adata, registry)
-    validate.check_totals(cells.X, adata.obs_names, warn_genes=False)
+    if minify_type(adata) is None:  # minified cells keep their totals in obs, checked when read
+        validate.check_totals(cells.X, adata.obs_names, warn_genes=False)
     observed = settings["use_observed_lib_size"]
+    if minify_type(adata) is not None and not observed:
+        raise ValueError(
+            "This AnnData is minified (counts dropped, the observed library size kept): build the model with "
+            "use_observed_lib_size=True, or pass the full AnnData."
+        )
     library_log_means, library_log_vars = (None, None) if observed else cells.library_prior()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the initial weights depend on the seed only

@@ -30,6 +30,7 @@ from anndata.abc import CSCDataset, CSRDataset
 from ..kernels.sparse import scipy_to_torch_csr
 from .cells import CellData
 from .minibatch import Minibatch
+from .minified import MinifiedCellData, minify_type
 from .registry import Registry, get_counts, index_dtype
 
 logger = logging.getLogger(__name__)
@@ -301,6 +302,8 @@ def cell_data(adata: AnnData, registry: Registry) -> CellData:
     In memory, or streamed from disk when the counts are on disk (``anndata.read_h5ad(path, backed='r')`` or a ``.zarr``
     store, see ``data_backed``).
     """
+    if minify_type(adata) is not None:  # the latent posterior stored, the counts dropped
+        return MinifiedCellData(adata, registry)
     if is_on_disk(get_counts(adata, registry.layer)):
         return BackedCellData(adata, registry)
     return CellData(adata, registry)

@@ -14,6 +14,8 @@ class Minibatch:
     x: counts ``(cells, genes)`` (None when simulating); batch, labels: ``(cells,)`` int64 codes;
     cat_covs: ``(cells, n_cat_covs)`` int64 codes; cont_covs: ``(cells, n_cont)`` float;
     idx: ``(cells,)`` positions of these cells in the dataset the ``cells`` plate ranges over.
+    qz_loc, qz_var: a stored latent posterior ``(cells, n_latent)`` that the guide takes instead of
+    encoding ``x``, and library: the stored log library size ``(cells,)`` (minified data, else None).
     """
 
     x: torch.Tensor | None
@@ -22,6 +24,9 @@ class Minibatch:
     cat_covs: torch.Tensor | None = None
     cont_covs: torch.Tensor | None = None
     idx: torch.Tensor | None = None
+    qz_loc: torch.Tensor | None = None
+    qz_var: torch.Tensor | None = None
+    library: torch.Tensor | None = None
 
     @property
     def n_cells(self) -> int:

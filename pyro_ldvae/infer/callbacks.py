@@ -5,7 +5,10 @@ function of the same arguments): ``module`` is the LDVAE being trained, ``epoch`
 completed (0-based), ``history`` the list of per-epoch rows so far (dicts with ``epoch``,
 ``elbo_train``, ``elbo_validation`` when validated, ``kl_weight``, ...; the last row is this
 epoch's). Returning True stops training after this epoch; the history's ``stop_reason`` is then
-'callback'. Lightning callbacks do not apply: the loop is not Lightning (docs/design.md).
+'callback'. Lightning callbacks do not apply: the loop is not Lightning (docs/design.md). They are
+accepted with a warning that names what does their job here: ``early_stopping=True`` for
+``EarlyStopping``, ``checkpoint_dir`` for ``ModelCheckpoint``, ``history['lr']`` with
+``reduce_lr_on_plateau`` for ``LearningRateMonitor``.
 
 Examples
 --------
@@ -26,6 +29,7 @@ class EpochCallback(Protocol):
 
     def on_epoch_end(self, module: Any, epoch: int, history: list[dict]) -> bool | None:
         """React to the end of ``epoch`` given the history so far; return True to stop training."""
+        ...
 
 
 def is_lightning(callback: Any) -> bool:
@@ -33,20 +37,48 @@ def is_lightning(callback: Any) -> bool:
     return any(cls.__module__.split(".")[0] in ("lightning", "pytorch_lightning") for cls in type(callback).__mro__)
 
 
+# What to use instead of the Lightning callbacks scvi-tools users pass most, by class name.
+INSTEAD = {
+    "EarlyStopping": "train(early_stopping=True, early_stopping_monitor=..., early_stopping_patience=..., "
+    "early_stopping_min_delta=..., early_stopping_mode=...)",
+    "ModelCheckpoint": "train(checkpoint_dir=..., checkpoint_every=...) and train(resume_from=...)",
+    "SaveCheckpoint": "train(checkpoint_dir=..., checkpoint_every=...) and train(resume_from=...)",
+    "LearningRateMonitor": "plan_kwargs={'reduce_lr_on_plateau': True}, which records model.history['lr']",
+    "GradientAccumulationScheduler": "a larger batch_size",
+    "StochasticWeightAveraging": "a callback of your own with on_epoch_end(module, epoch, history)",
+    "TQDMProgressBar": "train(progress_bar=True)",
+    "RichProgressBar": "train(progress_bar=True)",
+    "Timer": "model.history['train_time'] (seconds since the start, by epoch)",
+}
+OWN = "objects with on_epoch_end(module, epoch, history), returning True to stop (pyro_ldvae.infer.callbacks)"
+
+
+def _instead(callback: Any) -> str:
+    for cls in type(callback).__mro__:
+        if cls.__name__ in INSTEAD:
+            return INSTEAD[cls.__name__]
+    return OWN
+
+
 def usable(callbacks: list | None) -> list:
-    """The callbacks the loop can call; Lightning callbacks and other objects warn and are left out."""
+    """The callbacks the loop can call; Lightning callbacks and other objects warn and are left out.
+
+    A Lightning callback's warning names what does its job here (``INSTEAD``), or this
+    module's interface when nothing does.
+    """
     kept = []
     for callback in callbacks or []:
         if not is_lightning(callback) and (hasattr(callback, "on_epoch_end") or callable(callback)):
             kept.append(callback)
             continue
-        what = "a Lightning callback" if is_lightning(callback) else "not a callback (no on_epoch_end)"
-        warnings.warn(
-            f"callbacks: {type(callback).__name__} is {what} and is ignored. The training loop is not Lightning "
-            "(see docs/design.md); pass objects with on_epoch_end(module, epoch, history), returning True to stop.",
-            UserWarning,
-            stacklevel=5,
-        )
+        if is_lightning(callback):
+            why = (
+                f"is a Lightning callback and is ignored: the training loop is not Lightning (see docs/design.md). "
+                f"Use {_instead(callback)}."
+            )
+        else:
+            why = f"is not a callback (no on_epoch_end) and is ignored; pass {OWN}."
+        warnings.warn(f"callbacks: {type(callback).__name__} {why}", UserWarning, stacklevel=5)
     return kept
 
 

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 OPTIMIZERS = ("Adam", "AdamW", "SGD", "Custom")
-MONITORS = ("elbo_validation",)  # the validation figures the loop computes
+MONITORS = ("elbo_validation", "reconstruction_loss_validation", "kl_local_validation")  # the loop's validation figures
 
 # scvi-tools plan_kwargs that change nothing here, and why.
 NO_EFFECT = {

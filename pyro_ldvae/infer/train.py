@@ -26,7 +26,7 @@ from . import callbacks as cb
 from . import checkpoint as ckpt
 from . import distributed, elastic, policy
 from .allocator import keep_freed_memory
-from .evaluate import evaluate_elbo
+from .evaluate import validation_figures, validation_sums
 from .history import History, all_finite, fault, make_history
 from .options import TrainOptions
 from .plan import make_optimizer, make_scheduler
@@ -220,13 +220,14 @@ def _fit(
             row["train_time"] = time.perf_counter() - start
             if len(val_idx) and (epoch + 1) % options.check_val_every_n_epoch == 0:
                 if ddp is None:
-                    row["elbo_validation"] = -evaluate_elbo(module, data, val_idx).mean().item()
-                else:
-                    row["elbo_validation"] = -distributed.validation_elbo(module, data, val_idx, ddp)
+                    row.update(validation_figures(validation_sums(module, data, val_idx), kl_weight))
+                else:  # each rank its strided share, summed over ranks
+                    sums = validation_sums(module, data, np.asarray(val_idx)[ddp.rank :: ddp.world_size])
+                    row.update(validation_figures(ddp.all_reduce_sum(sums), kl_weight))
             if scheduler is not None:
                 row["lr"] = float(optimizer.param_groups[0]["lr"])
-                if "elbo_validation" in row:
-                    scheduler.step(row["elbo_validation"])
+                if plan.lr_scheduler_metric in row:
+                    scheduler.step(row[plan.lr_scheduler_metric])
             rows.append(row)
             bar.set_postfix(
                 elbo_train=f"{row['elbo_train']:.1f}", elbo_val=f"{row.get('elbo_validation', float('nan')):.1f}"

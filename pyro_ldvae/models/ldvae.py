@@ -284,7 +284,7 @@ class LDVAE(PyroModule):
                 z_prior = dist.Normal(self._zeros(mb), self._ones(mb)).to_event(1) if z_prior is None else z_prior
                 z = pyro.sample("z", z_prior)  # (cells, n_latent)
             if self.use_observed_lib_size:
-                library = torch.log(total_counts(mb.x))  # (cells,)
+                library = torch.log(total_counts(mb.x)) if mb.library is None else mb.library  # (cells,)
             else:
                 library = pyro.sample(
                     "library",
@@ -309,7 +309,8 @@ class LDVAE(PyroModule):
             self.global_guide()
         encoder_input = log1p_counts(mb.x) if self.log_variational else mb.x
         with self._cells_plate(mb, n_obs):
-            z_loc, z_var = self.z_encoder(encoder_input)
+            # minified data: the stored posterior stands in for the encoder's
+            z_loc, z_var = self.z_encoder(encoder_input) if mb.qz_loc is None else (mb.qz_loc, mb.qz_var)
             with kl_warmup(kl_weight):
                 pyro.sample("z", dist.Normal(z_loc, z_var.sqrt()).to_event(1))
             if not self.use_observed_lib_size:
@@ -408,8 +409,15 @@ class LDVAE(PyroModule):
     # ----------------------------------------------------------------------------------------
     # Inference helpers
     # ----------------------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Posterior parameters: ``z_loc``, ``z_var`` ``(cells, n_latent)``; ``l_loc``, ``l_var`` ``(cells,)``."""
+    def encode(self, x: torch.Tensor | Minibatch) -> dict[str, torch.Tensor]:
+        """Posterior parameters: ``z_loc``, ``z_var`` ``(cells, n_latent)``; ``l_loc``, ``l_var`` ``(cells,)``.
+
+        ``x`` is the counts, or a minibatch: one of minified data gives its stored posterior of z.
+        """
+        if isinstance(x, Minibatch):
+            if x.qz_loc is not None:
+                return {"z_loc": x.qz_loc, "z_var": x.qz_var}
+            x = x.x
         encoder_input = torch.log1p(x) if self.log_variational else x
         z_loc, z_var = self.z_encoder(encoder_input)
         out = {"z_loc": z_loc, "z_var": z_var}

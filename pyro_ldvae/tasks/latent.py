@@ -44,7 +44,7 @@ def latent_representation(
     outs = None if return_dist else np.empty(shape, dtype)
     start = 0
     for mb in cells.iter_minibatches(indices, batch_size, module.device, sparse=True):
-        q = module.encode(mb.x)
+        q = module.encode(mb)
         stop = start + len(q["z_loc"])
         if return_dist:
             locs[start:stop], variances[start:stop] = q["z_loc"].cpu().numpy(), q["z_var"].cpu().numpy()

@@ -47,6 +47,9 @@ def repeat_minibatch(mb: Minibatch, n: int) -> Minibatch:
         cat_covs=rep(mb.cat_covs),
         cont_covs=rep(mb.cont_covs),
         idx=torch.arange(n * mb.n_cells, device=mb.batch.device),
+        qz_loc=rep(mb.qz_loc),
+        qz_var=rep(mb.qz_var),
+        library=rep(mb.library),
     )
 
 
@@ -238,7 +241,7 @@ def latent_library_size(
     out = []
     for mb in cells.iter_minibatches(indices, batch_size, module.device):
         if module.use_observed_lib_size:
-            out.append(mb.x.sum(-1).cpu())
+            out.append((mb.x.sum(-1) if mb.library is None else mb.library.exp()).cpu())
             continue
         q = module.encode(mb.x)
         if give_mean:
@@ -311,7 +314,7 @@ def factor_variance_explained(
     # would take 12 bytes per cell and gene (float32, then float64), 24 GB for 1M cells.
     z_moments, r_moments = RunningMoments(), RunningMoments()
     for mb in cells.iter_minibatches(indices, batch_size, module.device):
-        z = module.encode(mb.x)["z_loc"]  # (cells, n_latent)
+        z = module.encode(mb)["z_loc"]  # (cells, n_latent)
         r = module.factor_logits(module.decoder_input(z, mb), prior_loadings)  # (cells, genes)
         z_moments.update(module.z_transform(z).cpu().double())
         r_moments.update(r.cpu().double())
