@@ -24,7 +24,7 @@ from ..tasks import de
 from ..tasks import posterior as tasks
 from ..tasks.expression import Weights, expression_samples, gene_mask
 from ..tasks.latent import latent_representation
-from . import dropin, io, multimodal, query, results, scvi_import, setup
+from . import dropin, factor_selection, io, multimodal, query, results, scvi_import, setup
 from .device import Accelerator, resolve_device
 from .fit import fit
 
@@ -381,13 +381,31 @@ class LinearSCVI:
         frame = tasks.factor_variance_explained(self.module, cells, self._indices(cells, indices))
         return frame.sort_values("variance", ascending=False) if sort else frame
 
-    def get_active_factors(self, threshold: float = 0.1, adata: AnnData | None = None) -> list[str]:
-        """Factors whose logit spread exceeds ``threshold`` times the strongest factor's, strongest first.
+    def get_active_factors(self, threshold: float = 0.3, adata: AnnData | None = None) -> list[str]:
+        """The factors the fit uses, strongest first.
 
-        The spread is ``sqrt(variance)`` of :meth:`get_factor_variance_explained` (``|W_k|`` times the
-        std of ``z_k`` over cells), which does not change when ``z_k`` and ``W_k`` trade scale."""
+        Their number is the number of principal axes of the fitted factor logits ``Z W^T`` (each
+        loadings column centred over genes) whose spread across cells is at least ``threshold``
+        times the largest (:mod:`pyro_ldvae.api.factor_selection`): a signal the fit rotates over
+        several columns, or splits over two with strongly correlated z, counts once. The names are
+        those of the factors explaining the most variance (:meth:`get_factor_variance_explained`).
+
+        Parameters
+        ----------
+        threshold
+            Relative spread in ``(0, 1]``; the default 0.3 counts axes with at least 9% of the
+            strongest axis's variance.
+        adata
+            Cells to measure the spread on (default: the training data).
+
+        Returns
+        -------
+        list[str]
+            Factor names (``Z_k``), strongest first.
+        """
+        spread = factor_selection.principal_logit_spread(self.get_latent_representation(adata), self.get_loadings())
         frame = self.get_factor_variance_explained(adata, sort=True)
-        return list(frame.index[frame["variance"] > threshold**2 * frame["variance"].max()])
+        return list(frame.index[: factor_selection.count_active(spread, threshold)])
 
     def get_top_genes(
         self, n_top: int = 10, factors: Sequence[str] | None = None, order_by_variance: bool = False
