@@ -76,7 +76,9 @@ def main(argv=None):
                 )
                 if args.out:
                     with open(args.out, "a") as out:
-                        out.write(f"{prior}\t{n_true}\t{seed}\t{active}\t{per_column}\t{seconds:.1f}\t{spread[: n_true + 4]}\n")
+                        out.write(
+                            f"{prior}\t{n_true}\t{seed}\t{active}\t{per_column}\t{seconds:.1f}\t{spread[: n_true + 4]}\n"
+                        )
     print("\nprior      truth  within one  active counts")
     for (prior, n_true), found in sorted(counts.items()):
         print(f"{prior:10s} {n_true:5d}  {hits[prior, n_true]:3d} / {len(found):<3d}  {found}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from pyro_ldvae.api.factor_selection import count_active, principal_logit_spread
 
 

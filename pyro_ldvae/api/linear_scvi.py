@@ -386,7 +386,7 @@ class LinearSCVI:
 
         Their number is the number of principal axes of the fitted factor logits ``Z W^T`` (each
         loadings column centred over genes) whose spread across cells is at least ``threshold``
-        times the largest (:mod:`pyro_ldvae.api.factor_selection`): a signal the fit rotates over
+        times the largest (``pyro_ldvae.api.factor_selection``): a signal the fit rotates over
         several columns, or splits over two with strongly correlated z, counts once. The names are
         those of the factors explaining the most variance (:meth:`get_factor_variance_explained`).
 
