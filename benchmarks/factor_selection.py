@@ -41,6 +41,7 @@ def fit_one(n_true: int, seed: int, prior: str, args) -> tuple[int, int, list[fl
 
 
 def main(argv=None):
+    """Fit every truth, seed and prior, print one row per fit and the summary table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--truths", type=int, nargs="+", default=[3, 5, 8])
     parser.add_argument("--seeds", type=int, default=10, help="datasets per truth: seeds 0 .. N-1")

@@ -50,7 +50,7 @@ def principal_logit_spread(latent: np.ndarray, loadings: np.ndarray) -> np.ndarr
 
 
 def count_active(spread: np.ndarray, threshold: float) -> int:
-    """Number of principal axes whose spread is at least ``threshold`` times the largest.
+    """Count the principal axes whose spread is at least ``threshold`` times the largest.
 
     Parameters
     ----------

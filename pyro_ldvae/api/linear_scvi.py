@@ -382,7 +382,7 @@ class LinearSCVI:
         return frame.sort_values("variance", ascending=False) if sort else frame
 
     def get_active_factors(self, threshold: float = 0.3, adata: AnnData | None = None) -> list[str]:
-        """The factors the fit uses, strongest first.
+        """Return the factors the fit uses, strongest first.
 
         Their number is the number of principal axes of the fitted factor logits ``Z W^T`` (each
         loadings column centred over genes) whose spread across cells is at least ``threshold``
