@@ -53,3 +53,19 @@ def test_count_active_and_bad_input():
         count_active(np.ones(3), 0.0)
     with pytest.raises(ValueError, match="must share n_latent"):
         principal_logit_spread(np.ones((5, 3)), np.ones((4, 2)))
+
+
+def test_linear_scvi_lists_the_strongest_factors_and_checks_the_threshold():
+    from pyro_ldvae import LinearSCVI, simulate
+
+    adata = simulate(n_cells=150, n_genes=20, n_latent=2, seed=3)
+    LinearSCVI.setup_anndata(adata)
+    model = LinearSCVI(adata, n_latent=4, loadings_prior="ard", seed=3)
+    model.train(max_epochs=2, progress_bar=False)
+    active = model.get_active_factors()
+    spread = principal_logit_spread(model.get_latent_representation(), model.get_loadings().to_numpy())
+    assert len(active) == count_active(spread, 0.3) >= 1
+    assert active == list(model.get_factor_variance_explained(sort=True).index[: len(active)])
+    assert len(model.get_active_factors(threshold=1.0)) == 1
+    with pytest.raises(ValueError, match="threshold must be in"):
+        model.get_active_factors(threshold=1.5)
