@@ -382,26 +382,11 @@ class LinearSCVI:
         return frame.sort_values("variance", ascending=False) if sort else frame
 
     def get_active_factors(self, threshold: float = 0.3, adata: AnnData | None = None) -> list[str]:
-        """Return the factors the fit uses, strongest first.
+        """Return the factors the fit uses, strongest first (by :meth:`get_factor_variance_explained`).
 
-        Their number is the number of principal axes of the fitted factor logits ``Z W^T`` (each
-        loadings column centred over genes) whose spread across cells is at least ``threshold``
-        times the largest (``pyro_ldvae.api.factor_selection``): a signal the fit rotates over
-        several columns, or splits over two with strongly correlated z, counts once. The names are
-        those of the factors explaining the most variance (:meth:`get_factor_variance_explained`).
-
-        Parameters
-        ----------
-        threshold
-            Relative spread in ``(0, 1]``; the default 0.3 counts axes with at least 9% of the
-            strongest axis's variance.
-        adata
-            Cells to measure the spread on (default: the training data).
-
-        Returns
-        -------
-        list[str]
-            Factor names (``Z_k``), strongest first.
+        Their number is that of the principal axes of the fitted factor logits whose spread is at
+        least ``threshold`` (in ``(0, 1]``) times the strongest's, on ``adata`` (default: the training
+        data): a signal rotated or split over columns counts once (``pyro_ldvae.api.factor_selection``).
         """
         spread = factor_selection.principal_logit_spread(self.get_latent_representation(adata), self.get_loadings())
         frame = self.get_factor_variance_explained(adata, sort=True)
