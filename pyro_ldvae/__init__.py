@@ -11,6 +11,7 @@ from .api import datasets, pl, tl
 from .api.linear_scvi import LinearSCVI
 from .api.simulate import simulate
 from .data.minibatch import Minibatch
+from .data.programs import read_gmt
 from .models import priors
 from .models.ldvae import LDVAE
 
@@ -18,4 +19,4 @@ from .models.ldvae import LDVAE
 for _name, _module in {"datasets": datasets, "pl": pl, "tl": tl, "priors": priors}.items():
     sys.modules[f"{__name__}.{_name}"] = _module
 
-__all__ = ["LDVAE", "LinearSCVI", "Minibatch", "datasets", "pl", "priors", "simulate", "tl", "__version__"]
+__all__ = ["LDVAE", "LinearSCVI", "Minibatch", "datasets", "pl", "priors", "read_gmt", "simulate", "tl", "__version__"]

@@ -110,6 +110,10 @@ def graph_on_cpu(monkeypatch, request):
         {"loadings_prior": "normal", "z_prior": priors.LearnedScaleNormal(3)},
         {"loadings_prior": "laplace"},
         {"loadings_prior": "ard", "z_prior": priors.GaussianMixture(3)},
+        {
+            "gene_programs": {"a": [f"gene_{g}" for g in range(8)], "b": [f"gene_{g}" for g in range(8, 16)]},
+            "n_unannotated": 1,
+        },
     ],
     ids=[
         "nb",
@@ -120,6 +124,7 @@ def graph_on_cpu(monkeypatch, request):
         "normal-learned-scale-z",
         "laplace",
         "ard-mixture-z",
+        "gene-programs",
     ],
 )
 def test_the_training_step_has_nothing_a_cuda_graph_cannot_capture(graph_on_cpu, model_kwargs):

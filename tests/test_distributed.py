@@ -1,12 +1,15 @@
-"""Two CPU processes with gloo under torchrun: identical parameters, same ELBO as one process."""
+"""Two CPU processes with gloo under torchrun: identical parameters, same ELBO as one process, and
+a worker killed mid-epoch under --max-restarts: the group resumes and ends bit-identical."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ import pytest
 import torch
 
 from pyro_ldvae import LinearSCVI, simulate
+from pyro_ldvae.infer import checkpoint as ckpt
 from pyro_ldvae.infer.distributed import DistributedContext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,3 +128,94 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(RuntimeError, match="1 visible GPU.*--nproc_per_node.*--accelerator cpu"):
         distributed.init_from_env("auto")
+
+
+# Rank 1 of the first attempt writes its pid once it is inside training step KILL_STEP (mid-epoch)
+# and waits there; the test kills it with SIGKILL. Rank 0 waits in that step's gradient all-reduce.
+RESTART_WORKER = textwrap.dedent(
+    """
+    import json, os, sys, time
+    import anndata, torch
+    from pyro_ldvae import LinearSCVI
+    from pyro_ldvae.infer.distributed import init_from_env
+    from pyro_ldvae.models.ldvae import LDVAE
+    torch.set_num_threads(1)
+    ctx = init_from_env("cpu")
+    path, out, kill_step = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+    if kill_step > 0 and ctx.rank == 1 and attempt == 0:
+        calls, original = [0], LDVAE.elbo
+
+        def elbo(self, *args, **kwargs):
+            calls[0] += torch.is_grad_enabled()  # training steps only, not validation
+            if calls[0] == kill_step and torch.is_grad_enabled():
+                with open(f"{out}/victim.tmp", "w") as handle:
+                    handle.write(str(os.getpid()))
+                os.replace(f"{out}/victim.tmp", f"{out}/victim.pid")
+                time.sleep(120)
+            return original(self, *args, **kwargs)
+
+        LDVAE.elbo = elbo
+    adata = anndata.read_h5ad(path)
+    LinearSCVI.setup_anndata(adata)
+    model = LinearSCVI(adata, n_hidden=16, n_latent=4, seed=3)
+    model.train(max_epochs=6, batch_size=64, checkpoint_dir=f"{out}/ckpt", checkpoint_every=2, accelerator="cpu",
+                progress_bar=False, plan_kwargs={"lr": 1e-2, "n_epochs_kl_warmup": 4})
+    torch.save(model.module.state_dict(), f"{out}/rank{ctx.rank}.pt")
+    history = model.history["elbo_train"]["elbo_train"].tolist()
+    json.dump({"attempt": attempt, "history": history}, open(f"{out}/rank{ctx.rank}.json", "w"))
+    """
+)
+
+
+def _torchrun_with_restarts(tmp_path, path, out: Path, kill_step: int) -> dict:
+    """Run ``RESTART_WORKER`` on 2 gloo ranks with ``--max-restarts=1``; with ``kill_step``, SIGKILL
+    rank 1 in that training step. Returns both ranks' final states and results."""
+    out.mkdir()
+    script = tmp_path / "restart_worker.py"
+    script.write_text(RESTART_WORKER)
+    path_entries = [str(ROOT), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path_entries if p), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=1"]
+    cmd += ["--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", str(script), str(path), str(out), str(kill_step)]
+    logs = (out / "torchrun.log").open("w")
+    proc = subprocess.Popen(cmd, env=env, stdout=logs, stderr=subprocess.STDOUT)
+    try:
+        victim = out / "victim.pid"
+        deadline = time.monotonic() + 120
+        while kill_step > 0 and not victim.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (out / "torchrun.log").read_text()[-3000:]
+            time.sleep(0.02)
+        if kill_step > 0:
+            os.kill(int(victim.read_text()), signal.SIGKILL)  # kill -9 of one worker, mid-epoch
+        assert proc.wait(timeout=180) == 0, (out / "torchrun.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        logs.close()
+    states = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return {"states": states, "results": results}
+
+
+def test_killed_worker_restarts_and_ends_bit_identical(tmp_path):
+    """``kill -9`` of one of two gloo workers mid-epoch: torchrun restarts the group, which resumes
+    from the last checkpoint both ranks agreed on and ends with the uninterrupted run's parameters."""
+    path = tmp_path / "cells.h5ad"
+    simulate(n_cells=640, n_genes=40, seed=2).write_h5ad(path)
+    # 576 training cells: 288 per rank, 5 steps per epoch; step 18 is the 3rd step of epoch 3 (0-based).
+    # The last checkpoint (checkpoint_every=2) holds 2 completed epochs: the restart replays 8 steps.
+    killed = _torchrun_with_restarts(tmp_path, path, tmp_path / "killed", kill_step=18)
+    plain = _torchrun_with_restarts(tmp_path, path, tmp_path / "plain", kill_step=0)
+    assert [r["attempt"] for r in killed["results"]] == [1, 1]  # the group was restarted once
+    assert [r["attempt"] for r in plain["results"]] == [0, 0]
+    assert len(plain["results"][0]["history"]) == 6
+    assert killed["results"][0]["history"] == plain["results"][0]["history"]
+    for rank in range(2):
+        assert killed["states"][rank].keys() == plain["states"][rank].keys()
+        for name, value in plain["states"][rank].items():
+            assert torch.equal(killed["states"][rank][name], value), f"rank {rank}: {name} differs"
+    saved = ckpt.load(tmp_path / "killed" / "ckpt")  # written by rank 0, with both ranks' random streams
+    assert saved["epoch"] == 6 and len(saved["rng"]["by_rank"]) == 2 and saved["run"]["processes"] == "2"
+    log = (tmp_path / "killed" / "torchrun.log").read_text()
+    assert "resuming from" in log and "after 2 completed epochs" in log, log[-3000:]

@@ -80,6 +80,7 @@ def _add_training_options(group: argparse._ArgumentGroup) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``pyro-ldvae`` argument parser: subcommands ``fit``, ``transform``, ``info`` and ``map``."""
     parser = _Parser(
         prog="pyro-ldvae",
         description="LDVAE (linearly decoded variational autoencoder) for single-cell RNA-seq counts, in Pyro.",
@@ -125,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--loadings-prior", choices=["normal", "laplace", "horseshoe", "ard"], default=None,
                        help="a prior on the loadings: Bayesian loadings with uncertainty; horseshoe and ard switch "
                        "unneeded factors off (default: none, point estimates as scvi-tools)")  # fmt: skip
+    model.add_argument("--gene-programs", metavar="GMT_OR_VARM_KEY", default=None,
+                       help="gene programs: a .gmt file or an adata.varm key holding an expiMap mask (names in "
+                       "uns['terms']); one factor per program, with a program-informed horseshoe prior")  # fmt: skip
+    model.add_argument("--n-unannotated", type=int, default=None, help="free factors beside the programs (default 0)")
+    model.add_argument("--program-confidence", type=float, default=None,
+                       help="how hard genes outside a program are shrunk, in [0, 1) (default 0.99)")  # fmt: skip
+    model.add_argument("--min-genes", type=_positive_int, default=None,
+                       help="drop programs with fewer genes in the data (default 5)")  # fmt: skip
     train = fit.add_argument_group("training")
     _add_training_options(train)
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -212,7 +221,17 @@ def _summary(model, adata, elapsed: float, n_top: int) -> None:
         print(f"  {name} ({100 * row['fraction']:.1f}%): + {plus} | - {minus}")
 
 
+def _program_options(args: argparse.Namespace) -> dict:
+    """``LinearSCVI``'s gene-program arguments given on the command line (none without --gene-programs)."""
+    names = ("gene_programs", "n_unannotated", "program_confidence", "min_genes")
+    given = {name: getattr(args, name, None) for name in names if getattr(args, name, None) is not None}
+    if given and "gene_programs" not in given:
+        raise UserError(f"--{'/--'.join(n.replace('_', '-') for n in given)} need --gene-programs.")
+    return given
+
+
 def run_fit(args: argparse.Namespace) -> int:
+    """Run ``pyro-ldvae fit``: read the data, train, write the results; returns the exit status."""
     from ..infer.distributed import init_from_env, is_main_process
     from ..infer.options import TrainOptions
     from . import datasets
@@ -243,6 +262,7 @@ def run_fit(args: argparse.Namespace) -> int:
         latent_distribution=args.latent_distribution,
         loadings_prior=args.loadings_prior,
         seed=args.seed,
+        **_program_options(args),
     )
     start = time.perf_counter()
     model.train(
@@ -271,6 +291,7 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def run_transform(args: argparse.Namespace) -> None:
+    """Run ``pyro-ldvae transform``: embed new cells with a saved model and write them."""
     from .linear_scvi import LinearSCVI
 
     _check_output(args.output, args.overwrite)

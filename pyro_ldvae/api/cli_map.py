@@ -11,8 +11,10 @@ from types import ModuleType
 
 
 def add_subcommand(sub, cli: ModuleType) -> None:
-    """Add ``map REFERENCE_DIR QUERY.h5ad -o OUT.h5ad`` to the subcommands ``sub`` of ``cli``
-    (:mod:`pyro_ldvae.api.cli`, passed in rather than imported: it imports this module)."""
+    """Add ``map REFERENCE_DIR QUERY.h5ad -o OUT.h5ad`` to the subcommands ``sub`` of ``cli``.
+
+    ``cli`` is :mod:`pyro_ldvae.api.cli`, passed in rather than imported: it imports this module.
+    """
     parser = sub.add_parser(
         "map",
         help="map a query .h5ad onto a saved reference model",

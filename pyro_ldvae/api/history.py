@@ -10,8 +10,11 @@ STEP_KEYS = ("train_loss_step",)  # figures indexed by step, not epoch
 
 
 def keeping_history_on_fault(model: Any, train_fn: Callable) -> Callable:
-    """``train_fn`` that, when the loss turns NaN (``FloatingPointError``), still records the
-    history of the good epochs the module was rolled back to on ``model``, then re-raises."""
+    """``train_fn`` that records the history of the good epochs when the loss turns NaN, then re-raises.
+
+    On ``FloatingPointError`` the module was rolled back to its last good epoch; that history goes onto
+    ``model``.
+    """
 
     def run(*args, **kwargs):
         try:

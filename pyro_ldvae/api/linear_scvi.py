@@ -24,7 +24,7 @@ from ..tasks import de
 from ..tasks import posterior as tasks
 from ..tasks.expression import Weights, expression_samples, gene_mask
 from ..tasks.latent import latent_representation
-from . import dropin, factor_selection, io, multimodal, query, results, scvi_import, setup
+from . import dropin, factor_selection, io, multimodal, programs, query, results, scvi_import, setup
 from .device import Accelerator, resolve_device
 from .fit import fit
 
@@ -63,6 +63,7 @@ class LinearSCVI:
         **model_kwargs,
     ):  # fmt: skip
         adata = multimodal.split(adata)[1]  # a MuData: its RNA modality, named by setup_mudata
+        n_latent, model_kwargs = programs.resolve_settings(adata, n_latent, model_kwargs)  # gene_programs=
         self._adata, self.seed, self.var_names = adata, seed, pd.Index(adata.var_names)
         self.registry = get_registry(adata)
         self.init_params_ = dict(
@@ -84,8 +85,11 @@ class LinearSCVI:
         categorical_covariate_keys: list[str] | None = None, continuous_covariate_keys: list[str] | None = None,
         check_counts: bool = True,
     ) -> None:  # fmt: skip
-        """Register the counts' layer and the batch, labels and covariate columns of ``adata``, in
-        scvi-tools' argument order; see :func:`pyro_ldvae.data.registry.register` for arguments and checks."""
+        """Register the counts' layer and the batch, labels and covariate columns of ``adata``.
+
+        Arguments in scvi-tools' order; see :func:`pyro_ldvae.data.registry.register` for arguments and
+        checks.
+        """
         keys = (categorical_covariate_keys, continuous_covariate_keys)
         register(adata, batch_key, labels_key, layer, *keys, check_counts=check_counts)
 
@@ -204,7 +208,9 @@ class LinearSCVI:
             Clip the gradient's total norm to this value (``None``: no clipping).
         checkpoint_dir, checkpoint_every
             Write ``checkpoint_dir/last.ckpt`` atomically every ``checkpoint_every`` epochs, at the
-            end and on Ctrl-C: module, optimizer, RNG states, epoch and history.
+            end and on Ctrl-C: module, optimizer, RNG states, epoch and history, with its SHA-256
+            (the one before is kept as ``previous.ckpt``). Under ``torchrun --max-restarts`` a
+            restarted group resumes from it by itself (guide: Speed and scale).
         resume_from
             A ``checkpoint_dir`` (or its ``last.ckpt``) to continue from; use the same data,
             seed and split arguments. ``max_epochs`` counts the epochs already done, so the
@@ -265,7 +271,7 @@ class LinearSCVI:
         With a ``loadings_prior`` the posterior mean; ``return_std=True`` also returns the
         posterior standard deviation, as a second DataFrame (an error without a prior).
         """
-        columns = [f"Z_{i}" for i in range(self.n_latent)]
+        columns = programs.factor_names(self.init_params_)  # Z_k, or programs then unannotated_k
         if return_std:
             mean, std = self.module.get_loadings(return_std=True)
             frame = lambda a: pd.DataFrame(a, index=self.var_names, columns=columns)  # noqa: E731
@@ -347,7 +353,7 @@ class LinearSCVI:
         fdr_target: float = 0.05, silent: bool = False, weights: Weights | None = "uniform",
         filter_outlier_cells: bool = False, importance_weighting_kwargs: dict | None = None, **kwargs,
     ) -> pd.DataFrame:  # fmt: skip
-        """scVI's Bayesian differential expression, with scvi-tools' arguments and output columns.
+        """Bayesian differential expression of scVI, with scvi-tools' arguments and output columns.
 
         ``adata`` (default: the training data) holds the cells and their ``obs`` columns; the
         other arguments, and the ``**kwargs`` (``n_samples_overall``, ``use_permutation``,
@@ -379,6 +385,7 @@ class LinearSCVI:
         """
         cells = self.get_cells(adata)
         frame = tasks.factor_variance_explained(self.module, cells, self._indices(cells, indices))
+        frame.index = programs.factor_names(self.init_params_)
         return frame.sort_values("variance", ascending=False) if sort else frame
 
     def get_active_factors(self, threshold: float = 0.3, adata: AnnData | None = None) -> list[str]:
@@ -404,17 +411,27 @@ class LinearSCVI:
             factors = list(self.get_factor_variance_explained(sort=True).index)
         return tasks.top_genes(self.get_loadings(), n_top, factors)
 
+    # Gene programs (programs.py): membership, activity and its differential test
+    get_program_membership = programs.get_program_membership
+    get_program_activity = programs.get_program_activity
+    differential_program_activity = programs.differential_program_activity
+
     # Results into AnnData (results.py), persistence (io.py), import (scvi_import.py) ------
     def to_adata(self, adata: AnnData | None = None, key: str = "ldvae") -> AnnData:
-        """Write ``obsm['X_<key>']``, ``varm['<key>_loadings']`` and ``uns['<key>']`` (settings, history,
-        variance explained) into ``adata`` (default: the training data; a MuData: its RNA modality, and
-        ``mdata.obsm['X_<key>']``) and return it; see :func:`pyro_ldvae.api.results.write_results`."""
+        """Write the latent, loadings and settings into ``adata`` and return it.
+
+        ``obsm['X_<key>']``, ``varm['<key>_loadings']`` and ``uns['<key>']`` (settings, history, variance
+        explained) go into ``adata`` (default: the training data; a MuData: its RNA modality, and
+        ``mdata.obsm['X_<key>']``); see :func:`pyro_ldvae.api.results.write_results`.
+        """
         mdata, adata = multimodal.split(self.adata if adata is None else adata)
         results.check_genes(adata, self.var_names)
         latent, variance = self.get_latent_representation(adata), self.get_factor_variance_explained(adata)
         written = results.write_results(
             adata, key, latent, self.get_loadings(), variance, self.init_params_, self.registry, self.history_
         )
+        if programs.program_names(self.init_params_):
+            written.uns[key]["programs"] = np.asarray(programs.program_names(self.init_params_), dtype=str)
         return multimodal.write_back(mdata, written, key)
 
     def save(
@@ -449,8 +466,10 @@ class LinearSCVI:
 
     @classmethod
     def from_scvi(cls, scvi_model, adata: AnnData | None = None) -> LinearSCVI:
-        """Import a trained ``scvi.model.LinearSCVI`` (weights, setup, history); see
-        :func:`pyro_ldvae.api.scvi_import.from_scvi`."""
+        """Import a trained ``scvi.model.LinearSCVI`` (weights, setup, history).
+
+        See :func:`pyro_ldvae.api.scvi_import.from_scvi`.
+        """
         return cls._from_parts(scvi_import.from_scvi(scvi_model, adata))
 
     @classmethod

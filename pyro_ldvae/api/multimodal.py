@@ -117,8 +117,10 @@ def setup_mudata(
 
 
 def write_back(mdata: MuData | None, adata: AnnData, key: str) -> AnnData | MuData:
-    """After results went into the RNA modality ``adata``: also ``mdata.obsm['X_<key>']`` (NaN for
-    cells without RNA), and return ``mdata``; without a MuData return ``adata``."""
+    """After results went into the RNA modality ``adata``.
+
+    Also ``mdata.obsm['X_<key>']`` (NaN for cells without RNA), and return ``mdata``; without a MuData return ``adata``.
+    """
     if mdata is None:
         return adata
     rep = f"X_{key}"

@@ -1,7 +1,9 @@
-"""Plots, scanpy style: the training curve, factor loadings with their top genes, the variance
-each factor explains, a factor on an embedding. Each function returns the matplotlib Axes (a list for several panels), takes
-``ax=`` to draw into an existing figure, ``show=True`` to call ``plt.show()`` (and return None)
-and ``save='file.png'`` (or ``True`` for ``figures/<name>.png``) to write the figure.
+"""Plots, scanpy style: training curve, loadings, variance explained, factors and programs on an embedding.
+
+The training curve, factor loadings with their top genes, the variance each factor explains, a factor or a gene
+program's activity on an embedding, a program's refined members. Each function returns the matplotlib Axes (a list
+for several panels), takes ``ax=`` to draw into an existing figure, ``show=True`` to call ``plt.show()`` (and return
+None) and ``save='file.png'`` (or ``True`` for ``figures/<name>.png``) to write the figure.
 """
 
 from __future__ import annotations
@@ -106,8 +108,9 @@ def loadings(
     show: bool | None = None,
     save: str | bool | None = None,
 ) -> Axes | list[Axes] | None:
-    """Each chosen factor's loadings sorted across genes, with the ``n_top`` most positive and most
-    negative genes labelled (the figure of the LDVAE paper).
+    """Each chosen factor's loadings sorted across genes, the top genes labelled.
+
+    The ``n_top`` most positive and most negative genes are labelled (the figure of the LDVAE paper).
 
     ``factors``: names ('Z_3') or positions; default: all factors, ordered by explained variance
     when that is stored (``uns[key]['factor_order']``) or computable from a model. ``ax``: one
@@ -216,8 +219,10 @@ def factor_embedding(
     show: bool | None = None,
     save: str | bool | None = None,
 ) -> Axes | None:
-    """A factor's value per cell (``obsm['X_<key>']``) coloured on ``obsm['X_<basis>']``, with a
-    colour scale centred on zero."""
+    """A factor's value per cell (``obsm['X_<key>']``) coloured on ``obsm['X_<basis>']``.
+
+    The colour scale is centred on zero.
+    """
     import matplotlib.pyplot as plt
 
     rep = f"X_{key}"
@@ -248,3 +253,128 @@ def factor_embedding(
     ax.set_xlabel(f"{basis}1")
     ax.set_ylabel(f"{basis}2")
     return _finish(fig, ax, f"ldvae_{names[column]}_{basis}", show, save)
+
+
+def program_activity(
+    model: LinearSCVI,
+    program: str,
+    adata: AnnData | None = None,
+    basis: str = "umap",
+    cmap: str = "RdBu_r",
+    point_size: float | None = None,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    save: str | bool | None = None,
+) -> Axes | None:
+    """A gene program's activity per cell (``model.get_program_activity``) on ``obsm['X_<basis>']``.
+
+    Parameters
+    ----------
+    model
+        A model with gene programs.
+    program
+        The program's name.
+    adata
+        Cells to score and plot (default: the model's data); must hold the embedding.
+    basis
+        Embedding in ``adata.obsm`` (``'umap'`` reads ``X_umap``).
+    cmap, point_size
+        Colour map (centred on zero) and marker size.
+    ax, show, save
+        As for the other plots in this module.
+
+    Returns
+    -------
+    matplotlib.axes.Axes or None
+        The Axes (None with ``show=True``).
+    """
+    import matplotlib.pyplot as plt
+
+    adata = model.adata if adata is None else adata
+    coords_key = basis if basis in adata.obsm else f"X_{basis}"
+    if coords_key not in adata.obsm:
+        raise ValueError(f"adata.obsm has no {basis!r} embedding; compute it first (e.g. sc.tl.umap(adata)).")
+    activity = model.get_program_activity(adata)
+    if program not in activity.columns:
+        raise ValueError(f"Unknown program {program!r}; the model's programs are {list(activity.columns)}.")
+    values = activity[program].to_numpy()
+    coords = np.asarray(adata.obsm[coords_key])[:, :2]
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+    fig = ax.figure
+    limit = float(np.abs(values).max()) or 1.0
+    order = np.argsort(np.abs(values))  # strongest values drawn on top
+    size = point_size or max(1.0, 120000 / max(len(values), 1) ** 1.3)
+    points = ax.scatter(coords[order, 0], coords[order, 1], c=values[order], cmap=cmap, vmin=-limit, vmax=limit,
+                        s=size, linewidths=0)  # fmt: skip
+    fig.colorbar(points, ax=ax, shrink=0.8, label="activity")
+    ax.set_title(f"{program} activity")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel(f"{basis}1")
+    ax.set_ylabel(f"{basis}2")
+    return _finish(fig, ax, f"ldvae_program_{program}_{basis}", show, save)
+
+
+def program_members(
+    model: LinearSCVI,
+    program: str,
+    n_top: int = 30,
+    threshold: float = 0.1,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    save: str | bool | None = None,
+) -> Axes | None:
+    """A program's refined members: membership probability of annotated and added genes.
+
+    Bars show ``model.get_program_membership(threshold)`` for the program's annotated genes and
+    for unannotated genes with a probability of at least 0.5, coloured as *kept* (annotated,
+    probability >= 0.5), *dropped* (annotated, < 0.5) or *added* (not annotated, >= 0.5); the
+    ``n_top`` genes with the highest probability (then largest loading) are shown.
+
+    Parameters
+    ----------
+    model
+        A model with gene programs.
+    program
+        The program's name.
+    n_top
+        Genes shown.
+    threshold
+        Loading size that counts as acting in the program (see ``get_program_membership``).
+    ax, show, save
+        As for the other plots in this module.
+
+    Returns
+    -------
+    matplotlib.axes.Axes or None
+        The Axes (None with ``show=True``).
+    """
+    import matplotlib.pyplot as plt
+
+    from .programs import membership_mask, program_names
+
+    if program not in program_names(model.init_params_):
+        raise ValueError(f"Unknown program {program!r}; the model's programs are {program_names(model.init_params_)}.")
+    membership = model.get_program_membership(threshold=threshold)
+    annotated = membership_mask(model.init_params_["gene_programs"], model.var_names)[program]
+    frame = pd.DataFrame(
+        {"probability": membership[program], "size": model.get_loadings()[program].abs(), "annotated": annotated}
+    )
+    frame = frame[frame["annotated"] | (frame["probability"] >= 0.5)]
+    frame = frame.sort_values(["probability", "size"], ascending=False).head(n_top)
+    status = np.where(frame["annotated"], np.where(frame["probability"] >= 0.5, "kept", "dropped"), "added")
+    colors = {"kept": "tab:blue", "dropped": "tab:gray", "added": "tab:orange"}
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.25 * len(frame) + 1.5), 3.5))
+    fig = ax.figure
+    ax.bar(range(len(frame)), frame["probability"].to_numpy(), color=[colors[s] for s in status])
+    ax.set_xticks(range(len(frame)), list(frame.index), rotation=90)
+    ax.set_ylim(0, 1.05)
+    ax.axhline(0.5, color="k", lw=0.5, ls=":")
+    ax.set_ylabel(f"P(|loading| > {threshold})")
+    ax.set_title(f"{program}: refined members")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=c, label=s) for s, c in colors.items()], frameon=False, fontsize="small")
+    return _finish(fig, ax, f"ldvae_program_{program}_members", show, save)

@@ -13,6 +13,7 @@ from ..data.backed import cell_data
 from ..data.cells import CellData
 from ..data.registry import Registry
 from ..models.ldvae import LDVAE
+from . import programs
 
 
 def module_kwargs(model_kwargs: dict) -> dict:
@@ -36,7 +37,7 @@ def build(adata: AnnData, registry: Registry, seed: int, settings: dict) -> tupl
     the AnnData's shape and counts; ``n_batch``, ``n_labels`` and the covariates come from
     ``registry``, the library prior from the cells.
     """
-    settings = dict(settings)
+    settings = programs.program_prior(settings, pd.Index(adata.var_names))  # gene_programs= -> its prior
     n_layers = settings.pop("n_layers")
     names = ("n_hidden", "n_latent", "dropout_rate", "dispersion", "gene_likelihood", "latent_distribution")
     n_hidden, n_latent, dropout_rate, dispersion, gene_likelihood, latent_distribution = map(settings.get, names)
@@ -62,6 +63,8 @@ def build(adata: AnnData, registry: Registry, seed: int, settings: dict) -> tupl
             n_continuous_cov=len(registry.continuous_covariate_keys),
             **settings,
         )
+        if hasattr(module.loadings_prior, "initialise_guide"):  # gene programs: see ProgramPrior
+            module.loadings_prior.initialise_guide(module.global_guide)
     return cells, module
 
 

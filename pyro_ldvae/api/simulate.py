@@ -7,6 +7,8 @@ from exactly the generative process that is fitted.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -33,6 +35,10 @@ def simulate(
     theta_median: float = 3.0,
     dropout_logit: float = -2.0,
     chunk_size: int = 10_000,
+    programs: int | Mapping[str, Sequence[int | str]] | None = None,
+    program_size: int = 30,
+    false_member_fraction: float = 0.2,
+    missing_member_fraction: float = 0.2,
 ) -> AnnData:
     """Draw an AnnData of counts from the LDVAE generative model with known loadings.
 
@@ -56,12 +62,26 @@ def simulate(
         Median inverse dispersion; per-gene theta is log-normal around it.
     dropout_logit
         Mean logit of the zero-inflation gate ('zinb' only).
+    programs
+        Gene programs behind the first factors: a number of programs of ``program_size`` random
+        genes each (named ``program_0...``), or a dict of program name to member genes (indices or
+        names ``gene_<i>``). A program's members load positively on its factor (size
+        ``loadings_scale * (0.5 + |N(0, 1)|)``), other genes not at all; the remaining factors
+        follow ``loadings_density``.
+    program_size
+        Genes per program when ``programs`` is a number.
+    false_member_fraction, missing_member_fraction
+        Noise of the annotation written beside the truth: this fraction of its listed members are
+        not true members, and this fraction of the true members are not listed.
 
     Returns
     -------
     AnnData with counts in ``X`` (CSR float32), ``obs['batch']``, the truth in
     ``varm['true_loadings']`` ``(genes, n_latent)``, ``obsm['true_z']`` ``(cells, n_latent)``,
-    ``obs['true_library']`` and ``var['true_theta']``, ``var['true_intercept']``.
+    ``obs['true_library']`` and ``var['true_theta']``, ``var['true_intercept']``. With
+    ``programs``: the true membership in ``varm['true_programs']`` ``(genes, programs)``, the
+    noisy annotation in ``varm['programs']`` with the names in ``uns['terms']`` (expiMap's
+    layout, so ``LinearSCVI(adata, gene_programs='programs')`` reads it).
 
     Examples
     --------
@@ -77,6 +97,10 @@ def simulate(
         for k in range(n_latent):
             active[rng.choice(n_genes, n_active, replace=False), k] = True
         loadings = np.where(active, loadings, 0.0)
+    truth = _program_members(programs, program_size, n_genes, n_latent, rng)
+    if truth is not None:
+        sizes = loadings_scale * (0.5 + np.abs(rng.normal(size=truth.shape)))
+        loadings[:, : truth.shape[1]] = np.where(truth.to_numpy(), sizes, 0.0)
     batch_columns = (
         rng.normal(0.0, batch_effect_scale, size=(n_genes, n_batch)) if n_batch > 1 else np.zeros((n_genes, 0))
     )
@@ -127,6 +151,10 @@ def simulate(
     )
     adata.varm["true_loadings"] = loadings
     adata.obsm["true_z"] = np.concatenate(z)
+    if truth is not None:
+        adata.varm["true_programs"] = truth.to_numpy()
+        adata.varm["programs"] = noisy_annotation(truth.to_numpy(), false_member_fraction, missing_member_fraction, rng)
+        adata.uns["terms"] = np.asarray(truth.columns, dtype=str)
     adata.uns["simulation"] = {
         "gene_likelihood": gene_likelihood,
         "seed": seed,
@@ -134,3 +162,51 @@ def simulate(
         "loadings_density": loadings_density,
     }
     return adata
+
+
+def _program_members(
+    programs: int | Mapping[str, Sequence[int | str]] | None,
+    program_size: int,
+    n_genes: int,
+    n_latent: int,
+    rng: np.random.Generator,
+) -> pd.DataFrame | None:
+    """True membership ``(genes, programs)`` of ``simulate``'s ``programs`` argument, or None."""
+    if programs is None:
+        return None
+    if isinstance(programs, (int, np.integer)):
+        if not 0 < program_size <= n_genes:
+            raise ValueError(f"program_size must be in 1..n_genes={n_genes}, got {program_size}.")
+        programs = {f"program_{k}": rng.choice(n_genes, program_size, replace=False) for k in range(programs)}
+    if not 0 < len(programs) <= n_latent:
+        raise ValueError(f"simulate needs 1..n_latent={n_latent} programs, got {len(programs)}.")
+    names = [f"gene_{g}" for g in range(n_genes)]
+    truth = pd.DataFrame(False, index=names, columns=[str(name) for name in programs])
+    for name, genes in programs.items():
+        labels = [names[g] if isinstance(g, (int, np.integer)) else str(g) for g in genes]
+        unknown = set(labels).difference(names)
+        if unknown:
+            raise ValueError(f"Program {name!r} lists genes the simulation does not have: {sorted(unknown)[:5]}.")
+        truth.loc[labels, str(name)] = True
+    return truth
+
+
+def noisy_annotation(
+    truth: np.ndarray, false_fraction: float, missing_fraction: float, rng: np.random.Generator
+) -> np.ndarray:
+    """A noisy copy of a ``(genes, programs)`` membership.
+
+    Per program, ``missing_fraction`` of the true members are left out and non-members are
+    added until ``false_fraction`` of the listed members are false.
+    """
+    for name, value in (("false_member_fraction", false_fraction), ("missing_member_fraction", missing_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
+    noisy = np.zeros_like(truth, dtype=bool)
+    for k in range(truth.shape[1]):
+        members, others = np.flatnonzero(truth[:, k]), np.flatnonzero(~truth[:, k])
+        kept = rng.choice(members, int(round((1.0 - missing_fraction) * len(members))), replace=False)
+        n_false = min(len(others), int(round(false_fraction * len(kept) / (1.0 - false_fraction))))
+        noisy[kept, k] = True
+        noisy[rng.choice(others, n_false, replace=False), k] = True
+    return noisy

@@ -132,10 +132,12 @@ class BackedCellData(CellData):
         return sizes
 
     def dense_rows(self, idx: np.ndarray) -> np.ndarray:
+        """Counts of cells ``idx`` as a dense ``(cells, genes)`` array, read from disk in sorted order."""
         rows = self._read_sorted(idx)
         return rows.toarray() if sp.issparse(rows) else rows
 
     def rows_tensor(self, idx: np.ndarray, device: torch.device | str = "cpu", sparse: bool = False) -> torch.Tensor:
+        """Counts of cells ``idx`` on ``device``, dense or (``sparse``) CSR; see :meth:`CellData.rows_tensor`."""
         rows = self._read_sorted(idx)
         if sparse and sp.issparse(rows):
             return scipy_to_torch_csr(rows, device)
@@ -294,9 +296,11 @@ def _stack(parts: list) -> sp.csr_matrix | np.ndarray:
 
 
 def cell_data(adata: AnnData, registry: Registry) -> CellData:
-    """The cells of ``adata``: in memory, or streamed from disk when the counts are on disk
-    (``anndata.read_h5ad(path, backed='r')`` or a ``.zarr`` store, see ``data_backed``)."""
+    """The cells of ``adata``.
 
+    In memory, or streamed from disk when the counts are on disk (``anndata.read_h5ad(path, backed='r')`` or a ``.zarr``
+    store, see ``data_backed``).
+    """
     if is_on_disk(get_counts(adata, registry.layer)):
         return BackedCellData(adata, registry)
     return CellData(adata, registry)

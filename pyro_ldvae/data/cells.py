@@ -90,13 +90,16 @@ class CellData:
         return means.reshape(1, -1).astype(np.float32), variances.reshape(1, -1).astype(np.float32)
 
     def dense_rows(self, idx: np.ndarray) -> np.ndarray:
+        """Counts of cells ``idx`` as a dense ``(cells, genes)`` array."""
         rows = self.X[idx]
         return rows.toarray() if sp.issparse(rows) else rows
 
     def rows_tensor(self, idx: np.ndarray, device: torch.device | str = "cpu", sparse: bool = False) -> torch.Tensor:
-        """Counts of cells ``idx`` on ``device``: ``(cells, genes)`` dense, or sparse CSR when
-        ``sparse`` (cut in C by scipy, no Python loop). Dense input is made sparse per minibatch
-        on that path, so every input format takes the same arithmetic and gives identical results."""
+        """Counts of cells ``idx`` on ``device``.
+
+        ``(cells, genes)`` dense, or sparse CSR when ``sparse`` (cut in C by scipy, no Python loop). Dense input is made
+        sparse per minibatch on that path, so every input format takes the same arithmetic and gives identical results.
+        """
         if sparse:
             rows = self.X[idx] if sp.issparse(self.X) else sp.csr_matrix(self.dense_rows(idx))
             return scipy_to_torch_csr(rows, device)
@@ -182,8 +185,10 @@ class DeviceCells:
 
     @staticmethod
     def fits(cells: CellData, device: torch.device | str, fraction: float = 0.5, dense: bool = False) -> bool:
-        """Whether the counts (as stored, or ``dense``) take at most ``fraction`` of the device's
-        free memory (always on CPU)."""
+        """Whether the counts (as stored, or ``dense``) fit in ``fraction`` of the device's free memory.
+
+        Always true on CPU.
+        """
         device = torch.device(device)
         if device.type != "cuda":
             return True
@@ -210,8 +215,9 @@ class DeviceCells:
         )
 
     def fixed_shape_rows(self, idx: torch.Tensor) -> torch.Tensor:
-        """Counts of cells ``idx`` as a dense ``(cells, genes)`` matrix, computed with shapes that
-        depend only on ``len(idx)``: no host synchronisation, so a CUDA graph can capture it.
+        """Counts of cells ``idx`` as a dense ``(cells, genes)`` matrix.
+
+        Shapes depend only on ``len(idx)``: no host synchronisation, so a CUDA graph can capture it.
 
         From CSR, the minibatch's entries are gathered into ``capacity(len(idx))`` slots (the most
         non-zeros any ``len(idx)`` cells hold); the slots past the minibatch's own non-zeros add
@@ -246,8 +252,11 @@ class DeviceCells:
     def minibatch(
         self, idx: torch.Tensor, plate_idx: torch.Tensor | None = None, fixed_shapes: bool = False
     ) -> Minibatch:
-        """Minibatch of cells ``idx`` (an int64 tensor on the device); ``x`` sparse CSR when stored
-        sparse, unless ``fixed_shapes`` asks for a dense ``x`` cut without host synchronisation."""
+        """Minibatch of cells ``idx`` (an int64 tensor on the device).
+
+        ``x`` sparse CSR when stored sparse, unless ``fixed_shapes`` asks for a dense ``x`` cut without host
+        synchronisation.
+        """
         idx = torch.as_tensor(idx, device=self.device)
         take = lambda a: None if a is None else a[idx]  # noqa: E731
         return Minibatch(

@@ -25,6 +25,7 @@ class Minibatch:
 
     @property
     def n_cells(self) -> int:
+        """Number of cells in the minibatch."""
         return self.batch.shape[0]
 
     def with_batch(self, batch_code: int) -> Minibatch:

@@ -34,14 +34,17 @@ class Registry:
 
     @property
     def n_batch(self) -> int:
+        """Number of batch categories (1 without a batch key)."""
         return len(self.batch_categories)
 
     @property
     def n_labels(self) -> int:
+        """Number of label categories (1 without a labels key)."""
         return len(self.label_categories)
 
     @property
     def n_cats_per_cov(self) -> list[int]:
+        """Number of categories of each categorical covariate, in key order."""
         return [len(self.covariate_categories[k]) for k in self.categorical_covariate_keys]
 
     def batch_codes(self, transform_batch: str | int | Sequence[str | int] | None) -> list[int | None]:
@@ -66,10 +69,12 @@ class Registry:
         return codes
 
     def to_json(self) -> str:
+        """The registry as JSON, as stored in ``adata.uns``."""
         return json.dumps(self.__dict__)
 
     @classmethod
     def from_json(cls, text: str) -> Registry:
+        """A registry from :meth:`to_json`'s text."""
         return cls(**json.loads(text))
 
 
@@ -181,6 +186,7 @@ def register(
 
 
 def get_registry(adata: AnnData) -> Registry:
+    """The registry ``setup_anndata`` stored in ``adata``; a clear error when there is none."""
     if SETUP_KEY not in adata.uns:
         raise ValueError("This AnnData is not set up: call LinearSCVI.setup_anndata(adata, ...) first.")
     return Registry.from_json(adata.uns[SETUP_KEY])

@@ -29,14 +29,17 @@ Source = Callable[[torch.Generator], Iterator[Minibatch | torch.Tensor]]
 
 
 class Shard(Protocol):
-    """This process's share of an epoch under data-parallel training (``infer.distributed``)."""
+    """The share of an epoch this process trains on under data-parallel training (``infer.distributed``)."""
 
-    def shard(self, order: np.ndarray) -> np.ndarray: ...
+    def shard(self, order: np.ndarray) -> np.ndarray:
+        """The positions of ``order`` this process trains on."""
 
 
 def smallest_minibatch(batch_size: int, drop_last: bool = False) -> int:
-    """The fewest cells a minibatch may hold: all ``batch_size`` with ``drop_last``, else 2 (batch norm
-    cannot train on one cell)."""
+    """The fewest cells a minibatch may hold.
+
+    All ``batch_size`` with ``drop_last``, else 2 (batch norm cannot train on one cell).
+    """
     return batch_size if drop_last else 2
 
 
@@ -47,9 +50,11 @@ def minibatch_indices(
     ddp: Shard | None = None,
     drop_last: bool = False,
 ) -> Iterator[np.ndarray]:
-    """Shuffled minibatches of positions into ``train_idx``; a last minibatch of one cell is dropped
-    (batch norm cannot train on one), and any last partial one with ``drop_last``. Under DDP, this
-    rank's strided share of the shared permutation."""
+    """Shuffled minibatches of positions into ``train_idx``.
+
+    A last minibatch of one cell is dropped (batch norm cannot train on one), and any last partial one with
+    ``drop_last``. Under DDP, this rank's strided share of the shared permutation.
+    """
     smallest = smallest_minibatch(batch_size, drop_last)
     order = torch.randperm(len(train_idx), generator=generator).numpy()
     if ddp is not None:
@@ -110,6 +115,7 @@ class ResidentMinibatches:
         return self.resident.minibatch(cells, plate_idx=positions, fixed_shapes=self.form == "positions")
 
     def __call__(self, generator: torch.Generator) -> Iterator[Minibatch | torch.Tensor]:
+        """One epoch of minibatches (or positions, for a captured step) in a fresh order drawn from ``generator``."""
         order = torch.randperm(self.n_train, generator=generator)
         if self.ddp is not None:
             order = torch.from_numpy(self.ddp.shard(order.numpy()))
@@ -121,8 +127,10 @@ class ResidentMinibatches:
 
 
 class CutMinibatches:
-    """An epoch's shuffled training minibatches cut from in-memory counts on the host, per step;
-    ``x`` is torch sparse CSR (form ``"csr"``) or ``SparseCounts`` (form ``"sparse_counts"``)."""
+    """An epoch's shuffled training minibatches cut from in-memory counts on the host, per step.
+
+    ``x`` is torch sparse CSR (form ``"csr"``) or ``SparseCounts`` (form ``"sparse_counts"``).
+    """
 
     def __init__(
         self,
@@ -140,6 +148,7 @@ class CutMinibatches:
         self.form, self.drop_last = form, drop_last
 
     def __call__(self, generator: torch.Generator) -> Iterator[Minibatch]:
+        """One epoch of minibatches in a fresh order drawn from ``generator``."""
         for positions in minibatch_indices(self.train_idx, self.batch_size, generator, self.ddp, self.drop_last):
             yield self.data.minibatch(
                 self.train_idx[positions],

@@ -24,7 +24,8 @@ from typing import Any, Protocol
 class EpochCallback(Protocol):
     """What the loop calls after each epoch; True stops training."""
 
-    def on_epoch_end(self, module: Any, epoch: int, history: list[dict]) -> bool | None: ...
+    def on_epoch_end(self, module: Any, epoch: int, history: list[dict]) -> bool | None:
+        """React to the end of ``epoch`` given the history so far; return True to stop training."""
 
 
 def is_lightning(callback: Any) -> bool:

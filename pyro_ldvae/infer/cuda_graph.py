@@ -67,9 +67,11 @@ class GraphedTrainingStep:
         self._warmup_left = WARMUP_STEPS
 
     def set_kl_weight(self, kl_weight: float) -> None:
+        """Set the KL weight the captured graph reads, in place."""
         self.kl_weight.fill_(kl_weight)  # a kernel with the number as argument: no host copy
 
     def __call__(self, positions: torch.Tensor) -> None:
+        """Take one step on the cells at ``positions``: warm-up steps on a side stream, then capture, then replay."""
         self.positions.copy_(positions)
         if self._warmup_left > 0:
             self._warmup_left -= 1

@@ -20,6 +20,7 @@ import atexit
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DistributedContext:
-    """This process's place in the process group."""
+    """The place of this process in the process group."""
 
     rank: int
     world_size: int
@@ -43,11 +44,14 @@ class DistributedContext:
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0, the process that logs and writes."""
         return self.rank == 0
 
     def shard(self, order: np.ndarray) -> np.ndarray:
-        """This rank's strided share of ``order``, equal in length on every rank (the remainder
-        ``len(order) % world_size``, different cells each epoch, is left out)."""
+        """The rank's strided share of ``order``, equal in length on every rank.
+
+        The remainder ``len(order) % world_size`` (different cells each epoch) is left out.
+        """
         usable = len(order) - len(order) % self.world_size
         return order[:usable][self.rank :: self.world_size]
 
@@ -86,10 +90,44 @@ def init_from_env(accelerator: str = "auto") -> DistributedContext | None:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        store = _attempt_store()
+        backend = "nccl" if use_cuda else "gloo"
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
         atexit.register(_shutdown)
         logger.info("rank %d of %d joined the process group", dist.get_rank(), dist.get_world_size())
     return current()
+
+
+def _attempt_store() -> dist.Store | None:
+    """Return a view of torchrun's rendezvous store private to this restart, or None where ``env://`` is safe.
+
+    torchrun shares its rendezvous TCPStore with the workers and keeps it across restarts, so a
+    restarted group would read the addresses its dead predecessors published and fail to connect
+    (pytorch issue 135712). On one node every worker has the same restart count, so a prefix by
+    it isolates each attempt; across nodes the counts can differ, and torchrun must be told to
+    give each attempt a store of its own instead (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``).
+    """
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if not shared or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) == 0:
+        return None
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(
+            "torchrun with --max-restarts on several nodes shares its rendezvous store with the workers across "
+            "restarts, so a restarted group cannot connect (pytorch issue 135712): launch torchrun with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment on every node."
+        )
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timedelta(minutes=30),
+    )
+    return dist.PrefixStore(f"pyro_ldvae/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _shutdown() -> None:
@@ -134,6 +172,7 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Batch norm of ``x`` with the statistics of all ranks' cells in training."""
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         n_features = x.shape[1]
@@ -167,12 +206,16 @@ class ElboLoss(nn.Module):
         self.module = module
 
     def forward(self, mb, n_obs: int | None = None, kl_weight: float = 1.0):
+        """The module's ELBO loss on ``mb`` (DDP synchronises the gradients of this call)."""
         return self.module.elbo(mb, n_obs, kl_weight)
 
 
 def wrap(module: nn.Module, ctx: DistributedContext) -> DistributedDataParallel:
-    """``module.elbo`` under DDP; the initial weights are broadcast from rank 0 and batch norm
-    statistics are synchronised across ranks (``SyncBatchNorm1d``)."""
+    """``module.elbo`` under DDP.
+
+    The initial weights are broadcast from rank 0 and batch norm statistics are synchronised across ranks
+    (``SyncBatchNorm1d``).
+    """
     device_ids = (
         [module.device.index if module.device.index is not None else ctx.local_rank]
         if module.device.type == "cuda"

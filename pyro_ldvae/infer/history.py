@@ -15,15 +15,19 @@ class History(dict):
 
 
 class TrainingFault(FloatingPointError):
-    """The loss became NaN or infinite; ``history`` holds the epochs completed before, whose
-    parameters the module was restored to."""
+    """The loss became NaN or infinite.
+
+    ``history`` holds the epochs completed before, whose parameters the module was restored to.
+    """
 
     history: dict = {}
 
 
 def make_history(rows: list[dict], stop_reason: str = "completed") -> History:
-    """Rows of per-epoch figures as scvi-tools' history: one one-column DataFrame per figure, by epoch;
-    ``train_loss_step`` (each row holds its epoch's list) by global step."""
+    """Rows of per-epoch figures as scvi-tools' history: one one-column DataFrame per figure, by epoch.
+
+    ``train_loss_step`` (each row holds its epoch's list) by global step.
+    """
     out = History()
     if rows:
         frame = pd.DataFrame([{k: v for k, v in row.items() if k != "train_loss_step"} for row in rows])
@@ -53,5 +57,5 @@ def fault(epoch: int, snapshot: dict, module: torch.nn.Module, optimizer: torch.
 
 
 def all_finite(tensors) -> bool:
-    """One device sync: are all ``tensors`` finite?"""
+    """Whether all ``tensors`` are finite, with one device sync."""
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())

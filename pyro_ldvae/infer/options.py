@@ -56,7 +56,11 @@ class TrainOptions:
     gradient_clip_val: float | None = _option(
         None, "clip the gradient's total norm to this value", "--gradient-clip-val"
     )
-    checkpoint_dir: str | None = _option(None, "write last.ckpt here every checkpoint_every epochs", "--checkpoint-dir")
+    checkpoint_dir: str | None = _option(
+        None,
+        "write last.ckpt here every checkpoint_every epochs; under torchrun --max-restarts a restarted group resumes from it",
+        "--checkpoint-dir",
+    )
     checkpoint_every: int = _option(1, "epochs between checkpoints", "--checkpoint-every")
     resume_from: str | None = _option(None, "a checkpoint (or its directory) to continue from", "--resume-from")
     data_on_device: bool | None = _option(None, "keep the counts on the training device (default: on CUDA if they fit)")
@@ -86,13 +90,17 @@ class TrainOptions:
         return dataclasses.replace(self, **changes)
 
     def plan(self, module: Any = None) -> TrainingPlan:
-        """The optimiser and annealing settings: ``plan_kwargs`` over ``module.plan_defaults`` (keys with
-        no effect warn)."""
+        """The optimiser and annealing settings.
+
+        ``plan_kwargs`` over ``module.plan_defaults`` (keys with no effect warn).
+        """
         return TrainingPlan.from_kwargs({**getattr(module, "plan_defaults", {}), **(self.plan_kwargs or {})})
 
     def resolved(self) -> TrainOptions:
-        """These options with scvi-tools' keywords that mean nothing here warned about and removed,
-        Lightning names mapped to ours, and the rest checked; resolving again changes nothing."""
+        """These options, resolved: keywords that mean nothing here warned about and removed.
+
+        Lightning names are mapped to ours and the rest checked; resolving again changes nothing.
+        """
         return resolve(self)
 
     def epochs(self, n_obs: int) -> int:

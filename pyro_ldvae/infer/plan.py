@@ -107,8 +107,10 @@ class TrainingPlan:
         return not self.n_epochs_kl_warmup and bool(self.n_steps_kl_warmup)
 
     def kl_weight(self, epoch: int, step: int = 0) -> float:
-        """The KL weight in ``epoch`` at global ``step``, as scvi-tools' ``_compute_kl_weight``: linear
-        warm-up by epoch (exactly ``min_kl_weight`` in the first), else by step, else ``max_kl_weight``."""
+        """The KL weight in ``epoch`` at global ``step``, as scvi-tools' ``_compute_kl_weight``.
+
+        Linear warm-up by epoch (exactly ``min_kl_weight`` in the first), else by step, else ``max_kl_weight``.
+        """
         slope = self.max_kl_weight - self.min_kl_weight
         if self.n_epochs_kl_warmup:
             if epoch < self.n_epochs_kl_warmup:
@@ -130,7 +132,8 @@ def make_optimizer(module: torch.nn.Module, plan: TrainingPlan, capturable: bool
     ``capturable`` keeps the step count on the device, as a CUDA graph of the step needs; with
     ``reduce_lr_on_plateau`` the learning rates are then device tensors that the scheduler changes
     in place, so the replayed graph sees them. The guide of global sites (loadings priors), where
-    there is one, learns at ``plan.global_lr``."""
+    there is one, learns at ``plan.global_lr``.
+    """
     if plan.optimizer == "Custom":
         return plan.optimizer_creator(list(module.parameters()))
     device = next(module.parameters()).device
@@ -236,8 +239,10 @@ def _check_last_minibatch(n_train: int, batch_size: int, drop_last: bool, fix: s
 
 
 def _external_split(n_obs: int, external_indexing: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """scvi-tools' checks of ``external_indexing``: a list of up to three integer arrays, without
-    duplicates, overlaps or indices out of range."""
+    """scvi-tools' checks of ``external_indexing``.
+
+    A list of up to three integer arrays, without duplicates, overlaps or indices out of range.
+    """
     if not isinstance(external_indexing, (list, tuple)) or len(external_indexing) > 3:
         raise ValueError("external_indexing must be a list [train_indices, validation_indices, test_indices].")
     parts = list(external_indexing) + [None] * (3 - len(external_indexing))

@@ -56,9 +56,10 @@ def use_cuda_graphs(
 def use_traced_step(
     traced_step: bool | None, module: LDVAE, device: torch.device, ddp: object | None, planned_steps: int
 ) -> bool:
-    """Whether to replay the CPU training step from a recorded graph; ``True`` that cannot be met is
-    an error. By default only for runs of at least ``TRACED_STEP_MIN_STEPS`` minibatches, which
-    repay the recording."""
+    """Whether to replay the CPU training step from a recorded graph; ``True`` that cannot be met is an error.
+
+    By default only for runs of at least ``TRACED_STEP_MIN_STEPS`` minibatches, which repay the recording.
+    """
     reasons = [] if device.type == "cpu" else ["it runs on CPU (on CUDA the step is a CUDA graph, see cuda_graphs)"]
     wanted = _replay_wanted("traced_step", traced_step, reasons + _eager_only(module, ddp))
     return wanted and (traced_step is not None or planned_steps >= TRACED_STEP_MIN_STEPS)
@@ -83,11 +84,13 @@ def choose_step(
 def planned_step_kinds(
     plan: TrainingPlan, start_epoch: int, max_epochs: int, n_train: int, batch_size: int, drop_last: bool = False
 ) -> dict[tuple[int, bool], int]:
-    """How many steps of each ``(cells, KL weight is 0)`` kind the epochs to come will take
-    (``TracedTrainingStep`` records a graph only for kinds that repay the recording). The sizes
-    are those ``data.sources.minibatch_indices`` yields: full minibatches, then the rest unless
-    it is one cell or ``drop_last``. With a KL warm-up by step, the weight is 0 at most in the
-    run's first step (``min_kl_weight=0``) or throughout (``max_kl_weight=0``)."""
+    """How many steps of each ``(cells, KL weight is 0)`` kind the epochs to come will take.
+
+    ``TracedTrainingStep`` records a graph only for kinds that repay the recording. The sizes are those
+    ``data.sources.minibatch_indices`` yields: full minibatches, then the rest unless it is one cell or
+    ``drop_last``. With a KL warm-up by step, the weight is 0 at most in the run's first step
+    (``min_kl_weight=0``) or throughout (``max_kl_weight=0``).
+    """
     rest = n_train % batch_size
     sizes = [batch_size] * (n_train // batch_size) + ([rest] if rest > 1 and not drop_last else [])
     planned: dict[tuple[int, bool], int] = {}

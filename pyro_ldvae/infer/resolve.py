@@ -37,8 +37,10 @@ def _warn(where: str, key: str) -> None:
 
 
 def resolve(options: Any) -> Any:
-    """``options`` (``TrainOptions``) with keywords that mean nothing here warned about and dropped, aliases mapped and
-    the early-stopping settings checked; idempotent."""
+    """``options`` (``TrainOptions``) with keywords that mean nothing here warned about and dropped.
+
+    Aliases are mapped and the early-stopping settings checked; idempotent.
+    """
     changes: dict[str, Any] = {}
     if options.load_sparse_tensor:
         _warn("", "load_sparse_tensor")

@@ -63,6 +63,7 @@ class EagerStep:
         self.kl_weight = kl_weight
 
     def __call__(self, mb: Minibatch) -> None:
+        """Take one step on ``mb`` with the current KL weight."""
         self.take(mb, self.kl_weight)
 
     def take(self, mb: Minibatch, kl_weight: float | torch.Tensor) -> None:
@@ -94,6 +95,7 @@ class TracedStep(EagerStep):
         self.traced = TracedTrainingStep(module, self.n_train, planned_steps)
 
     def gradients(self, mb: Minibatch, kl_weight: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and gradients on ``mb``, from the replayed graph when it accepts ``mb``, else eagerly."""
         replayed = self.traced(mb, kl_weight) if self.traced.accepts(mb) else None
         return replayed if replayed is not None else super().gradients(mb, kl_weight)
 
@@ -114,14 +116,17 @@ class GraphedStep(EagerStep):
         )
 
     def begin_epoch(self, kl_weight: float) -> None:
+        """Start an epoch at ``kl_weight``, in the captured graph too."""
         super().begin_epoch(kl_weight)
         self.graph.set_kl_weight(kl_weight)
 
     def set_kl_weight(self, kl_weight: float) -> None:
+        """Set the KL weight of the steps to come, in the captured graph too."""
         super().set_kl_weight(kl_weight)
         self.graph.set_kl_weight(kl_weight)  # the graph's input tensor, filled in place: no host copy
 
     def __call__(self, positions: torch.Tensor) -> None:
+        """Take one step on ``positions``: the captured graph for a full minibatch, an eager step otherwise."""
         if len(positions) == self.batch_size:  # a shape, known on the host: no sync
             self.graph(positions)
         else:

@@ -90,6 +90,7 @@ class TracedTrainingStep:
         self.failure: str | None = None
 
     def accepts(self, mb: Minibatch) -> bool:
+        """Whether ``mb`` can be replayed: sparse counts on the CPU, and no recording has failed."""
         return self.failure is None and is_sparse_counts(mb.x) and mb.x.device.type == "cpu"
 
     def __call__(self, mb: Minibatch, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -242,8 +243,9 @@ def compile_replay(graph: torch.fx.GraphModule) -> Callable:
 
 
 def script_replay(graph: torch.fx.GraphModule) -> Callable | None:
-    """``graph`` as a TorchScript function of its flat inputs, returning its flat outputs; None if
-    TorchScript cannot compile it.
+    """``graph`` as a TorchScript function of its flat inputs, returning its flat outputs.
+
+    None if TorchScript cannot compile it.
 
     Why: the interpreter dispatches each op from C++, without a Python call per op, which makes
     a replayed step faster than ``python_replay`` (``benchmarks/README.md``). TorchScript's CPU fuser is off by default (and without LLVM in torch's CPU

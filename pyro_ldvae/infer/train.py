@@ -24,7 +24,7 @@ from ..data.sources import minibatch_source, resident_cells
 from ..models.ldvae import LDVAE
 from . import callbacks as cb
 from . import checkpoint as ckpt
-from . import distributed, policy
+from . import distributed, elastic, policy
 from .allocator import keep_freed_memory
 from .evaluate import evaluate_elbo
 from .history import History, all_finite, fault, make_history
@@ -40,8 +40,10 @@ FAULT_CHECK_EVERY = 100
 
 @contextlib.contextmanager
 def own_random_streams(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch's generators on the CPU and ``device`` (Pyro's draws and dropout use them) for the
-    block, and give the caller's states back afterwards; Python's and numpy's are not touched."""
+    """Seed torch's generators on the CPU and ``device`` for the block, then give the caller's states back.
+
+    Pyro's draws and dropout use them; Python's and numpy's are not touched.
+    """
     devices = (
         [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     )
@@ -76,9 +78,11 @@ def train_svi(
     epoch, without a device sync per step), the module and optimizer go back to that state and
     ``TrainingFault`` (a ``FloatingPointError``) names the epoch. Ctrl-C stops after the current
     step and keeps the last completed epoch; the history's ``stop_reason`` is then 'interrupted'.
-    ``checkpoint_dir`` receives ``last.ckpt`` (atomically) every ``checkpoint_every`` epochs, at the
-    end and on interruption; ``resume_from`` continues from it, bit for bit as an uninterrupted
-    run with the same seed; ``max_epochs`` counts the epochs already done.
+    ``checkpoint_dir`` receives ``last.ckpt`` (atomically, with its SHA-256; the one before is kept as
+    ``previous.ckpt``) every ``checkpoint_every`` epochs, at the end and on interruption;
+    ``resume_from`` continues from it, bit for bit as an uninterrupted run with the same seed;
+    ``max_epochs`` counts the epochs already done. Under ``torchrun --max-restarts=N`` a restarted
+    group resumes from ``checkpoint_dir`` by itself (``elastic``).
     """
     options = (options or TrainOptions()).replace(**changes).resolved()
     device = torch.device(device)
@@ -113,7 +117,20 @@ def _fit(
     ddp = distributed.current()  # under torchrun: shard cells, average gradients over ranks
 
     start_epoch, rows, best, epochs_since_best = 0, [], math.inf, 0
-    state = ckpt.load(options.resume_from) if options.resume_from is not None else None
+    run = elastic.run_fingerprint(
+        module,
+        plan,
+        seed,
+        batch_size,
+        drop_last,
+        options.gradient_clip_val,
+        data.n_obs,
+        data.n_vars,
+        1 if ddp is None else ddp.world_size,
+    )
+    # resume_from, or under torchrun after a restart the newest checkpoint all ranks agree on
+    resumed = elastic.starting_state(options.resume_from, options.checkpoint_dir, run, max_epochs, ddp)
+    state, path = resumed if resumed is not None else (None, None)
     if state is not None:
         start_epoch = state["epoch"]
     resident = resident_cells(data, device, options.data_on_device)
@@ -137,8 +154,7 @@ def _fit(
     optimizer = make_optimizer(module, plan, capturable=kind == "cuda_graph")
     scheduler = make_scheduler(optimizer, plan)
     if state is not None:
-        path = ckpt.checkpoint_path(options.resume_from)
-        ckpt.restore(state, module, optimizer, generator, train_idx, val_idx, str(path))
+        ckpt.restore(state, module, optimizer, generator, train_idx, val_idx, str(path), 0 if ddp is None else ddp.rank)
         rows, best, epochs_since_best = state["rows"], state["best"], state["epochs_since_best"]
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
@@ -161,7 +177,7 @@ def _fit(
     global_step = sum(len(row.get("train_loss_step", ())) for row in rows)
     sign = 1.0 if options.early_stopping_mode == "min" else -1.0  # early stopping minimises sign * figure
     snapshot = ckpt.capture(
-        module, optimizer, generator, start_epoch, rows, best, epochs_since_best, train_idx, val_idx, scheduler
+        module, optimizer, generator, start_epoch, rows, best, epochs_since_best, train_idx, val_idx, scheduler, run
     )
     saved_epoch, stop_reason, epoch = start_epoch, "completed", start_epoch
     bar = tqdm(
@@ -234,11 +250,21 @@ def _fit(
                 logger.info("A callback stopped training after epoch %d.", epoch)
                 stop_reason = "callback"
             snapshot = ckpt.capture(
-                module, optimizer, generator, epoch + 1, rows, best, epochs_since_best, train_idx, val_idx, scheduler
+                module,
+                optimizer,
+                generator,
+                epoch + 1,
+                rows,
+                best,
+                epochs_since_best,
+                train_idx,
+                val_idx,
+                scheduler,
+                run,
             )
             last = epoch + 1 == max_epochs or stop_reason != "completed"
             if options.checkpoint_dir is not None and ((epoch + 1) % options.checkpoint_every == 0 or last):
-                ckpt.save(snapshot, options.checkpoint_dir)
+                elastic.save_agreed(snapshot, options.checkpoint_dir, ddp)  # under torchrun: rank 0 writes
                 saved_epoch = epoch + 1
             if stop_reason != "completed":
                 break
@@ -256,7 +282,7 @@ def _fit(
             epoch,
             snapshot["epoch"] - 1,
         )
-        if options.checkpoint_dir is not None and snapshot["epoch"] > saved_epoch:
+        if options.checkpoint_dir is not None and snapshot["epoch"] > saved_epoch and distributed.is_main_process():
             ckpt.save(snapshot, options.checkpoint_dir)
     finally:
         guard.__exit__(None, None, None)

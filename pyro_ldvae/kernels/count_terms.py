@@ -67,8 +67,11 @@ def nb_count_term(
 
 
 def zinb_zero_and_offset(gate_logits: torch.Tensor, nb_zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ZINB log-density at x = 0, and ``-softplus(-pi) - pi + nb_zero``, which plus the NB
-    count term is the log-density at x > 0 (``log sigmoid(-pi) = -softplus(pi)``, as scvi-tools writes it)."""
+    """The ZINB log-density at x = 0, and the ZINB part of the log-density at x > 0.
+
+    The second is ``-softplus(-pi) - pi + nb_zero``, which plus the NB count term is the log-density at x > 0
+    (``log sigmoid(-pi) = -softplus(pi)``, as scvi-tools writes it).
+    """
     softplus_neg_pi = F.softplus(-gate_logits)
     pi_theta_log = -gate_logits + nb_zero
     return F.softplus(pi_theta_log) - softplus_neg_pi, -softplus_neg_pi + pi_theta_log
@@ -95,8 +98,10 @@ def poisson_count_term(x: torch.Tensor, rate: torch.Tensor, start: torch.Tensor 
 # Gradients of the NB terms, for the hand-written backward passes (D = theta + mu + eps)
 # ---------------------------------------------------------------------------------------------
 def nb_zero_dtheta_per_gene(theta: torch.Tensor, log_theta_eps: torch.Tensor) -> torch.Tensor:
-    """``log(theta + eps) + theta / (theta + eps)``: the part of d(zero term)/dtheta free of ``mu``
-    (the rest is ``-log D - theta / D``)."""
+    """``log(theta + eps) + theta / (theta + eps)``.
+
+    The part of d(zero term)/dtheta free of ``mu`` (the rest is ``-log D - theta / D``).
+    """
     return log_theta_eps + theta / (theta + EPS)
 
 
@@ -122,8 +127,10 @@ def log_nb(
     log_theta_eps: torch.Tensor | None = None,
     lgamma_theta: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """NB log-density, elementwise; ``(cells, genes)`` for ``mu`` of ``(cells, genes)`` and ``theta``
-    of ``(genes,)`` (kept at that shape: the per-gene terms are not broadcast before they are computed).
+    """NB log-density, elementwise.
+
+    ``(cells, genes)`` for ``mu`` of ``(cells, genes)`` and ``theta`` of ``(genes,)`` (kept at that shape: the per-gene
+    terms are not broadcast before they are computed).
 
     ``log_theta_eps = log(theta + eps)`` and ``lgamma_theta = lgamma(theta)`` may be passed in when
     they were computed once per gene and gathered (the sparse path does that).

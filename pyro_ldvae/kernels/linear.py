@@ -10,8 +10,10 @@ from .sparse import SparseCounts, csr_transpose_arrays
 
 
 class _SparseLinear(torch.autograd.Function):
-    """``x @ W + b`` for sparse ``x`` ``(cells, n_in)`` (torch CSR or ``SparseCounts``) and ``W``
-    ``(n_in, n_out)``; gradients for ``W`` and ``b`` only."""
+    """``x @ W + b`` for sparse ``x`` ``(cells, n_in)`` (torch CSR or ``SparseCounts``) and ``W`` ``(n_in, n_out)``.
+
+    Gradients for ``W`` and ``b`` only.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor | SparseCounts, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -81,8 +83,9 @@ def _csr_transpose_uncached(x: torch.Tensor) -> torch.Tensor:
 
 
 class _NarrowLinear(torch.autograd.Function):
-    """``x @ W.T + b`` for a narrow input ``x`` ``(cells, n_in)`` and a tall ``W`` ``(n_out, n_in)``,
-    the decoder's shape (a few factors in, thousands of genes out).
+    """``x @ W.T + b`` for a narrow input ``x`` ``(cells, n_in)`` and a tall ``W`` ``(n_out, n_in)``.
+
+    That is the decoder's shape: a few factors in, thousands of genes out.
 
     Only the backward differs from ``F.linear``: the products are taken in the orientation that
     has the short dimension outermost, ``(x.T @ grad).T`` and ``(W.T @ grad.T).T``, because BLAS

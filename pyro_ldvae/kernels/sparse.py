@@ -75,6 +75,7 @@ class SparseCounts:
 
     @classmethod
     def from_scipy(cls, matrix: sp.csr_matrix) -> SparseCounts:
+        """Sparse counts from a scipy CSR matrix (copied into torch tensors)."""
         return cls.from_csr_arrays(matrix.indptr, matrix.indices, matrix.data, matrix.shape)
 
     @classmethod
@@ -108,13 +109,16 @@ class SparseCounts:
         return replace(self, val=fn(self.val), val_t=fn(self.val_t))
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The CSR arrays and those of the transpose, in the order the replayed step takes them."""
         return (self.crow, self.row, self.col, self.val, self.crow_t, self.col_t, self.val_t)
 
     @property
     def device(self) -> torch.device:
+        """The device the counts are on."""
         return self.val.device
 
     def to_dense(self) -> torch.Tensor:
+        """The counts as a dense ``(cells, genes)`` tensor."""
         return self.val.new_zeros(self.shape).index_put_((self.row, self.col), self.val)
 
 
@@ -135,8 +139,10 @@ def csr_transpose_arrays(
 
 
 def is_sparse_counts(value: object) -> bool:
-    """True for sparse counts: a torch sparse CSR tensor (a minibatch cut from a sparse matrix) or
-    :class:`SparseCounts` (the traced step's)."""
+    """True for sparse counts.
+
+    A torch sparse CSR tensor (a minibatch cut from a sparse matrix) or :class:`SparseCounts` (the traced step's).
+    """
     return isinstance(value, SparseCounts) or (isinstance(value, torch.Tensor) and value.layout == torch.sparse_csr)
 
 

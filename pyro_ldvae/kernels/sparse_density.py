@@ -56,8 +56,10 @@ def sparse_log_prob(
 
 
 def per_gene_theta_terms(theta: torch.Tensor, at: Gather) -> dict[str, torch.Tensor]:
-    """``log(theta + eps)`` and ``lgamma(theta)`` computed per gene, then gathered at the non-zeros
-    (cheaper than per non-zero when theta is ``(genes,)``; identical values); empty for ``(cells, genes)``."""
+    """``log(theta + eps)`` and ``lgamma(theta)`` per gene, gathered at the non-zeros.
+
+    Cheaper than per non-zero when theta is ``(genes,)``, with identical values; empty for ``(cells, genes)``.
+    """
     if theta.dim() == 2 and theta.shape[0] > 1:
         return {}  # (cells, genes): gather first, compute after (log_nb does it)
     theta = clamp_theta(theta)
@@ -130,8 +132,10 @@ class _SparseNBLogProb(torch.autograd.Function):
 
 
 class _SparseNBCellLogProb(torch.autograd.Function):
-    """Per-cell NB log-density ``(cells,)`` of sparse counts: ``_SparseNBLogProb`` summed over genes,
-    for ``theta`` of shape ``(genes,)``, without forming the ``(cells, genes)`` array of densities.
+    """Per-cell NB log-density ``(cells,)`` of sparse counts.
+
+    ``_SparseNBLogProb`` summed over genes, for ``theta`` of shape ``(genes,)``, without forming the ``(cells, genes)``
+    array of densities.
 
     On CPU every fresh ``(cells, genes)`` array costs about as much as the arithmetic written into
     it. The zero term summed over genes is a matrix-vector product,
@@ -214,8 +218,11 @@ def sparse_nb_log_prob(value: torch.Tensor | SparseCounts, mu: torch.Tensor, the
 def sparse_nb_cell_log_prob(
     value: torch.Tensor | SparseCounts, mu: torch.Tensor, theta: torch.Tensor
 ) -> torch.Tensor | None:
-    """NB log-density of sparse counts summed over genes, ``(cells,)``; None unless ``theta`` is one
-    value per gene (``(genes,)`` or ``(1, genes)``), for which it is ``sparse_nb_log_prob(...).sum(-1)``."""
+    """NB log-density of sparse counts summed over genes, ``(cells,)``.
+
+    None unless ``theta`` is one value per gene (``(genes,)`` or ``(1, genes)``), for which it is
+    ``sparse_nb_log_prob(...).sum(-1)``.
+    """
     theta = per_gene(theta)
     if theta is None or mu.dim() != 2:
         return None

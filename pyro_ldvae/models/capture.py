@@ -17,6 +17,7 @@ eagerly; so does a subclass of a built-in prior, which may override what was sca
 from __future__ import annotations
 
 from . import priors
+from .program_prior import ProgramPrior
 
 # The priors whose programs the scan covers; the loadings and z priors of a replayable model.
 SCANNED_PRIORS = (
@@ -26,6 +27,7 @@ SCANNED_PRIORS = (
     priors.ARD,
     priors.LearnedScaleNormal,
     priors.GaussianMixture,
+    ProgramPrior,
 )
 
 

@@ -63,8 +63,10 @@ def _local_params(method: Callable) -> Callable:
 
 
 def _pyro_method(method: Callable) -> Callable:
-    """Module-local params and an active PyroModule context, so that every param of the
-    module (theta included, not only those of called submodules) is a ``param`` site."""
+    """Module-local params and an active PyroModule context around ``method``.
+
+    Every param of the module (theta included, not only those of called submodules) is then a ``param`` site.
+    """
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
@@ -75,8 +77,9 @@ def _pyro_method(method: Callable) -> Callable:
 
 
 def kl_warmup(kl_weight: float | torch.Tensor):
-    """Scale the z terms by the KL warm-up weight; a weight of 0 (scvi-tools' first epoch) masks them,
-    since ``poutine.scale`` only takes positive scales.
+    """Scale the z terms by the KL warm-up weight.
+
+    A weight of 0 (scvi-tools' first epoch) masks them, since ``poutine.scale`` only takes positive scales.
 
     A 0-dim tensor weight (the CUDA-graph training step's, see ``cuda_graph``) scales as it is,
     0 included: comparing it with 0 would read it back to the host, which a graph cannot do.
@@ -300,7 +303,8 @@ class LDVAE(PyroModule):
     def guide(self, mb: Minibatch, n_obs: int | None = None, kl_weight: float = 1.0) -> None:
         """q(z | x) q(l | x): Normal posteriors from MLPs on log1p(x); batch is not an input.
 
-        With priors, also q of the global sites (mean-field Normal, :class:`GlobalNormalGuide`)."""
+        With priors, also q of the global sites (mean-field Normal, :class:`GlobalNormalGuide`).
+        """
         if self.global_guide is not None:
             self.global_guide()
         encoder_input = log1p_counts(mb.x) if self.log_variational else mb.x
@@ -470,4 +474,5 @@ class LDVAE(PyroModule):
 
     @property
     def device(self) -> torch.device:
+        """The device of the module's parameters."""
         return self.library_log_means.device

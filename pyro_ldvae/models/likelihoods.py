@@ -100,15 +100,19 @@ class NegativeBinomial(_MeanAndScale):
 
     @property
     def variance(self) -> torch.Tensor:
+        """Variance of the distribution, ``(cells, genes)``."""
         return (self.mu + self.mu**2 / self.theta).expand(self.batch_shape)
 
     def dense_log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Log-density of dense counts, ``(cells, genes)``."""
         return log_nb(value, self.mu, self.theta)
 
     def sparse_log_prob(self, value: torch.Tensor | SparseCounts) -> torch.Tensor:
+        """Log-density summed per cell, computed on the non-zeros of the counts."""
         return sparse_nb_log_prob(value, self.mu, self.theta)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        """Counts drawn from the distribution, without gradient."""
         with torch.no_grad():
             return _sample_gamma_poisson(self.mu, self.theta, torch.Size(sample_shape))
 
@@ -127,12 +131,16 @@ class ZeroInflatedNegativeBinomial(_CountDistribution):
 
     @property
     def mean(self) -> torch.Tensor:
+        """Mean of the distribution, ``(cells, genes)``."""
         return ((1 - torch.sigmoid(self.gate_logits)) * self.mu).expand(self.batch_shape)
 
     def dense_log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Log-density of dense counts, ``(cells, genes)``."""
         return log_zinb(value, self.mu, self.theta, self.gate_logits)
 
     def sparse_log_prob(self, value: torch.Tensor | SparseCounts) -> torch.Tensor:
+        """Log-density summed per cell, computed on the non-zeros of the counts."""
+
         def at_non_zeros(x, at):
             terms = per_gene_theta_terms(self.theta, at)
             return log_zinb(x, at(self.mu), at(self.theta), at(self.gate_logits), **terms)
@@ -141,12 +149,14 @@ class ZeroInflatedNegativeBinomial(_CountDistribution):
         return sparse_log_prob(value, self.mu, at_non_zeros, zero_case)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        """Counts drawn from the distribution, without gradient."""
         with torch.no_grad():
             counts = _sample_gamma_poisson(self.mu, self.theta, torch.Size(sample_shape))
             dropout = torch.bernoulli(torch.sigmoid(self.gate_logits).expand(counts.shape))
             return counts * (1 - dropout)
 
     def expand(self, batch_shape, _instance=None):
+        """The distribution with its parameters broadcast to ``batch_shape``."""
         new = self._get_checked_instance(ZeroInflatedNegativeBinomial, _instance)
         new.mu = self.mu.expand(batch_shape)
         new.theta = _broadcastable(self.theta, batch_shape)  # as in NegativeBinomial.expand
@@ -166,19 +176,24 @@ class Poisson(_CountDistribution):
 
     @property
     def mean(self) -> torch.Tensor:
+        """Mean of the distribution, ``(cells, genes)``."""
         return self.mu
 
     def dense_log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Log-density of dense counts, ``(cells, genes)``."""
         return log_poisson(value, self.mu)
 
     def sparse_log_prob(self, value: torch.Tensor | SparseCounts) -> torch.Tensor:
+        """Log-density summed per cell, computed on the non-zeros of the counts."""
         return sparse_log_prob(value, self.mu, lambda x, at: log_poisson(x, at(self.mu)), poisson_zero_term(self.mu))
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        """Counts drawn from the distribution, without gradient."""
         with torch.no_grad():
             return torch.poisson(self.mu.clamp(max=MAX_RATE).expand(torch.Size(sample_shape) + self.mu.shape))
 
     def expand(self, batch_shape, _instance=None):
+        """The distribution with its parameters broadcast to ``batch_shape``."""
         new = self._get_checked_instance(Poisson, _instance)
         new.mu = self.mu.expand(batch_shape)
         super(Poisson, new).__init__(torch.Size(batch_shape), validate_args=False)
@@ -186,9 +201,11 @@ class Poisson(_CountDistribution):
 
 
 class Normal(_MeanAndScale):
-    """Normal with mean ``mu`` and standard deviation ``theta``, for non-integer data (scvi-tools'
-    ``gene_likelihood='normal'``: ``Normal(exp(l) rho, exp(px_r))``, the scale learned per gene,
-    per batch, per label or per cell as ``dispersion`` says). Sparse values are densified."""
+    """Normal with mean ``mu`` and standard deviation ``theta``, for non-integer data.
+
+    This is scvi-tools' ``gene_likelihood='normal'``: ``Normal(exp(l) rho, exp(px_r))``, the scale learned per
+    gene, per batch, per label or per cell as ``dispersion`` says. Sparse values are densified.
+    """
 
     arg_constraints = {"mu": constraints.real, "theta": constraints.positive}
     support = constraints.real
@@ -196,19 +213,24 @@ class Normal(_MeanAndScale):
 
     @property
     def variance(self) -> torch.Tensor:
+        """Variance of the distribution, ``(cells, genes)``."""
         return (self.theta**2).expand(self.batch_shape)
 
     def dense_log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Log-density of dense values, ``(cells, genes)``."""
         return torch.distributions.Normal(self.mu, self.theta, validate_args=False).log_prob(value)
 
     def sparse_log_prob(self, value: torch.Tensor | SparseCounts) -> torch.Tensor:
+        """Log-density summed per cell (values are densified)."""
         return self.dense_log_prob(value.to_dense())
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        """Values drawn by reparameterisation."""
         mu, theta = broadcast_all(self.mu, self.theta)
         return mu + theta * torch.randn(torch.Size(sample_shape) + mu.shape, dtype=mu.dtype, device=mu.device)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        """Values drawn from the distribution, without gradient."""
         with torch.no_grad():
             return self.rsample(sample_shape)
 
@@ -216,8 +238,10 @@ class Normal(_MeanAndScale):
 def count_likelihood(
     gene_likelihood: GeneLikelihood, mu: torch.Tensor, theta: torch.Tensor | None, gate_logits: torch.Tensor | None
 ) -> NegativeBinomial | ZeroInflatedNegativeBinomial | Poisson | Normal:
-    """The elementwise observation distribution named by ``gene_likelihood``, ``(cells, genes)``;
-    for 'normal', ``theta`` is the standard deviation."""
+    """The elementwise observation distribution named by ``gene_likelihood``, ``(cells, genes)``.
+
+    For 'normal', ``theta`` is the standard deviation.
+    """
     # No argument validation: mu = exp(l) softmax(.) >= 0 and theta > 0 hold by construction, and
     # checking them costs a full pass over (cells, genes) every step.
     if gene_likelihood == "nb":
@@ -232,8 +256,11 @@ def count_likelihood(
 
 
 def count_kernel(counts: torch.Tensor | SparseCounts, likelihood: _CountDistribution) -> Kernel:
-    """The fastest kernel for ``counts``: per cell for sparse counts under an NB with one theta per
-    gene, elementwise sparse for other sparse counts, dense otherwise."""
+    """The fastest kernel for ``counts``.
+
+    Per cell for sparse counts under an NB with one theta per gene, elementwise sparse for other sparse counts, dense
+    otherwise.
+    """
     if not is_sparse_counts(counts):
         return "dense"
     nb = isinstance(likelihood, NegativeBinomial)
@@ -254,6 +281,7 @@ class CellCounts(Independent):
         self.kernel = kernel
 
     def log_prob(self, value: torch.Tensor | SparseCounts) -> torch.Tensor:
+        """Log-density of each cell's counts, ``(cells,)``, with the kernel chosen at construction."""
         base = self.base_dist
         if self.kernel == "sparse_nb_per_cell":
             return sparse_nb_cell_log_prob(value, base.mu, base.theta)
@@ -262,6 +290,7 @@ class CellCounts(Independent):
         return base.dense_log_prob(value).sum(-1)
 
     def expand(self, batch_shape, _instance=None):
+        """The distribution with its base broadcast to ``batch_shape``."""
         new = super().expand(batch_shape, _instance=self._get_checked_instance(CellCounts, _instance))
         new.kernel = self.kernel
         return new

@@ -39,9 +39,11 @@ class InputLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
+        """The weight in ``nn.Linear``'s ``(n_out, n_in)`` layout."""
         return self.weight_t.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + b``; sparse CSR ``x`` is multiplied in O(non-zeros)."""
         if isinstance(x, SparseCounts) or x.layout == torch.sparse_csr:
             return _SparseLinear.apply(x, self.weight_t, self.bias)
         return torch.addmm(self.bias, x, self.weight_t)
@@ -78,6 +80,7 @@ class Encoder(nn.Module):
         self.log_var = nn.Linear(n_hidden, n_output)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of ``q(z | x)``, each ``(cells, n_output)``."""
         h = self.hidden(x)  # the first layer takes sparse CSR x in O(non-zeros)
         return self.mean(h), torch.exp(self.log_var(h)) + VAR_EPS
 
@@ -95,6 +98,7 @@ class LinearHead(nn.Module):
         self.batch_norm = nn.BatchNorm1d(n_output, momentum=BN_MOMENTUM, eps=BN_EPS) if use_batch_norm else None
 
     def forward(self, decoder_input: torch.Tensor) -> torch.Tensor:
+        """Decoder logits ``(cells, genes)`` from the factors (and batch one-hot)."""
         out = narrow_linear(decoder_input, self.linear.weight, self.linear.bias)
         return out if self.batch_norm is None else self.batch_norm(out)
 

@@ -74,6 +74,7 @@ class NormalLoadings:
         self.scale = float(scale)
 
     def __call__(self, n_genes: int, n_latent: int) -> torch.Tensor:
+        """Sample the loadings ``(genes, n_latent)``."""
         prior = dist.Normal(torch.zeros(n_genes, n_latent), torch.full((n_genes, n_latent), self.scale)).to_event(2)
         return pyro.sample("loadings", prior)  # (genes, n_latent)
 
@@ -90,6 +91,7 @@ class LaplaceLoadings:
         self.scale = float(scale)
 
     def __call__(self, n_genes: int, n_latent: int) -> torch.Tensor:
+        """Sample the loadings ``(genes, n_latent)``."""
         prior = dist.Laplace(torch.zeros(n_genes, n_latent), torch.full((n_genes, n_latent), self.scale)).to_event(2)
         return pyro.sample("loadings", prior)  # (genes, n_latent)
 
@@ -110,6 +112,7 @@ class TensorHalfCauchy(dist.HalfCauchy):
         torch.distributions.TransformedDistribution.__init__(self, base, AbsTransform(), validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
+        """The distribution with its scale broadcast to ``batch_shape``."""
         new = self._get_checked_instance(TensorHalfCauchy, _instance)
         return super().expand(batch_shape, _instance=new)
 
@@ -148,6 +151,7 @@ class Horseshoe:
         self.global_scale, self.slab_scale, self.slab_df = float(global_scale), float(slab_scale), float(slab_df)
 
     def __call__(self, n_genes: int, n_latent: int) -> torch.Tensor:
+        """Sample the per-factor global scales, local scales and the loadings ``(genes, n_latent)``."""
         ones = torch.ones(n_latent)
         tau = pyro.sample(
             "loadings_global_scale", TensorHalfCauchy(self.global_scale * ones).to_event(1)
@@ -186,6 +190,7 @@ class ARD:
         self.concentration, self.rate = float(concentration), float(rate)
 
     def __call__(self, n_genes: int, n_latent: int) -> torch.Tensor:
+        """Sample the per-factor precisions and the loadings ``(genes, n_latent)``."""
         ones = torch.ones(n_latent)
         alpha = pyro.sample("loadings_precision", dist.Gamma(self.concentration * ones, self.rate * ones).to_event(1))
         prior = dist.Normal(torch.zeros(n_genes, n_latent), alpha.rsqrt()).to_event(2)
@@ -247,9 +252,11 @@ class LearnedScaleNormal(nn.Module):
 
     @property
     def scale(self) -> torch.Tensor:
+        """The per-factor standard deviation ``(n_latent,)``."""
         return F.softplus(self.unconstrained_scale)  # (n_latent,)
 
     def forward(self, n_latent: int) -> dist.Distribution:
+        """``Normal(0, scale)`` over the ``n_latent`` factors."""
         return dist.Normal(torch.zeros_like(self.scale), self.scale).to_event(1)
 
 
@@ -269,6 +276,7 @@ class GaussianMixture(nn.Module):
         self.logits = nn.Parameter(torch.zeros(n_components))
 
     def forward(self, n_latent: int) -> dist.Distribution:
+        """The mixture over the ``n_latent`` factors."""
         components = dist.Normal(self.locs, F.softplus(self.unconstrained_scales) + 1e-3).to_event(1)
         return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
 
@@ -297,7 +305,7 @@ class GlobalNormalGuide(AutoNormal):
         super().__init__(model, init_loc_fn=init_to_median(num_samples=15), init_scale=init_scale)
 
     def site_distribution(self, name: str) -> dist.Distribution:
-        """q of site ``name`` in its own (constrained) space."""
+        """Q of site ``name`` in its own (constrained) space."""
         site = self.prototype_trace.nodes[name]
         loc, scale = self._get_loc_and_scale(name)
         q = dist.Normal(loc, scale).to_event(self._event_dims[name])
@@ -306,6 +314,7 @@ class GlobalNormalGuide(AutoNormal):
         return q
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """Sample every global latent site from its Normal posterior; returns the values by site name."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)

@@ -109,9 +109,11 @@ class ExtendedLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
+        """The full weight: the reference's columns, then the new batches'."""
         return torch.cat([self.fixed[:, : self.start], self.new, self.fixed[:, self.start :]], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + b`` with the full weight."""
         return F.linear(x, self.weight, self.bias)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -145,9 +147,11 @@ class ExtendedTheta(nn.Module):
         self.new = nn.Parameter(unconstrained[n_ref:].detach().clone())
 
     def unconstrained(self) -> torch.Tensor:
+        """The unconstrained dispersion: the reference's rows, then the new batches'."""
         return torch.cat([self.fixed, self.new], dim=0)
 
     def forward(self) -> torch.Tensor:
+        """The dispersion ``exp(unconstrained)``."""
         return torch.exp(self.unconstrained())
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -162,6 +166,7 @@ class QueryLDVAE(LDVAE):
 
     @property
     def theta(self) -> torch.Tensor:
+        """The dispersion, reference and new batches together."""
         return self.theta_parts()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -191,8 +196,10 @@ def _train_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
 
 
 def eval_locked(module: nn.Module) -> nn.Module:
-    """``module`` (changed in place) stays in eval mode whatever ``train()`` asks: batch norm uses and
-    keeps its running statistics, dropout is off. The class changes, the state dict does not."""
+    """``module`` (changed in place) stays in eval mode whatever ``train()`` asks.
+
+    Batch norm uses and keeps its running statistics, dropout is off. The class changes, the state dict does not.
+    """
     cls = type(module)
     if cls not in _EVAL_LOCKED.values():
         if cls not in _EVAL_LOCKED:

@@ -28,8 +28,10 @@ def replayed_traces(
     model_args: tuple | None = None,
     uncondition: bool = False,
 ) -> tuple[Trace, Trace]:
-    """The guide's trace, and the model's replayed on the guide's draws (``model_args`` default to
-    ``guide_args``; ``uncondition`` draws the observed sites instead of scoring them)."""
+    """The guide's trace, and the model's replayed on the guide's draws (``model_args`` default to ``guide_args``.
+
+    ``uncondition`` draws the observed sites instead of scoring them).
+    """
     guide_trace = poutine.trace(guide).get_trace(*guide_args)
     replayed = poutine.replay(model, trace=guide_trace)
     if uncondition:
@@ -93,8 +95,10 @@ def mean_field_elbo(model_trace: Trace, guide_trace: Trace, plate: str = "cells"
 
 
 def log_weight(model_trace: Trace, guide_trace: Trace) -> torch.Tensor:
-    """Importance log-weight ``log p(x, z) - log q(z | x)`` at the guide's draws, unweighted by any
-    scale; terms of sites outside the plates broadcast over its members."""
+    """Importance log-weight ``log p(x, z) - log q(z | x)`` at the guide's draws, unweighted by any scale.
+
+    Terms of sites outside the plates broadcast over its members.
+    """
     total = 0.0
     for _, term in site_terms(model_trace, guide_trace, analytic_kl=False):
         total = total + term

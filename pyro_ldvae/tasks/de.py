@@ -158,8 +158,11 @@ def _pairs(a: np.ndarray, b: np.ndarray, use_permutation: bool, m: int, rng: np.
 def estimate_pseudocounts(
     scales1: np.ndarray, scales2: np.ndarray, zero1: np.ndarray, zero2: np.ndarray, quantile: float = 0.9
 ) -> float:
-    """scvi-tools' pseudocount rule: a high quantile of the largest sampled scale among genes with
-    (almost) no observed counts in a group, divided by the number of genes; at least 1e-10."""
+    """scvi-tools' pseudocount rule.
+
+    A high quantile of the largest sampled scale among genes with (almost) no observed counts in a group, divided by the
+    number of genes; at least 1e-10.
+    """
     offsets = []
     for scales, zero in ((scales1, zero1), (scales2, zero2)):
         offsets.append(np.quantile(scales.max(0)[zero], quantile) if zero.any() else 1e-10)
@@ -271,7 +274,7 @@ def differential_expression(
     test_mode: TestMode = "three",
     seed: int | None = None,
 ) -> pd.DataFrame:
-    """scVI's Bayesian differential expression between groups of ``cells``.
+    """Bayesian differential expression of scVI between groups of ``cells``.
 
     Parameters
     ----------

@@ -24,8 +24,11 @@ from .posterior import MAX_ELEMENTS, chunks, likelihood_of, marginal_ll, posteri
 # ----------------------------------------------------------------------------------------
 @dataclass
 class GroupDraws:
-    """Posterior draws for a group of cells: ``S`` rows, each one draw ``z_s ~ q(z | x_i)`` of one
-    cell ``i``, with what the model makes of it (its ``'rho'`` site and the ``'x'`` site's parameters)."""
+    """Posterior draws for a group of cells.
+
+    ``S`` rows, each one draw ``z_s ~ q(z | x_i)`` of one cell ``i``, with what the model makes of it (its ``'rho'``
+    site and the ``'x'`` site's parameters).
+    """
 
     rho: torch.Tensor  # (S, genes), rows sum to one
     z: torch.Tensor  # (S, n_latent)
@@ -100,9 +103,11 @@ def _repeated_csr(counts: torch.Tensor, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def count_log_likelihoods(module: LDVAE, draws: GroupDraws, x: torch.Tensor) -> torch.Tensor:
-    """``log p(x_a | z_s)`` ``(S, cells)`` for the cells ``x`` ``(cells, genes)``: the model's count
-    likelihood with draw ``s``'s parameters and mean ``L_a rho_s``, ``L_a`` the cell's observed total
-    count (as scvi-tools' ``get_importance_weights``)."""
+    """``log p(x_a | z_s)`` ``(S, cells)`` for the cells ``x`` ``(cells, genes)``.
+
+    The model's count likelihood with draw ``s``'s parameters and mean ``L_a rho_s``, ``L_a`` the cell's observed total
+    count (as scvi-tools' ``get_importance_weights``).
+    """
     x = x.to_dense().cpu().float() if x.layout != torch.strided else x.cpu().float()
     rows_per_pass = max(1, MAX_ELEMENTS // max(1, module.n_genes))
     out = torch.empty(len(draws.rho), x.shape[0])
@@ -132,8 +137,9 @@ def importance_weights(
     n_mc_samples_per_pass: int = 250,
     batch_size: int = 128,
 ) -> np.ndarray:
-    """Normalized importance weights ``(S,)`` of a group's posterior draws (Boyeau et al. 2023, as
-    scvi-tools' ``get_importance_weights``).
+    """Normalized importance weights ``(S,)`` of a group's posterior draws (Boyeau et al.
+
+    2023, as scvi-tools' ``get_importance_weights``).
 
     The draws come from the mixture of the cells' posteriors, ``(1/A) sum_a q(z | x_a)``; the
     target is the group's posterior ``(1/A) sum_a p(z | x_a)``. With ``A`` anchor cells (at most
@@ -177,9 +183,11 @@ def importance_resample(
     batch_size: int = 128,
     **options,
 ) -> np.ndarray:
-    """``n_out`` rows of ``rho`` ``(n_out, genes)`` drawn with replacement from ``n_samples`` posterior
-    draws per cell of ``indices``, in proportion to their importance weights (``options`` go to
-    :func:`importance_weights`)."""
+    """``n_out`` rows of ``rho`` ``(n_out, genes)`` resampled by importance weight.
+
+    Rows are drawn with replacement from ``n_samples`` posterior draws per cell of ``indices``, in proportion
+    to their importance weights (``options`` go to :func:`importance_weights`).
+    """
     draws = group_draws(module, cells, indices, n_samples, batch_code, batch_size)
     p = importance_weights(module, cells, indices, draws, rng, batch_size=batch_size, **options)
     return draws.rho.numpy()[rng.choice(len(p), size=n_out, replace=True, p=p)]

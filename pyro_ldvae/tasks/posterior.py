@@ -1,5 +1,7 @@
-"""The scVI tasks computed from the Pyro model itself: posterior traces, denoised expression,
-posterior predictive counts, likelihood parameters, marginal likelihood, factor interpretation.
+"""The scVI tasks (expression, predictive counts, likelihood parameters, marginal LL) from the Pyro model itself.
+
+Posterior traces, denoised expression, posterior predictive counts, likelihood parameters, marginal likelihood and
+factor interpretation.
 
 Every quantity here comes from running the guide and then the model *replayed* on the guide's
 draws (``poutine.replay``), so the generative process is written once, in ``LDVAE.model``:
@@ -78,6 +80,7 @@ def samples_per_chunk(module: LDVAE, n_cells: int, n_samples: int) -> int:
 
 
 def chunks(total: int, size: int):
+    """Sizes of the consecutive chunks of ``size`` that cover ``total``."""
     for start in range(0, total, size):
         yield min(size, total - start)
 
@@ -155,8 +158,11 @@ def likelihood_parameters(
     n_samples: int = 1,
     batch_size: int = 128,
 ) -> dict[str, np.ndarray]:
-    """``mean`` (NB mean ``mu``), ``dispersions`` (theta) and ``dropout`` (ZINB gate probability),
-    each ``(n_samples, cells, genes)``; ``dispersions`` is absent for Poisson."""
+    """The NB ``mean``, ``dispersions`` and ZINB ``dropout``, each ``(n_samples, cells, genes)``.
+
+    ``mean`` is the NB mean ``mu``, ``dispersions`` theta, ``dropout`` the ZINB gate probability;
+    ``dispersions`` is absent for Poisson.
+    """
     module.eval()
     parts: dict[str, list[torch.Tensor]] = {"mean": [], "dispersions": [], "dropout": []}
     for mb in cells.iter_minibatches(indices, batch_size, module.device):
@@ -195,7 +201,8 @@ def marginal_ll(
     """Importance-sampled ``log p(x)`` per cell ``(cells,)``, the guide as proposal.
 
     Samples are taken in passes of at most ``n_mc_samples_per_pass`` (default: as many as fit
-    in ``MAX_ELEMENTS``)."""
+    in ``MAX_ELEMENTS``).
+    """
     module.eval()
     out = []
     for mb in cells.iter_minibatches(indices, batch_size, module.device):
@@ -223,8 +230,10 @@ def reconstruction_nll(module: LDVAE, cells: CellData, indices: np.ndarray, batc
 def latent_library_size(
     module: LDVAE, cells: CellData, indices: np.ndarray, give_mean: bool = True, batch_size: int = 128
 ) -> np.ndarray:
-    """Library size ``exp(l)`` per cell, ``(cells, 1)``: the log-normal posterior mean, or one draw;
-    the observed total count with ``use_observed_lib_size``."""
+    """Library size ``exp(l)`` per cell, ``(cells, 1)``: the log-normal posterior mean, or one draw.
+
+    The observed total count with ``use_observed_lib_size``.
+    """
     module.eval()
     out = []
     for mb in cells.iter_minibatches(indices, batch_size, module.device):
