@@ -2,7 +2,8 @@
 
 The statistical tests fit small simulated data sets (a few thousand cells, 200 genes) without
 KL warm-up and with a larger learning rate than scvi-tools' default, so that they converge in
-about a thousand steps; all runs are seeded.
+about a thousand steps; the factor-selection test trains with the defaults a user gets. All runs
+are seeded.
 """
 
 from __future__ import annotations
@@ -313,14 +314,12 @@ def test_loading_with_a_prior_the_model_was_not_saved_with_is_an_error(tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("prior", ["horseshoe", "ard"])
-@pytest.mark.parametrize("n_true", [3, 5])
-def test_shrinkage_selects_the_true_number_of_factors_with_default_training(prior, n_true):
-    adata = simulate(n_cells=2000, n_genes=200, n_latent=n_true, seed=n_true)
+@pytest.mark.parametrize(("n_true", "seed"), [(3, 0), (5, 1)])
+def test_shrinkage_selects_the_true_number_of_factors_with_default_training(prior, n_true, seed):
+    adata = simulate(n_cells=600, n_genes=150, n_latent=n_true, seed=seed)
     LinearSCVI.setup_anndata(adata)
-    model = LinearSCVI(adata, n_latent=10, loadings_prior=prior)
-    model.train(max_epochs=200, progress_bar=False)  # default plan: scvi-tools' lr, no plan_kwargs
-    active = model.get_active_factors()
-    print(f"{prior}, {n_true} true factors: {len(active)} active")
-    # Unneeded factors switch off with default training (all 10 stayed active without a prior-aware
-    # plan); the count lands at or a little above the truth (benchmarks/factor_selection.py).
-    assert n_true - 1 <= len(active) <= n_true + 2
+    model = LinearSCVI(adata, n_latent=20, loadings_prior=prior, seed=seed)
+    model.train(max_epochs=200, progress_bar=False)  # default plan: no plan_kwargs
+    active = model.get_active_factors()  # default rule
+    print(f"{prior}, {n_true} true factors, seed {seed}: {len(active)} active")
+    assert abs(len(active) - n_true) <= 1

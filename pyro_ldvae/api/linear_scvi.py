@@ -25,7 +25,7 @@ from ..tasks import de
 from ..tasks import posterior as tasks
 from ..tasks.expression import Weights, expression_samples, gene_mask
 from ..tasks.latent import latent_representation
-from . import dropin, io, multimodal, programs, query, results, scvi_import, setup
+from . import dropin, factor_selection, io, multimodal, programs, query, results, scvi_import, setup
 from .device import Accelerator, resolve_device
 from .fit import fit
 
@@ -399,14 +399,16 @@ class LinearSCVI:
         frame.index = programs.factor_names(self.init_params_)
         return frame.sort_values("variance", ascending=False) if sort else frame
 
-    def get_active_factors(self, threshold: float = 0.1, adata: AnnData | None = None) -> list[str]:
-        """Factors whose logit spread exceeds ``threshold`` times the strongest factor's, strongest first.
+    def get_active_factors(self, threshold: float = 0.3, adata: AnnData | None = None) -> list[str]:
+        """Return the factors the fit uses, strongest first (by :meth:`get_factor_variance_explained`).
 
-        The spread is ``sqrt(variance)`` of :meth:`get_factor_variance_explained` (``|W_k|`` times the
-        std of ``z_k`` over cells), which does not change when ``z_k`` and ``W_k`` trade scale.
+        Their number is that of the principal axes of the fitted factor logits whose spread is at
+        least ``threshold`` (in ``(0, 1]``) times the strongest's, on ``adata`` (default: the training
+        data): a signal rotated or split over columns counts once (``pyro_ldvae.api.factor_selection``).
         """
+        spread = factor_selection.principal_logit_spread(self.get_latent_representation(adata), self.get_loadings())
         frame = self.get_factor_variance_explained(adata, sort=True)
-        return list(frame.index[frame["variance"] > threshold**2 * frame["variance"].max()])
+        return list(frame.index[: factor_selection.count_active(spread, threshold)])
 
     def get_top_genes(
         self, n_top: int = 10, factors: Sequence[str] | None = None, order_by_variance: bool = False
