@@ -16,6 +16,7 @@ those of ``C^(1/2) W_c^T W_c C^(1/2)``, an ``(n_latent, n_latent)`` matrix, so n
 from __future__ import annotations
 
 import numpy as np
+from anndata import AnnData
 
 
 def principal_logit_spread(latent: np.ndarray, loadings: np.ndarray) -> np.ndarray:
@@ -70,3 +71,17 @@ def count_active(spread: np.ndarray, threshold: float) -> int:
     if spread.size == 0 or spread.max() <= 0:
         return 0
     return int((spread >= threshold * spread.max()).sum())
+
+
+def get_active_factors(self, threshold: float = 0.3, adata: AnnData | None = None) -> list[str]:
+    """Return the factors the fit uses, strongest first (by :meth:`get_factor_variance_explained`).
+
+    ``LinearSCVI.get_active_factors``; ``self`` is the model.
+
+    Their number is that of the principal axes of the fitted factor logits whose spread is at
+    least ``threshold`` (in ``(0, 1]``) times the strongest's, on ``adata`` (default: the training
+    data): a signal rotated or split over columns counts once (``pyro_ldvae.api.factor_selection``).
+    """
+    spread = principal_logit_spread(self.get_latent_representation(adata), self.get_loadings())
+    frame = self.get_factor_variance_explained(adata, sort=True)
+    return list(frame.index[: count_active(spread, threshold)])

@@ -399,16 +399,7 @@ class LinearSCVI:
         frame.index = programs.factor_names(self.init_params_)
         return frame.sort_values("variance", ascending=False) if sort else frame
 
-    def get_active_factors(self, threshold: float = 0.3, adata: AnnData | None = None) -> list[str]:
-        """Return the factors the fit uses, strongest first (by :meth:`get_factor_variance_explained`).
-
-        Their number is that of the principal axes of the fitted factor logits whose spread is at
-        least ``threshold`` (in ``(0, 1]``) times the strongest's, on ``adata`` (default: the training
-        data): a signal rotated or split over columns counts once (``pyro_ldvae.api.factor_selection``).
-        """
-        spread = factor_selection.principal_logit_spread(self.get_latent_representation(adata), self.get_loadings())
-        frame = self.get_factor_variance_explained(adata, sort=True)
-        return list(frame.index[: factor_selection.count_active(spread, threshold)])
+    get_active_factors = factor_selection.get_active_factors
 
     def get_top_genes(
         self, n_top: int = 10, factors: Sequence[str] | None = None, order_by_variance: bool = False
