@@ -24,7 +24,7 @@ from ..tasks import de
 from ..tasks import posterior as tasks
 from ..tasks.expression import Weights, expression_samples, gene_mask
 from ..tasks.latent import latent_representation
-from . import dropin, io, multimodal, query, results, scvi_import, setup
+from . import dropin, io, multimodal, novelty, query, results, scvi_import, setup
 from .device import Accelerator, resolve_device
 from .fit import fit
 
@@ -265,7 +265,7 @@ class LinearSCVI:
         With a ``loadings_prior`` the posterior mean; ``return_std=True`` also returns the
         posterior standard deviation, as a second DataFrame (an error without a prior).
         """
-        columns = [f"Z_{i}" for i in range(self.n_latent)]
+        columns = novelty.factor_names(self.n_latent, self.init_params_)  # new factors of a query: new_k
         if return_std:
             mean, std = self.module.get_loadings(return_std=True)
             frame = lambda a: pd.DataFrame(a, index=self.var_names, columns=columns)  # noqa: E731
@@ -443,6 +443,8 @@ class LinearSCVI:
     # Reference mapping (query.py): a query's new batches fitted with the reference fixed
     prepare_query_anndata = staticmethod(query.prepare_query_anndata)
     load_query_data = classmethod(query.load_query_data)
+    get_novelty = novelty.get_novelty
+    get_new_factor_activity = novelty.get_new_factor_activity
 
     @classmethod
     def from_scvi(cls, scvi_model, adata: AnnData | None = None) -> LinearSCVI:
@@ -454,10 +456,14 @@ class LinearSCVI:
     def _from_parts(cls, parts: io.ModelParts, device: torch.device | None = None) -> LinearSCVI:
         """A model on ``parts.adata`` (which receives the setup) with the settings and weights of ``parts``."""
         parts.adata.uns[SETUP_KEY] = parts.registry.to_json()
+        settings = dict(parts.settings)
+        new_factors = settings.pop("new_factors", None)  # a query model with new factors (query.py)
         try:
-            model = cls(parts.adata, seed=parts.seed, **parts.settings)
+            model = cls(parts.adata, seed=parts.seed, **settings)
         except TypeError as err:
             raise ValueError(f"The settings in {parts.source} do not fit this pyro_ldvae version: {err}") from err
+        if new_factors:
+            query.restore_new_factors(model, new_factors)
         try:
             model.module.load_state_dict(parts.state, strict=True)
         except RuntimeError as err:
