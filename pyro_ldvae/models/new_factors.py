@@ -8,7 +8,8 @@ the reference fixed. :func:`add_new_factors` gives it ``K`` more factors: z grow
 
 with ``W_new`` ``(genes, K)`` a global latent variable under a per-factor shrinkage prior
 (:class:`~pyro_ldvae.priors.ARD` or :class:`~pyro_ldvae.priors.Horseshoe`), so that a factor
-the query does not need shrinks to zero. ``W_new`` enters after the reference's (frozen, eval
+the query does not need shrinks to zero, projected off the reference's loadings (see
+:meth:`NewFactorsMixin.global_latents`). ``W_new`` enters after the reference's (frozen, eval
 mode) decoder batch norm, so its entries are in the units of the reference's folded loadings
 (natural-log expression). The encoder keeps the reference's outputs bit for bit and gets ``K``
 new output units (:class:`NewFactorEncoder`).
@@ -74,14 +75,23 @@ class NewFactorsMixin:
 
     Attributes set by :func:`add_new_factors`: ``n_reference_latent``, ``n_new_factors``,
     ``reference_loadings`` (buffer, ``(genes, n_ref)``, the reference's ``get_loadings()``),
-    ``reference_has_prior``, ``loadings_prior`` (the prior of ``W_new``) and ``global_guide``
+    ``reference_basis`` (buffer, ``(genes, n_ref + 1)``), ``reference_has_prior``,
+    ``loadings_prior`` (the prior of ``W_new``) and ``global_guide``
     (its mean-field guide).
     """
 
     def global_latents(self):
-        """Loadings ``(genes, n_ref + K)``: the reference's (fixed) and a draw of ``W_new``; no z prior."""
+        """Loadings ``(genes, n_ref + K)``: the reference's (fixed) and a draw of ``W_new``, projected; no z prior.
+
+        ``W_new`` is projected off the span of the reference's loadings and the all-ones vector
+        (``reference_basis``): a new factor can then neither re-estimate a reference factor (which
+        would gain likelihood in every cell, as a correction of the fixed encoder) nor shift all
+        genes at once (which the softmax ignores); only a direction the reference lacks remains.
+        """
         with self.device:
-            new = self.loadings_prior(self.n_genes, self.n_new_factors)  # (genes, K)
+            draw = self.loadings_prior(self.n_genes, self.n_new_factors)  # (genes, K)
+        basis = self.reference_basis  # (genes, n_ref + 1), orthonormal columns
+        new = draw - basis @ (basis.T @ draw)
         return torch.cat([self.reference_loadings, new], dim=-1), None
 
     @_pyro_method
@@ -149,8 +159,8 @@ def add_new_factors(
     Changed in place and returned: each decoder head gets ``n_new`` fixed zero columns after the
     reference's factors (new factors act on the mean only, through ``W_new``); z and the encoder
     grow by ``n_new``; ``W_new`` ``(genes, n_new)`` gets the shrinkage prior ``prior`` and a
-    mean-field guide; the reference's global guide (for a loadings-prior reference) is kept, fixed,
-    as ``reference_guide``. The reference's loadings are stored as they are reported, so
+    mean-field guide, which replaces the reference's (for a loadings-prior reference: the query
+    model uses its posterior mean loadings). The reference's loadings are stored as they are reported, so
     ``get_loadings()[:, :n_ref]`` is the reference's, bit for bit.
     """
     if n_new < 1 or int(n_new) != n_new:
@@ -174,9 +184,9 @@ def add_new_factors(
             linear.start, linear.stop = linear.start + n_new, linear.stop + n_new
     module.z_encoder = NewFactorEncoder(module.z_encoder, n_new, encoder)
     module.reference_has_prior = module.loadings_prior is not None
-    if module.global_guide is not None:
-        module.reference_guide = module.global_guide  # fixed; its sites are not sampled by the query model
     module.register_buffer("reference_loadings", reference_loadings)
+    ones = torch.ones_like(reference_loadings[:, :1])
+    module.register_buffer("reference_basis", torch.linalg.qr(torch.cat([reference_loadings, ones], dim=-1))[0])
     module.n_reference_latent, module.n_new_factors, module.n_latent = n_ref, n_new, n_ref + n_new
     module.loadings_prior = new_prior
     with_new_factors(module)
