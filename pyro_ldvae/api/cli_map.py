@@ -26,7 +26,7 @@ def add_subcommand(sub, cli: ModuleType) -> None:
     parser.add_argument("--max-missing-fraction", type=float, default=0.2,
                         help="largest fraction of the reference's genes the query may lack (default 0.2)")  # fmt: skip
     parser.add_argument("--n-new-factors", type=int, default=0, metavar="K",
-                        help="add K factors for programs the reference lacks (shrunk to zero when unneeded); "
+                        help="add K factors for programs the reference lacks (under a shrinkage prior); "
                         "writes obs['novelty'] (default 0)")  # fmt: skip
     parser.add_argument("--save-model", metavar="DIR", default=None, help="also save the query model to DIR")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file or model directory")

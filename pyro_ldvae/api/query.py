@@ -210,8 +210,9 @@ def load_query_data(
         Where the model lives (default: CPU).
     n_new_factors
         Factors to add for programs the reference lacks (needs ``freeze_loadings=True``). Their
-        loadings ``W_new`` ``(genes, n_new_factors)`` have a per-factor shrinkage prior, so a
-        factor the query does not need shrinks to zero; they are the last columns of
+        loadings ``W_new`` ``(genes, n_new_factors)`` have a per-factor shrinkage prior (a
+        factor the data do not support can shrink towards zero; the factors also absorb the
+        reference's own misfit, see the reference-mapping guide); they are the last columns of
         ``get_loadings()`` (``new_0``, ...), read with ``get_new_factor_activity()`` and
         ``get_novelty()``. The reference's factors stay fixed.
     new_factor_prior, new_factor_prior_kwargs

@@ -7,8 +7,8 @@ the reference fixed. :func:`add_new_factors` gives it ``K`` more factors: z grow
     r_n = [reference decoder](z_ref_n ; c_n) + W_new z_new_n           (genes,)
 
 with ``W_new`` ``(genes, K)`` a global latent variable under a per-factor shrinkage prior
-(:class:`~pyro_ldvae.priors.ARD` or :class:`~pyro_ldvae.priors.Horseshoe`), so that a factor
-the query does not need shrinks to zero, projected off the reference's loadings (see
+(:class:`~pyro_ldvae.priors.ARD` or :class:`~pyro_ldvae.priors.Horseshoe`), whose per-factor
+scale lets an unneeded factor shrink towards zero, projected off the reference's loadings (see
 :meth:`NewFactorsMixin.global_latents`). ``W_new`` enters after the reference's (frozen, eval
 mode) decoder batch norm, so its entries are in the units of the reference's folded loadings
 (natural-log expression). The encoder keeps the reference's outputs bit for bit and gets ``K``
