@@ -173,7 +173,7 @@ def main(argv=None) -> None:
     parser.add_argument("--n-latent", type=int, default=10)
     parser.add_argument("--n-latent-sim", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--encoder", default="heads", choices=["heads", "separate"])
+    parser.add_argument("--encoder", default="separate", choices=["heads", "separate"])
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="reference_mapping.jsonl")

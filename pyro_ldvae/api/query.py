@@ -182,7 +182,7 @@ def load_query_data(
     n_new_factors: int = 0,
     new_factor_prior: NewFactorPrior = "ard",
     new_factor_prior_kwargs: dict | None = None,
-    new_factor_encoder: NewFactorEncoderKind = "heads",
+    new_factor_encoder: NewFactorEncoderKind = "separate",
 ):
     """A ``cls`` model on the query ``adata``, extended to its new batches, ready to ``train()``.
 
@@ -219,9 +219,9 @@ def load_query_data(
         The prior of ``W_new``: 'ard' (:class:`~pyro_ldvae.priors.ARD`, default) or 'horseshoe'
         (:class:`~pyro_ldvae.priors.Horseshoe`), with the class's keyword arguments.
     new_factor_encoder
-        How the encoder gives the new factors: 'heads' (default: new output units on the
-        reference encoder's fixed hidden layer) or 'separate' (an encoder of their own). Either
-        way the reference's encoder outputs are unchanged.
+        How the encoder gives the new factors: 'separate' (default: an encoder of their own,
+        the reference's depth and width) or 'heads' (new output units on the reference
+        encoder's fixed hidden layer). Either way the reference's encoder outputs are unchanged.
 
     Returns
     -------

@@ -43,7 +43,7 @@ class NewFactorEncoder(nn.Module):
     as in the reference model, so they are bit-identical.
     """
 
-    def __init__(self, reference: Encoder, n_new: int, kind: NewFactorEncoderKind = "heads"):
+    def __init__(self, reference: Encoder, n_new: int, kind: NewFactorEncoderKind = "separate"):
         super().__init__()
         if kind not in ("heads", "separate"):
             raise ValueError(f"new_factor_encoder must be 'heads' or 'separate', got {kind!r}.")
@@ -152,7 +152,7 @@ def add_new_factors(
     n_new: int,
     prior: NewFactorPrior = "ard",
     prior_kwargs: dict | None = None,
-    encoder: NewFactorEncoderKind = "heads",
+    encoder: NewFactorEncoderKind = "separate",
 ) -> LDVAE:
     """Give a frozen query ``module`` (from :func:`~pyro_ldvae.models.query.freeze_reference`) ``n_new`` new factors.
 
