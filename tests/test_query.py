@@ -219,3 +219,77 @@ def test_zinb_covariates_and_known_batches():
     assert qm.get_loadings().equals(model.get_loadings())
     qm.module.train()
     assert not qm.module.z_encoder.training and not qm.module.decoder.factor_regressor.batch_norm.training
+
+
+# New factors: programs the reference lacks ------------------------------------------------------
+def _novel_reference(seed: int = 0):
+    from pyro_ldvae.api.simulate_query import simulate_query
+
+    ref_adata, query_adata = simulate_query(seed=seed, n_genes=80, n_reference=1000, n_query=500)
+    LinearSCVI.setup_anndata(ref_adata, batch_key="batch")
+    model = LinearSCVI(ref_adata, n_latent=N_LATENT, n_hidden=32)
+    model.train(max_epochs=40, progress_bar=False, batch_size=128)
+    return model, query_adata
+
+
+@pytest.fixture(scope="module")
+def novel_reference():
+    torch.set_num_threads(1)
+    return _novel_reference()
+
+
+def test_new_factors_keep_the_reference_bit_identical(novel_reference):
+    model, query_adata = novel_reference
+    loadings, latent = model.get_loadings(), model.get_latent_representation()
+    qm = LinearSCVI.load_query_data(_query(query_adata), model, n_new_factors=2)
+    qm.train(max_epochs=3, progress_bar=False, batch_size=128)
+    out = qm.get_loadings()
+    assert list(out.columns) == ["Z_0", "Z_1", "Z_2", "new_0", "new_1"]
+    assert out.iloc[:, :N_LATENT].equals(loadings)
+    np.testing.assert_array_equal(qm.get_latent_representation(model.adata)[:, :N_LATENT], latent)
+    basis = torch.linalg.qr(torch.as_tensor(np.c_[loadings.to_numpy(), np.ones(80)]))[0].numpy()
+    new = out[["new_0", "new_1"]].to_numpy()
+    assert np.abs(basis.T @ new).max() < 1e-4 * np.abs(new).max()  # new directions only
+    trainable = {n.split(".")[0] for n, p in qm.module.named_parameters() if p.requires_grad}
+    assert trainable == {"decoder", "z_encoder", "global_guide"}
+    assert qm.get_novelty().shape == (query_adata.n_obs,)
+    assert qm.get_novelty(per_factor=True).shape == (query_adata.n_obs, 2)
+
+
+def test_new_factors_save_load_round_trip(novel_reference, tmp_path):
+    model, query_adata = novel_reference
+    query = _query(query_adata)
+    qm = LinearSCVI.load_query_data(query, model, n_new_factors=2, new_factor_prior="horseshoe")
+    qm.train(max_epochs=2, progress_bar=False, batch_size=128)
+    qm.save(tmp_path / "q")
+    loaded = LinearSCVI.load(tmp_path / "q", query)
+    assert loaded.get_loadings().equals(qm.get_loadings())
+    np.testing.assert_array_equal(loaded.get_novelty(), qm.get_novelty())
+    for key, value in qm.module.state_dict().items():
+        assert torch.equal(loaded.module.state_dict()[key], value), key
+
+
+def test_new_factors_on_a_loadings_prior_reference():
+    from pyro_ldvae.api.simulate_query import simulate_query
+
+    ref_adata, query_adata = simulate_query(seed=1, n_genes=40, n_reference=300, n_query=150)
+    LinearSCVI.setup_anndata(ref_adata, batch_key="batch")
+    model = LinearSCVI(ref_adata, n_latent=2, n_hidden=8, loadings_prior="normal")
+    model.train(max_epochs=2, progress_bar=False, batch_size=64)
+    loadings, latent = model.get_loadings(), model.get_latent_representation()
+    for k in (0, 2):
+        qm = LinearSCVI.load_query_data(_query(query_adata), model, n_new_factors=k)
+        qm.train(max_epochs=2, progress_bar=False, batch_size=64)
+        assert qm.get_loadings().iloc[:, :2].equals(loadings)
+        np.testing.assert_array_equal(qm.get_latent_representation(model.adata)[:, :2], latent)
+
+
+def test_new_factor_errors(reference):
+    model, query_adata = reference
+    with pytest.raises(ValueError, match="freeze_loadings=True"):
+        LinearSCVI.load_query_data(_query(query_adata), model, n_new_factors=2, freeze_loadings=False)
+    with pytest.raises(ValueError, match="new_factor_prior"):
+        LinearSCVI.load_query_data(_query(query_adata), model, n_new_factors=2, new_factor_prior="laplace")
+    qm = LinearSCVI.load_query_data(_query(query_adata), model)
+    with pytest.raises(ValueError, match="n_new_factors=K"):
+        qm.get_novelty()

@@ -27,6 +27,9 @@ def add_subcommand(sub, cli: ModuleType) -> None:
     parser.add_argument("--batch-key", default=None, help="obs column of the query's batches, if not the reference's")
     parser.add_argument("--max-missing-fraction", type=float, default=0.2,
                         help="largest fraction of the reference's genes the query may lack (default 0.2)")  # fmt: skip
+    parser.add_argument("--n-new-factors", type=int, default=0, metavar="K",
+                        help="add K factors for programs the reference lacks (under a shrinkage prior); "
+                        "writes obs['novelty'] (default 0)")  # fmt: skip
     parser.add_argument("--save-model", metavar="DIR", default=None, help="also save the query model to DIR")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file or model directory")
     training = parser.add_argument_group("training")
@@ -53,7 +56,9 @@ def run_map(args: argparse.Namespace, cli: ModuleType) -> int:
             raise cli.UserError(f"--batch-key {args.batch_key!r} is not a column of the query's obs")
         adata.obs[reference_key] = adata.obs[args.batch_key]
     LinearSCVI.prepare_query_anndata(adata, args.reference_dir, max_missing_fraction=args.max_missing_fraction)
-    model = LinearSCVI.load_query_data(adata, args.reference_dir)
+    if args.n_new_factors < 0:
+        raise cli.UserError(f"--n-new-factors must be >= 0, got {args.n_new_factors}")
+    model = LinearSCVI.load_query_data(adata, args.reference_dir, n_new_factors=args.n_new_factors)
     start = time.perf_counter()
     names = [name for name in TrainOptions.names() if hasattr(args, name)]
     model.train(
@@ -62,6 +67,8 @@ def run_map(args: argparse.Namespace, cli: ModuleType) -> int:
         progress_bar=sys.stderr.isatty(),
     )
     model.to_adata(adata)
+    if args.n_new_factors:
+        adata.obs["novelty"] = model.get_novelty(adata)
     if args.save_model:
         model.save(args.save_model, overwrite=args.overwrite)
     cli._write_h5ad_atomic(adata, args.output)

@@ -25,7 +25,7 @@ from ..tasks import de
 from ..tasks import posterior as tasks
 from ..tasks.expression import Weights, expression_samples, gene_mask
 from ..tasks.latent import latent_representation
-from . import dropin, factor_selection, io, multimodal, programs, query, results, scvi_import, setup
+from . import dropin, factor_selection, io, multimodal, novelty, programs, query, results, scvi_import, setup
 from .device import Accelerator, resolve_device
 from .fit import fit
 
@@ -277,7 +277,7 @@ class LinearSCVI:
         With a ``loadings_prior`` the posterior mean; ``return_std=True`` also returns the
         posterior standard deviation, as a second DataFrame (an error without a prior).
         """
-        columns = programs.factor_names(self.init_params_)  # Z_k, or programs then unannotated_k
+        columns = novelty.factor_names(self.n_latent, self.init_params_)  # Z_k or programs, then a query's new_k
         if return_std:
             mean, std = self.module.get_loadings(return_std=True)
             frame = lambda a: pd.DataFrame(a, index=self.var_names, columns=columns)  # noqa: E731
@@ -396,7 +396,7 @@ class LinearSCVI:
         """
         cells = self.get_cells(adata)
         frame = tasks.factor_variance_explained(self.module, cells, self._indices(cells, indices))
-        frame.index = programs.factor_names(self.init_params_)
+        frame.index = novelty.factor_names(self.n_latent, self.init_params_)
         return frame.sort_values("variance", ascending=False) if sort else frame
 
     get_active_factors = factor_selection.get_active_factors
@@ -465,6 +465,8 @@ class LinearSCVI:
     # Reference mapping (query.py): a query's new batches fitted with the reference fixed
     prepare_query_anndata = staticmethod(query.prepare_query_anndata)
     load_query_data = classmethod(query.load_query_data)
+    get_novelty = novelty.get_novelty
+    get_new_factor_activity = novelty.get_new_factor_activity
 
     @classmethod
     def from_scvi(cls, scvi_model, adata: AnnData | None = None) -> LinearSCVI:
@@ -478,10 +480,14 @@ class LinearSCVI:
     def _from_parts(cls, parts: io.ModelParts, device: torch.device | None = None) -> LinearSCVI:
         """A model on ``parts.adata`` (which receives the setup) with the settings and weights of ``parts``."""
         parts.adata.uns[SETUP_KEY] = parts.registry.to_json()
+        settings = dict(parts.settings)
+        new_factors = settings.pop("new_factors", None)  # a query model with new factors (query.py)
         try:
-            model = cls(parts.adata, seed=parts.seed, **parts.settings)
+            model = cls(parts.adata, seed=parts.seed, **settings)
         except TypeError as err:
             raise ValueError(f"The settings in {parts.source} do not fit this pyro_ldvae version: {err}") from err
+        if new_factors:
+            query.restore_new_factors(model, new_factors)
         try:
             model.module.load_state_dict(parts.state, strict=True)
         except RuntimeError as err:

@@ -24,6 +24,7 @@ from anndata import AnnData
 
 from ..data import validate
 from ..data.registry import SETUP_KEY, Registry, _categories
+from ..models.new_factors import NewFactorEncoderKind, NewFactorPrior, add_new_factors
 from ..models.query import extend_state, freeze_reference
 from . import io
 
@@ -178,6 +179,10 @@ def load_query_data(
     new_batch_init: str = "mean",
     train_encoder: bool = False,
     device: torch.device | None = None,
+    n_new_factors: int = 0,
+    new_factor_prior: NewFactorPrior = "ard",
+    new_factor_prior_kwargs: dict | None = None,
+    new_factor_encoder: NewFactorEncoderKind = "separate",
 ):
     """A ``cls`` model on the query ``adata``, extended to its new batches, ready to ``train()``.
 
@@ -203,6 +208,20 @@ def load_query_data(
         space of reference cells; off by default, since the encoders take no batch input).
     device
         Where the model lives (default: CPU).
+    n_new_factors
+        Factors to add for programs the reference lacks (needs ``freeze_loadings=True``). Their
+        loadings ``W_new`` ``(genes, n_new_factors)`` have a per-factor shrinkage prior (a
+        factor the data do not support can shrink towards zero; the factors also absorb the
+        reference's own misfit, see the reference-mapping guide); they are the last columns of
+        ``get_loadings()`` (``new_0``, ...), read with ``get_new_factor_activity()`` and
+        ``get_novelty()``. The reference's factors stay fixed.
+    new_factor_prior, new_factor_prior_kwargs
+        The prior of ``W_new``: 'ard' (:class:`~pyro_ldvae.priors.ARD`, default) or 'horseshoe'
+        (:class:`~pyro_ldvae.priors.Horseshoe`), with the class's keyword arguments.
+    new_factor_encoder
+        How the encoder gives the new factors: 'separate' (default: an encoder of their own,
+        the reference's depth and width) or 'heads' (new output units on the reference
+        encoder's fixed hidden layer). Either way the reference's encoder outputs are unchanged.
 
     Returns
     -------
@@ -215,9 +234,16 @@ def load_query_data(
     >>> query_model.train(max_epochs=100)
     >>> query.obsm["X_ldvae"] = query_model.get_latent_representation()
     """
+    if n_new_factors and (not freeze_loadings or train_encoder):
+        raise ValueError(
+            "n_new_factors needs freeze_loadings=True and train_encoder=False: new factors are what is learned "
+            "on top of a fixed reference."
+        )
     ref = read_reference(reference)
-    if any(ref.settings.get(k) is not None for k in io.CODE_SETTINGS):
-        raise ValueError("Query mapping supports models without loadings_prior and z_prior.")
+    if ref.settings.get("z_prior") is not None:
+        raise ValueError("Query mapping supports models without a z_prior.")
+    if ref.settings.get("new_factors"):
+        raise ValueError("The reference is a query model with new factors; map onto the original reference instead.")
     if not ref.var_names.equals(adata.var_names):
         raise ValueError(
             "The query's genes are not the reference's, in the reference's order; call "
@@ -242,5 +268,27 @@ def load_query_data(
     model.module.load_state_dict(state, strict=True)
     if freeze_loadings:
         freeze_reference(model.module, n_ref, n_new, train_encoder)
+    if n_new_factors:
+        spec = dict(
+            n_new_factors=int(n_new_factors), prior=new_factor_prior, prior_kwargs=dict(new_factor_prior_kwargs or {}),
+            encoder=new_factor_encoder, n_reference_batch=n_ref, n_new_batch=n_new,
+        )  # fmt: skip
+        _add_new_factors(model, spec)
     model.module.to(device or torch.device("cpu")).eval()
     return model
+
+
+def _add_new_factors(model, spec: dict) -> None:
+    """Give a frozen query ``model`` the new factors described by ``spec`` (kept in its settings)."""
+    add_new_factors(model.module, spec["n_new_factors"], spec["prior"], spec["prior_kwargs"], spec["encoder"])
+    model.n_latent = model.module.n_latent
+    model.init_params_["new_factors"] = spec
+
+
+def restore_new_factors(model, spec: dict) -> None:
+    """Rebuild a saved query model's new factors on ``model``, freshly built from its settings.
+
+    Runs before its weights are loaded: freeze it as :func:`load_query_data` did, then add the factors.
+    """
+    freeze_reference(model.module, spec["n_reference_batch"], spec["n_new_batch"])
+    _add_new_factors(model, spec)

@@ -221,8 +221,8 @@ def freeze_reference(module: LDVAE, n_ref_batch: int, n_new_batch: int, train_en
     offset), and the loadings and the encoders' outputs stay the reference's.
     ``train_encoder=True`` lets the encoders (weights and batch-norm statistics) adapt.
     """
-    if module.loadings_prior is not None or module.z_prior is not None:
-        raise ValueError("Query mapping supports models without loadings_prior and z_prior.")
+    if module.z_prior is not None:
+        raise ValueError("Query mapping supports models without a z_prior.")
     n_cols = n_new_batch if n_ref_batch + n_new_batch > 1 else 0  # the new batches' columns
     start = module.n_latent + batch_columns(n_ref_batch + n_new_batch) - n_cols
     for param in module.parameters():
