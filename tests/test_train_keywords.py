@@ -165,6 +165,27 @@ def test_train_loss_step_and_epoch(adata):
     assert model.history["elbo_train"].index.tolist() == [0, 1, 2]
 
 
+def test_on_step_and_on_epoch_give_scvi_tools_history_names(adata):
+    model = _model(adata)
+    model.train(
+        max_epochs=4,
+        train_size=0.5,
+        check_val_every_n_epoch=2,
+        plan_kwargs={"on_step": True, "on_epoch": True},
+        **QUIET,
+    )
+    history = model.history
+    assert len(history["elbo_train_epoch"]) == 4
+    for key in ("train_loss_step", "train_loss_epoch", "validation_loss_step", "validation_loss_epoch"):
+        assert key in history, key
+    np.testing.assert_array_equal(history["elbo_train_epoch"].to_numpy(), history["elbo_train"].to_numpy())
+    assert history["validation_loss_step"].columns.tolist() == ["validation_loss_step"]
+    assert "train_time_epoch" not in history and "train_loss_epoch_epoch" not in history
+    plain = _model(adata)
+    plain.train(max_epochs=1, **QUIET)
+    assert "elbo_train_epoch" not in plain.history  # only with both on_step and on_epoch, as Lightning names them
+
+
 def test_lightning_keywords_warn_and_train(adata):
     model = _model(adata)
     with pytest.warns(UserWarning) as record:

@@ -10,7 +10,7 @@ from ..infer.options import TrainOptions
 from ..infer.plan import split_cells
 from ..infer.train import train_svi
 from .device import resolve_device
-from .history import append_history, keeping_history_on_fault
+from .history import append_history, keeping_history_on_fault, lightning_names
 
 
 def fit(model: Any, options: TrainOptions) -> None:
@@ -38,7 +38,7 @@ def fit(model: Any, options: TrainOptions) -> None:
         options.gradient_clip_val,
         options.checkpoint_every,
     )
-    options.plan()  # bad plan_kwargs values fail here, before the split
+    plan = options.plan()  # bad plan_kwargs values fail here, before the split
     splitter = options.datasplitter_kwargs or {}
     train_idx, val_idx, test_idx = split_cells(
         n_obs,
@@ -57,6 +57,6 @@ def fit(model: Any, options: TrainOptions) -> None:
     device = resolve_device(options.accelerator, options.device)
     history = keeping_history_on_fault(model, train_svi)(model.module, cells, train_idx, val_idx, options, device)
     model.stop_reason_ = getattr(history, "stop_reason", "completed")
-    model.history_ = append_history(model.history_, dict(history))
+    model.history_ = append_history(model.history_, lightning_names(dict(history), plan.on_step, plan.on_epoch))
     model.module.eval()
     model.is_trained_ = True

@@ -7,6 +7,7 @@ from typing import Any, Callable
 import pandas as pd
 
 STEP_KEYS = ("train_loss_step",)  # figures indexed by step, not epoch
+NOT_LOGGED = ("train_time", "kl_weight", "lr")  # our own figures, not metrics scvi-tools logs
 
 
 def keeping_history_on_fault(model: Any, train_fn: Callable) -> Callable:
@@ -36,4 +37,22 @@ def append_history(old: dict[str, pd.DataFrame], new: dict[str, pd.DataFrame]) -
     for key, frame in new.items():
         frame = frame.set_axis(frame.index + (len(old.get(key, ())) if key in STEP_KEYS else offset))
         out[key] = pd.concat([old[key], frame]) if key in old else frame
+    return out
+
+
+def lightning_names(history: dict[str, pd.DataFrame], on_step: bool, on_epoch: bool) -> dict[str, pd.DataFrame]:
+    """The history with scvi-tools' names under ``plan_kwargs={'on_step': True, 'on_epoch': True}``.
+
+    Lightning logs a metric as ``<name>_step`` and ``<name>_epoch`` when both are on: every per-epoch
+    metric gets an ``_epoch`` copy and ``validation_loss`` a ``validation_loss_step`` copy (one value per
+    validation pass: the validation cells are evaluated in one pass). The plain names stay.
+    """
+    if not (on_step and on_epoch):
+        return history
+    out = dict(history)
+    for key, frame in history.items():
+        if key not in STEP_KEYS and key not in NOT_LOGGED and not key.endswith("_epoch"):
+            out[f"{key}_epoch"] = frame.set_axis([f"{key}_epoch"], axis=1)
+    if "validation_loss" in history:
+        out["validation_loss_step"] = history["validation_loss"].set_axis(["validation_loss_step"], axis=1)
     return out

@@ -62,6 +62,8 @@ class TrainingPlan:
     max_kl_weight: float = 1.0
     min_kl_weight: float = 0.0
     global_lr: float = 3e-2  # learning rate of the guide of global sites (loadings priors)
+    on_step: bool = False  # with on_epoch: scvi-tools' (Lightning's) _step/_epoch history names
+    on_epoch: bool = True
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
