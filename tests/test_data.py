@@ -98,35 +98,40 @@ def test_backed_epoch_visits_every_training_cell_once_in_shuffled_blocks(adata, 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_backed_ddp_ranks_read_their_own_blocks_and_take_equal_steps(adata, files, monkeypatch, world_size):
     """Under DDP each rank streams only its share of an epoch's blocks; together the ranks visit
-    every training cell once (but for fewer than world_size left over), with equal step counts."""
+    every training cell once (but for fewer than world_size left over), with equal step counts,
+    in every epoch: each rank's generator goes on from where its previous epoch left it."""
     from pyro_ldvae.infer.distributed import DistributedContext
 
     cells = CellData(adata, get_registry(adata))
     train_idx = np.sort(np.random.default_rng(2).permutation(700)[:610])
-    seen, steps, blocks_read = [], [], []
+    epochs = 2
+    seen, steps, blocks_read = [[] for _ in range(epochs)], [[] for _ in range(epochs)], []
     for rank in range(world_size):
         on_disk = cell_data(read_backed(files["h5ad"]), get_registry(adata))
         on_disk.block_size, on_disk.buffer_blocks = 50, 3  # 14 blocks
-        reads = []
+        generator, ddp = torch.Generator().manual_seed(0), DistributedContext(rank, world_size, rank)
+        for epoch in range(epochs):
+            reads = []
 
-        def counted(start, stop, reads=reads, read=on_disk.read_rows):
-            reads.append(start)
-            return read(start, stop)
+            def counted(start, stop, reads=reads, read=on_disk.read_rows):
+                reads.append(start)
+                return read(start, stop)
 
-        monkeypatch.setattr(on_disk, "read_rows", counted)
-        ddp = DistributedContext(rank, world_size, rank)
-        minibatches = list(on_disk.iter_epoch(train_idx, 32, torch.Generator().manual_seed(0), ddp=ddp))
-        for mb in minibatches:
-            positions = mb.idx.numpy()
-            assert_same(cells.minibatch(train_idx[positions], plate_idx=positions), mb)
-        seen.append(np.concatenate([mb.idx.numpy() for mb in minibatches]))
-        steps.append(len(minibatches))
-        blocks_read.append(len(reads))
-    assert len(set(steps)) == 1  # DDP needs the same number of steps on every rank
-    assert len({len(s) for s in seen}) == 1 and len(seen[0]) == 610 // world_size
-    union = np.concatenate(seen)
-    assert len(np.unique(union)) == len(union)  # no cell on two ranks
-    assert len(union) > 610 - world_size
+            monkeypatch.setattr(on_disk, "read_rows", counted)
+            minibatches = list(on_disk.iter_epoch(train_idx, 32, generator, ddp=ddp))
+            for mb in minibatches:
+                positions = mb.idx.numpy()
+                assert_same(cells.minibatch(train_idx[positions], plate_idx=positions), mb)
+            seen[epoch].append(np.concatenate([mb.idx.numpy() for mb in minibatches]))
+            steps[epoch].append(len(minibatches))
+            blocks_read.append(len(reads))
+    for epoch in range(epochs):
+        assert len(set(steps[epoch])) == 1  # DDP needs the same number of steps on every rank
+        assert len({len(s) for s in seen[epoch]}) == 1 and len(seen[epoch][0]) == 610 // world_size
+        union = np.concatenate(seen[epoch])
+        assert len(np.unique(union)) == len(union)  # no cell on two ranks
+        assert len(union) > 610 - world_size
+    assert not np.array_equal(np.concatenate(seen[0]), np.concatenate(seen[1]))  # a new order each epoch
     assert max(blocks_read) <= 14 // world_size + 2  # its own blocks, two shared at most
 
 

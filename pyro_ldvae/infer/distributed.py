@@ -185,8 +185,11 @@ def wrap(module: nn.Module, ctx: DistributedContext) -> DistributedDataParallel:
 
 @torch.no_grad()
 def validation_elbo(module: nn.Module, data, val_idx: np.ndarray, ctx: DistributedContext) -> float:
-    """Mean per-cell ELBO over ``val_idx``, each rank evaluating its strided share."""
-    mine = np.asarray(val_idx)[ctx.rank :: ctx.world_size]
+    """Mean per-cell ELBO over ``val_idx``, each rank evaluating a contiguous run of the sorted cells.
+
+    Contiguous, not strided: on data on disk each rank then reads only the rows of its own run.
+    """
+    mine = np.array_split(np.sort(np.asarray(val_idx)), ctx.world_size)[ctx.rank]
     per_cell = evaluate_elbo(module, data, mine)
     totals = torch.stack([per_cell.sum(), torch.tensor(float(len(mine)), device=per_cell.device)])
     totals = ctx.all_reduce_sum(totals.to(module.device))
