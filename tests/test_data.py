@@ -236,8 +236,9 @@ def test_backed_memory_per_cell_stays_small(tmp_path, monkeypatch):
     Measured as the slope of tracemalloc's peak between files of 5,000 and 25,000 cells (so the
     per-file constants cancel), with chunked reads made small so that only what is kept per cell
     grows. Measured after the fix: construct 18, train (with validation) 24, latent 18 (8 of
-    them the result), variance 9, save 0 bytes per cell. Before: construct 32 (int64 codes, a
-    copied log), train 94 (every minibatch stayed in memory), save 85 (a million Python ints).
+    them the result), variance 9, to_adata 19 (8 of them the result), save 0 bytes per cell.
+    Before: construct 32 (int64 codes, a copied log), train 94 (every minibatch stayed in
+    memory), save 85 (a million Python ints).
     """
     monkeypatch.setattr(pyro_ldvae.data.validate, "CHUNK_VALUES", 4096)
     monkeypatch.setattr(pyro_ldvae.api.io, "INDEX_CHUNK", 1000)
