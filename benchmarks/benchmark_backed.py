@@ -130,6 +130,7 @@ def worker(args) -> None:
     result["train_s"] = float(model.history["train_time"]["train_time"].sum())
     result["train_cells_per_s"] = len(model.train_indices) / result["train_s"]
     result["peak_train_mb"] = peak_rss_mb()
+    print("PARTIAL " + json.dumps(result), flush=True)  # training's figures, should a later phase not end
     reset_peak()
     t0 = time.perf_counter()
     z = model.get_latent_representation(batch_size=4096)
