@@ -98,35 +98,40 @@ def test_backed_epoch_visits_every_training_cell_once_in_shuffled_blocks(adata, 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_backed_ddp_ranks_read_their_own_blocks_and_take_equal_steps(adata, files, monkeypatch, world_size):
     """Under DDP each rank streams only its share of an epoch's blocks; together the ranks visit
-    every training cell once (but for fewer than world_size left over), with equal step counts."""
+    every training cell once (but for fewer than world_size left over), with equal step counts,
+    in every epoch: each rank's generator goes on from where its previous epoch left it."""
     from pyro_ldvae.infer.distributed import DistributedContext
 
     cells = CellData(adata, get_registry(adata))
     train_idx = np.sort(np.random.default_rng(2).permutation(700)[:610])
-    seen, steps, blocks_read = [], [], []
+    epochs = 2
+    seen, steps, blocks_read = [[] for _ in range(epochs)], [[] for _ in range(epochs)], []
     for rank in range(world_size):
         on_disk = cell_data(read_backed(files["h5ad"]), get_registry(adata))
         on_disk.block_size, on_disk.buffer_blocks = 50, 3  # 14 blocks
-        reads = []
+        generator, ddp = torch.Generator().manual_seed(0), DistributedContext(rank, world_size, rank)
+        for epoch in range(epochs):
+            reads = []
 
-        def counted(start, stop, reads=reads, read=on_disk.read_rows):
-            reads.append(start)
-            return read(start, stop)
+            def counted(start, stop, reads=reads, read=on_disk.read_rows):
+                reads.append(start)
+                return read(start, stop)
 
-        monkeypatch.setattr(on_disk, "read_rows", counted)
-        ddp = DistributedContext(rank, world_size, rank)
-        minibatches = list(on_disk.iter_epoch(train_idx, 32, torch.Generator().manual_seed(0), ddp=ddp))
-        for mb in minibatches:
-            positions = mb.idx.numpy()
-            assert_same(cells.minibatch(train_idx[positions], plate_idx=positions), mb)
-        seen.append(np.concatenate([mb.idx.numpy() for mb in minibatches]))
-        steps.append(len(minibatches))
-        blocks_read.append(len(reads))
-    assert len(set(steps)) == 1  # DDP needs the same number of steps on every rank
-    assert len({len(s) for s in seen}) == 1 and len(seen[0]) == 610 // world_size
-    union = np.concatenate(seen)
-    assert len(np.unique(union)) == len(union)  # no cell on two ranks
-    assert len(union) > 610 - world_size
+            monkeypatch.setattr(on_disk, "read_rows", counted)
+            minibatches = list(on_disk.iter_epoch(train_idx, 32, generator, ddp=ddp))
+            for mb in minibatches:
+                positions = mb.idx.numpy()
+                assert_same(cells.minibatch(train_idx[positions], plate_idx=positions), mb)
+            seen[epoch].append(np.concatenate([mb.idx.numpy() for mb in minibatches]))
+            steps[epoch].append(len(minibatches))
+            blocks_read.append(len(reads))
+    for epoch in range(epochs):
+        assert len(set(steps[epoch])) == 1  # DDP needs the same number of steps on every rank
+        assert len({len(s) for s in seen[epoch]}) == 1 and len(seen[epoch][0]) == 610 // world_size
+        union = np.concatenate(seen[epoch])
+        assert len(np.unique(union)) == len(union)  # no cell on two ranks
+        assert len(union) > 610 - world_size
+    assert not np.array_equal(np.concatenate(seen[0]), np.concatenate(seen[1]))  # a new order each epoch
     assert max(blocks_read) <= 14 // world_size + 2  # its own blocks, two shared at most
 
 
@@ -218,6 +223,7 @@ def _phase_peaks(path, out) -> dict[str, int]:
         _, peaks["train"] = _peak_above_start(lambda: model.train(max_epochs=1, batch_size=500, progress_bar=False))
         _, peaks["latent"] = _peak_above_start(model.get_latent_representation)
         _, peaks["variance"] = _peak_above_start(model.get_factor_variance_explained)
+        _, peaks["to_adata"] = _peak_above_start(model.to_adata)  # latent and variances, streamed again
         _, peaks["save"] = _peak_above_start(lambda: model.save(out, overwrite=True))
     finally:
         tracemalloc.stop()
@@ -230,8 +236,9 @@ def test_backed_memory_per_cell_stays_small(tmp_path, monkeypatch):
     Measured as the slope of tracemalloc's peak between files of 5,000 and 25,000 cells (so the
     per-file constants cancel), with chunked reads made small so that only what is kept per cell
     grows. Measured after the fix: construct 18, train (with validation) 24, latent 18 (8 of
-    them the result), variance 9, save 0 bytes per cell. Before: construct 32 (int64 codes, a
-    copied log), train 94 (every minibatch stayed in memory), save 85 (a million Python ints).
+    them the result), variance 9, to_adata 19 (8 of them the result), save 0 bytes per cell.
+    Before: construct 32 (int64 codes, a copied log), train 94 (every minibatch stayed in
+    memory), save 85 (a million Python ints).
     """
     monkeypatch.setattr(pyro_ldvae.data.validate, "CHUNK_VALUES", 4096)
     monkeypatch.setattr(pyro_ldvae.api.io, "INDEX_CHUNK", 1000)
@@ -242,7 +249,8 @@ def test_backed_memory_per_cell_stays_small(tmp_path, monkeypatch):
         _write_cells(tmp_path / f"{n_cells}.h5ad", n_cells)
         peaks.append(_phase_peaks(tmp_path / f"{n_cells}.h5ad", tmp_path / "model"))
     per_cell = {phase: (peaks[1][phase] - peaks[0][phase]) / (sizes[1] - sizes[0]) for phase in peaks[0]}
-    bounds = {"construct": 24, "train": 30, "latent": 4 * 2 + 14, "variance": 14, "save": 8}  # bytes per cell
+    bounds = {"construct": 24, "train": 30, "latent": 4 * 2 + 14, "variance": 14, "to_adata": 4 * 2 + 14, "save": 8}
+    # bytes per cell; latent and to_adata hold the result, (cells, 2) float32
     assert all(per_cell[phase] < bound for phase, bound in bounds.items()), per_cell
 
 

@@ -178,8 +178,11 @@ class BackedCellData(CellData):
             if lo == hi:
                 continue
             cells = indices[lo:hi]
-            block = self.read_rows(start, stop)
-            pending_rows.append(block[cells - start])
+            # only the rows from the block's first to its last wanted cell: a DDP rank's share of
+            # the validation cells then reads no row of the neighbouring share
+            first = int(cells[0])
+            block = self.read_rows(first, int(cells[-1]) + 1)
+            pending_rows.append(block[cells - first])
             pending_cells.append(cells)
             n_pending += len(cells)
             while n_pending >= batch_size or (hi == len(indices) and n_pending):
@@ -212,6 +215,10 @@ class BackedCellData(CellData):
         position[train_idx] = np.arange(len(train_idx), dtype=position.dtype)
         blocks = list(self.blocks())
         order = torch.randperm(len(blocks), generator=generator).numpy()
+        # Cells are shuffled by a generator of their own: under DDP the ranks' buffers differ in
+        # number and size, and the shared one must advance alike on every rank, or the next
+        # epoch's block orders differ and ranks read (and train on) the same blocks.
+        shuffler = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
         if ddp is None:
             plan = [(blocks[b], 0, None) for b in order]
         else:
@@ -225,7 +232,7 @@ class BackedCellData(CellData):
                 continue
             # The buffer stays in read order and each minibatch gathers its rows through the
             # permutation: a shuffled copy of the whole buffer would double its memory.
-            shuffle = torch.randperm(len(cells), generator=generator).numpy()
+            shuffle = torch.randperm(len(cells), generator=shuffler).numpy()
             cells = cells[shuffle]
             last_buffer = first + self.buffer_blocks >= len(plan)
             n_full = len(cells) if last_buffer else (len(cells) // batch_size) * batch_size

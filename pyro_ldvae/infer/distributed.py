@@ -29,8 +29,6 @@ from pyro.nn import PyroModule
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .evaluate import evaluate_elbo
-
 logger = logging.getLogger(__name__)
 
 
@@ -224,13 +222,3 @@ def wrap(module: nn.Module, ctx: DistributedContext) -> DistributedDataParallel:
     use_sync_batch_norm(module)
     # find_unused_parameters: theta is unused with a Poisson likelihood, and priors may add more.
     return DistributedDataParallel(ElboLoss(module), device_ids=device_ids, find_unused_parameters=True)
-
-
-@torch.no_grad()
-def validation_elbo(module: nn.Module, data, val_idx: np.ndarray, ctx: DistributedContext) -> float:
-    """Mean per-cell ELBO over ``val_idx``, each rank evaluating its strided share."""
-    mine = np.asarray(val_idx)[ctx.rank :: ctx.world_size]
-    per_cell = evaluate_elbo(module, data, mine)
-    totals = torch.stack([per_cell.sum(), torch.tensor(float(len(mine)), device=per_cell.device)])
-    totals = ctx.all_reduce_sum(totals.to(module.device))
-    return (totals[0] / totals[1]).item()

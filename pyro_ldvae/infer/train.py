@@ -221,8 +221,9 @@ def _fit(
             if len(val_idx) and (epoch + 1) % options.check_val_every_n_epoch == 0:
                 if ddp is None:
                     row.update(validation_figures(validation_sums(module, data, val_idx), kl_weight))
-                else:  # each rank its strided share, summed over ranks
-                    sums = validation_sums(module, data, np.asarray(val_idx)[ddp.rank :: ddp.world_size])
+                else:  # each rank a contiguous run of the sorted cells (on disk: its own rows), summed over ranks
+                    mine = np.array_split(np.sort(np.asarray(val_idx)), ddp.world_size)[ddp.rank]
+                    sums = validation_sums(module, data, mine)
                     row.update(validation_figures(ddp.all_reduce_sum(sums), kl_weight))
             if scheduler is not None:
                 row["lr"] = float(optimizer.param_groups[0]["lr"])
