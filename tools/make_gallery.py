@@ -1,7 +1,8 @@
 """Render the images of docs/plotting.md: every ``pyro_ldvae.pl`` function on a small simulated run.
 
-The data are drawn by ``pyro_ldvae.simulate`` (known loadings, two batches), the model trains for
-a few dozen epochs on CPU, and each plot is saved as a small PNG in ``docs/_static/``.
+The data are drawn by ``pyro_ldvae.simulate`` (known loadings, two batches; and a second set from
+three gene programs with noisy annotations), the models train for a few dozen epochs on CPU, and
+each plot is saved as a small PNG in ``docs/_static/``.
 
 Examples
 --------
@@ -66,6 +67,18 @@ def main(argv: list[str] | None = None) -> None:
     pyro_ldvae.pl.factor_embedding(adata, top, basis="umap", ax=axes[1])
     fig.tight_layout()
     _save(list(axes), args.out / "pl_combined.png", args.dpi)
+
+    # Gene programs: three annotated programs (20% of listed members false, 20% missing), one free factor.
+    programs = pyro_ldvae.simulate(n_cells=800, n_genes=200, n_latent=4, programs=3, program_size=20, seed=1)
+    pyro_ldvae.LinearSCVI.setup_anndata(programs)
+    program_model = pyro_ldvae.LinearSCVI(programs, gene_programs="programs", n_unannotated=1, n_hidden=64, seed=0)
+    program_model.train(max_epochs=args.epochs, accelerator="cpu", progress_bar=False)
+    program_model.to_adata(programs)
+    sc.pp.neighbors(programs, use_rep="X_ldvae", random_state=0)
+    sc.tl.umap(programs, random_state=0)
+    _save(pyro_ldvae.pl.program_activity(program_model, "program_0", programs, basis="umap"),
+          args.out / "pl_program_activity.png", args.dpi)  # fmt: skip
+    _save(pyro_ldvae.pl.program_members(program_model, "program_0"), args.out / "pl_program_members.png", args.dpi)
 
 
 if __name__ == "__main__":
