@@ -14,8 +14,9 @@ factor scores, loadings and their support); ``benchmarks/gene_programs_compare.p
 counts. Environments (see benchmarks/README.md): ``pip install scarches scspectra "setuptools<81"``
 for expimap and spectra; ``pip install muvi "pyro-ppl==1.8.6"`` for muvi.
 
-Membership scores: expiMap (soft mask, so genes may enter or leave a term) and MuVI: the absolute
-loading ``|W_gk|``; Spectra: its gene-factor matrix. Activity: the latent mean (expiMap), the factor
+Membership scores: expiMap (``expimap``: soft mask, so genes may enter or leave a term;
+``expimap_hard``: the hard mask of its tutorial, genes may only leave) and MuVI: the absolute loading
+``|W_gk|``; Spectra: its gene-factor matrix. Activity: the latent mean (expiMap), the factor
 scores (MuVI) and the cell scores (Spectra).
 """
 
@@ -44,7 +45,7 @@ def log_normalised(adata):
     return out
 
 
-def run_expimap(adata, mask, terms, seed: int, epochs: int):
+def run_expimap(adata, mask, terms, seed: int, epochs: int, soft_mask: bool = True):
     import scarches as sca
     import torch
 
@@ -56,11 +57,17 @@ def run_expimap(adata, mask, terms, seed: int, epochs: int):
     if "batch" not in adata.obs:  # expiMap needs a condition column
         adata.obs["batch"] = "0"
     adata.obs["batch"] = adata.obs["batch"].astype(str)
-    # The tutorial's settings, with a soft mask so that the data may correct the annotation.
+    # The tutorial's settings; a soft mask lets the data correct the annotation, a hard one cannot add genes.
     model = sca.models.EXPIMAP(
-        adata, condition_key="batch", hidden_layer_sizes=[256, 256, 256], recon_loss="nb", soft_mask=True, mask_key="I"
+        adata,
+        condition_key="batch",
+        hidden_layer_sizes=[256, 256, 256],
+        recon_loss="nb",
+        soft_mask=soft_mask,
+        mask_key="I",
     )
-    model.train(n_epochs=epochs, alpha_epoch_anneal=min(130, epochs), alpha=0.7, alpha_kl=0.5, alpha_l1=0.5, seed=seed)
+    l1 = {"alpha_l1": 0.5} if soft_mask else {}
+    model.train(n_epochs=epochs, alpha_epoch_anneal=min(130, epochs), alpha=0.7, alpha_kl=0.5, seed=seed, **l1)
     weights = model.model.decoder.L0.expr_L.weight.detach().cpu().numpy()  # (genes, programs)
     activity = model.get_latent(mean=True)  # (cells, programs)
     return np.abs(weights), np.asarray(activity)
@@ -112,8 +119,12 @@ def run_spectra(adata, mask, terms, seed: int, epochs: int):
     return factors.T[:, : mask.shape[1]], scores[:, : mask.shape[1]]
 
 
-RUNNERS = {"expimap": run_expimap, "muvi": run_muvi, "spectra": run_spectra}
-EPOCHS = {"expimap": 400, "muvi": 1000, "spectra": 10000}
+def run_expimap_hard(adata, mask, terms, seed: int, epochs: int):
+    return run_expimap(adata, mask, terms, seed, epochs, soft_mask=False)
+
+
+RUNNERS = {"expimap": run_expimap, "expimap_hard": run_expimap_hard, "muvi": run_muvi, "spectra": run_spectra}
+EPOCHS = {"expimap": 400, "expimap_hard": 400, "muvi": 1000, "spectra": 10000}
 
 
 def muvi_truth(out: str, cells: int, genes: int, programs: int, seed: int) -> None:

@@ -43,7 +43,7 @@ import pyro_ldvae
 from pyro_ldvae.api.simulate import noisy_annotation
 
 HERE = Path(__file__).resolve().parent
-PEERS = ("expimap", "muvi", "spectra")
+PEERS = ("expimap", "expimap_hard", "muvi", "spectra")
 
 
 def our_data(seed: int, cells: int, genes: int, programs: int, noise: float):
@@ -139,7 +139,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    pythons = {"expimap": args.peers_python, "spectra": args.peers_python, "muvi": args.muvi_python}
+    pythons = {"expimap": args.peers_python, "expimap_hard": args.peers_python, "spectra": args.peers_python}
+    pythons["muvi"] = args.muvi_python
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
