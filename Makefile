@@ -50,7 +50,7 @@ FAST_K := not (every_option and not normal-True) \
 test-fast: install-test
 	$(PY) -m pytest -q -m "not slow and not shared_data" -k "$(FAST_K)" $(FAST_TESTS)
 
-# Rewrite README.md's layout table from the package tree (tests/test_docs.py checks it).
+# Rewrite docs/layout.md's table of modules from the package tree (tests/test_docs.py checks it).
 layout: install
 	$(PY) tools/layout_table.py
 

@@ -1,13 +1,13 @@
-"""Write the README's layout table from the package tree: one row per module, grouped by layer.
+"""Write the layout table of docs/layout.md from the package tree: one row per module, grouped by layer.
 
 Each row is a module's path and the first sentence of its module docstring. The table replaces
-the README text between ``<!-- layout:start -->`` and ``<!-- layout:end -->``;
-``tests/test_docs.py`` fails when the README differs from what this script would write.
+the text between ``<!-- layout:start -->`` and ``<!-- layout:end -->``; ``tests/test_docs.py``
+fails when docs/layout.md differs from what this script would write.
 
 Examples
 --------
-python tools/layout_table.py           # rewrite README.md
-python tools/layout_table.py --check   # exit 1 if README.md is out of date
+python tools/layout_table.py           # rewrite docs/layout.md
+python tools/layout_table.py --check   # exit 1 if docs/layout.md is out of date
 """
 
 from __future__ import annotations
@@ -58,14 +58,14 @@ def render(readme: str, root: Path = ROOT) -> str:
     head, sep, rest = readme.partition(START)
     _, sep2, tail = rest.partition(END)
     if not (sep and sep2):
-        raise ValueError(f"README.md lacks the markers {START} ... {END}")
+        raise ValueError(f"The layout page lacks the markers {START} ... {END}")
     return f"{head}{START}\n{table(root)}\n{END}{tail}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--check", action="store_true", help="exit 1 if docs/layout.md is out of date")
+    parser.add_argument("--readme", type=Path, default=ROOT / "docs" / "layout.md", help="the page to rewrite")
     args = parser.parse_args(argv)
     old = args.readme.read_text(encoding="utf-8")
     new = render(old)
