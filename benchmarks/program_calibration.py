@@ -12,11 +12,14 @@ discovery proportion among the calls.
 
 Cost: the program model against the default (unconstrained) ``LinearSCVI`` with the same number
 of factors, on the same simulation: held-out ELBO per cell (half of the cells held out) and
-training seconds per epoch (the median epoch), fitted alternately in one run.
+training seconds per epoch (the median epoch), fitted alternately in one run. Speed: the
+default, horseshoe and program models alternated twice for a short run without KL warm-up,
+seconds per epoch and held-out ELBO of each.
 
     python benchmarks/program_calibration.py --part null --datasets 20 --threads 1 --out null.jsonl
     python benchmarks/program_calibration.py --part power --datasets 10 --threads 1 --out power.jsonl
     python benchmarks/program_calibration.py --part cost --datasets 3 --threads 1 --out cost.jsonl
+    python benchmarks/program_calibration.py --part speed --datasets 1 --epochs 30 --threads 1 --out speed.jsonl
     python benchmarks/program_calibration.py --summarise null.jsonl power.jsonl cost.jsonl
 
 Each dataset's result is appended to ``--out`` as one JSON line as soon as it is done, so a part
@@ -147,13 +150,38 @@ def cost_dataset(seed: int, args: argparse.Namespace) -> dict:
     return row
 
 
+def speed_dataset(seed: int, args: argparse.Namespace) -> dict:
+    """Seconds per epoch and held-out ELBO of the default, horseshoe and program models, alternated twice.
+
+    All three train on the full ELBO from the first epoch (no KL warm-up), so they optimise the
+    same objective; each model's time is the median epoch after the first two.
+    """
+    adata = simulated(seed, 2 * args.n_cells, args.n_genes, args.n_programs)
+    train, held_out = adata[: args.n_cells].copy(), adata[args.n_cells :].copy()
+    pyro_ldvae.LinearSCVI.setup_anndata(train)
+    n_latent = len(adata.uns["terms"]) + 1
+    settings = {
+        "default": {"n_latent": n_latent},
+        "horseshoe": {"n_latent": n_latent, "loadings_prior": "horseshoe"},
+        "programs": {"gene_programs": "programs", "n_unannotated": 1},
+    }
+    row: dict = {"seed": seed}
+    for _ in range(2):
+        for name, kwargs in settings.items():
+            model = pyro_ldvae.LinearSCVI(train, seed=seed, **kwargs)
+            model.train(max_epochs=args.epochs, progress_bar=False, plan_kwargs={"n_epochs_kl_warmup": None})
+            row.setdefault(f"s_per_epoch_{name}", []).append(float(np.median(model.history["train_time"][2:])))
+            row.setdefault(f"elbo_{name}", []).append(float(model.get_elbo(held_out)))
+    return row
+
+
 def summarise(paths: list[str]) -> None:
     """Print the tables of the JSON-lines results in ``paths`` (the part is read from each row)."""
     rows = [json.loads(line) for path in paths for line in Path(path).read_text().splitlines() if line.strip()]
     rows = list(
         {(r["part"], r["seed"], r.get("kl_warmup"), r["epochs"]): r for r in rows}.values()
     )  # a dataset run twice counts once
-    parts = {part: pd.DataFrame([r for r in rows if r["part"] == part]) for part in ("null", "power", "cost")}
+    parts = {part: pd.DataFrame([r for r in rows if r["part"] == part]) for part in ("null", "power", "cost", "speed")}
     null, power, cost = parts["null"], parts["power"], parts["cost"]
     if len(null):
         fraction = null["n_called"] / null["n_programs"]
@@ -175,7 +203,9 @@ def summarise(paths: list[str]) -> None:
             f"effect size of shifted programs {effects.mean():.3f} (sd {effects.std():.3f})"
         )
     if len(cost):
-        cost["kl_warmup"] = cost["kl_warmup"].fillna(True) if "kl_warmup" in cost else True
+        cost["kl_warmup"] = (
+            cost["kl_warmup"].astype(object).where(cost["kl_warmup"].notna(), True) if "kl_warmup" in cost else True
+        )
         print(cost.drop(columns="part").round(4).to_string(index=False))
         for (epochs, warmup), group in cost.groupby(["epochs", "kl_warmup"]):
             gap = (group["elbo_programs"] - group["elbo_default"]) / group["elbo_default"].abs()
@@ -185,11 +215,20 @@ def summarise(paths: list[str]) -> None:
                 f"{gap.mean():+.4f} (sd {gap.std():.4f}); time per epoch ratio {ratio.mean():.2f} (sd {ratio.std():.2f})"
             )
 
+    for row in parts["speed"].to_dict("records"):
+        print(
+            f"speed (seed {row['seed']}, {row['epochs']} epochs, no KL warm-up, two alternations): "
+            + "; ".join(
+                f"{name} {row[f's_per_epoch_{name}']} s/epoch, held-out ELBO {[round(e) for e in row[f'elbo_{name}']]}"
+                for name in ("default", "horseshoe", "programs")
+            )
+        )
+
 
 def main() -> None:
     """Run one part over its datasets, appending each result to ``--out``; or summarise result files."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["null", "power", "cost"], default="null")
+    parser.add_argument("--part", choices=["null", "power", "cost", "speed"], default="null")
     parser.add_argument("--datasets", type=int, default=20)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--n-cells", type=int, default=1000)
@@ -206,7 +245,7 @@ def main() -> None:
         summarise(args.summarise)
         return
     torch.set_num_threads(args.threads)
-    run = {"null": null_dataset, "power": power_dataset, "cost": cost_dataset}[args.part]
+    run = {"null": null_dataset, "power": power_dataset, "cost": cost_dataset, "speed": speed_dataset}[args.part]
     for seed in range(args.first_seed, args.first_seed + args.datasets):
         row = {"part": args.part, "epochs": args.epochs, **run(seed, args)}
         print(json.dumps(row), flush=True)
