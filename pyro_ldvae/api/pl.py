@@ -348,11 +348,11 @@ def program_members(
     """
     import matplotlib.pyplot as plt
 
-    from .programs import membership_mask
+    from .programs import membership_mask, program_names
 
+    if program not in program_names(model.init_params_):
+        raise ValueError(f"Unknown program {program!r}; the model's programs are {program_names(model.init_params_)}.")
     membership = model.get_program_membership(threshold=threshold)
-    if program not in membership.columns:
-        raise ValueError(f"Unknown program {program!r}; the model's programs are {list(membership.columns)}.")
     annotated = membership_mask(model.init_params_["gene_programs"], model.var_names)[program]
     frame = pd.DataFrame(
         {"probability": membership[program], "size": model.get_loadings()[program].abs(), "annotated": annotated}

@@ -94,7 +94,8 @@ def _check_programs(model) -> list[str]:
 def _signs(model) -> np.ndarray:
     names = _check_programs(model)
     mask = membership_mask(model.init_params_["gene_programs"], model.var_names)[names].to_numpy()
-    return tasks.program_signs(model.module.get_loadings(), mask)
+    # The sign of a sum over a program's genes: 100 posterior draws settle it (and are seeded).
+    return tasks.program_signs(model.module.get_loadings(num_samples=100), mask)
 
 
 # --------------------------------------------------------------------------------------------
