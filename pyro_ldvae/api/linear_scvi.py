@@ -296,7 +296,7 @@ class LinearSCVI:
         # (n_samples, cells, genes), or (n_samples_overall, genes)
         exprs = expression_samples(
             self.module, cells, idx, codes, mask, library_size, n_samples, n_samples_overall, weights,
-            batch_size or 128, importance_weighting_kwargs,
+            batch_size or 128, importance_weighting_kwargs, return_mean,
         )  # fmt: skip
         if n_samples_overall is not None or (n_samples > 1 and not return_mean):
             return exprs
