@@ -265,11 +265,12 @@ class LinearSCVI:
 
         ``give_mean`` returns the posterior mean (for 'ln', the Monte Carlo mean of softmax(z)
         over ``mc_samples`` draws); otherwise one sample. ``return_dist`` returns the Normal's
-        ``(loc, variance)`` instead.
+        ``(loc, variance)`` instead. Cells are encoded ``batch_size`` at a time (default 1,024; the
+        encoders run in eval mode, so the result does not depend on it).
         """
         cells = self.get_cells(adata)
         idx = self._indices(cells, indices)
-        return latent_representation(self.module, cells, idx, give_mean, mc_samples, batch_size or 128, return_dist)
+        return latent_representation(self.module, cells, idx, give_mean, mc_samples, batch_size or 1024, return_dist)
 
     def get_loadings(self, return_std: bool = False) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
         """Per-gene loadings ``(genes, n_latent)`` with the decoder batch norm folded in (scvi-tools' definition).
@@ -311,7 +312,7 @@ class LinearSCVI:
         # (n_samples, cells, genes), or (n_samples_overall, genes)
         exprs = expression_samples(
             self.module, cells, idx, codes, mask, library_size, n_samples, n_samples_overall, weights,
-            batch_size or 128, importance_weighting_kwargs,
+            batch_size or 128, importance_weighting_kwargs, return_mean,
         )  # fmt: skip
         if n_samples_overall is not None or (n_samples > 1 and not return_mean):
             return exprs

@@ -52,6 +52,7 @@ def expression_samples(
     weights: Weights | None = None,
     batch_size: int = 128,
     importance_weighting_kwargs: dict | None = None,
+    return_mean: bool = False,
 ) -> np.ndarray:
     """Normalized expression ``rho`` of the cells ``indices`` times ``library_size``.
 
@@ -80,6 +81,9 @@ def expression_samples(
     importance_weighting_kwargs
         Options of the importance weights: ``max_cells``, ``truncation``, ``n_mc_samples``,
         ``n_mc_samples_per_pass``.
+    return_mean
+        Average the ``n_samples`` draws as they are made: ``(1, cells, genes_selected)``, without
+        holding the draws (ignored with ``n_samples_overall``).
 
     Returns
     -------
@@ -109,8 +113,9 @@ def expression_samples(
         )  # fmt: skip
         return rho[:, mask] * float(library_size)
     exprs = normalized_expression(
-        module, cells, indices, batch_codes, mask, library_size, n_samples, batch_size
-    )  # (n_samples, cells, genes)
+        module, cells, indices, batch_codes, mask, library_size, n_samples, batch_size,
+        return_mean=return_mean and n_samples_overall is None,
+    )  # (n_samples, cells, genes), or (1, cells, genes) with return_mean  # fmt: skip
     if n_samples_overall is None:
         return exprs
     flat = exprs.reshape(-1, exprs.shape[-1])

@@ -12,10 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.distributions import Normal
 
 from ..data.cells import CellData
+from ..kernels.nb_table import nb_log_likelihood_table
 from ..models.ldvae import LDVAE
 from ..models.likelihoods import CellCounts, count_likelihood
+from .draws import EncodedCells, has_fast_path
 from .posterior import MAX_ELEMENTS, chunks, likelihood_of, marginal_ll, posterior_traces, samples_per_chunk
 
 
@@ -50,14 +53,26 @@ def group_draws(
     module.eval()
     parts: dict[str, list[torch.Tensor]] = {"rho": [], "z": [], "log_prior_z": [], "theta": [], "gate_logits": []}
     shared_theta = None
-    for mb in cells.iter_minibatches(indices, batch_size, module.device):
+    fast = has_fast_path(module)
+    for mb in cells.iter_minibatches(indices, batch_size, module.device, sparse=fast):
+        encoded = EncodedCells(module, mb, batch_code) if fast else None
         for n in chunks(n_samples, samples_per_chunk(module, mb.n_cells, n_samples)):
-            guide_trace, model_trace = posterior_traces(module, mb, n, batch_code)
-            z = guide_trace.nodes["z"]["value"]
-            fn = likelihood_of(model_trace)
-            parts["rho"].append(model_trace.nodes["rho"]["value"].cpu())
+            if fast:  # the encoders run once per cell; the same draws as a trace of the guide
+                draws = encoded.sample(n)
+                z, rho = draws.z, encoded.rho(draws)
+                fn = encoded.likelihood(draws, rho)
+                log_prior_z = Normal(0.0, 1.0).log_prob(z).sum(-1)
+            else:
+                guide_trace, model_trace = posterior_traces(module, mb, n, batch_code)
+                z, rho, fn = (
+                    guide_trace.nodes["z"]["value"],
+                    model_trace.nodes["rho"]["value"],
+                    likelihood_of(model_trace),
+                )
+                log_prior_z = model_trace.nodes["z"]["fn"].log_prob(z)
+            parts["rho"].append(rho.cpu())
             parts["z"].append(z.cpu())
-            parts["log_prior_z"].append(model_trace.nodes["z"]["fn"].log_prob(z).cpu())
+            parts["log_prior_z"].append(log_prior_z.cpu())
             theta = getattr(fn, "theta", None)
             if theta is not None and theta.dim() == 1:
                 shared_theta = theta.cpu()  # one theta per gene for every draw
@@ -85,6 +100,11 @@ def _normal_log_density(z: torch.Tensor, loc: torch.Tensor, var: torch.Tensor) -
     return -0.5 * (quadratic + torch.log(2 * math.pi * var.double()).sum(-1))
 
 
+def _table_applies(module: LDVAE, draws: GroupDraws) -> bool:
+    """True for an NB with one theta per gene: :func:`nb_log_likelihood_table` then scores all anchors at once."""
+    return module.gene_likelihood == "nb" and draws.theta is not None and draws.theta.dim() == 1
+
+
 def _rows_of(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     return t[rows] if t is not None and t.dim() == 2 else t
 
@@ -108,7 +128,7 @@ def count_log_likelihoods(module: LDVAE, draws: GroupDraws, x: torch.Tensor) -> 
     The model's count likelihood with draw ``s``'s parameters and mean ``L_a rho_s``, ``L_a`` the cell's observed total
     count (as scvi-tools' ``get_importance_weights``).
     """
-    x = x.to_dense().cpu().float() if x.layout != torch.strided else x.cpu().float()
+    x = x.to_dense().cpu().float() if x.layout != torch.strided else x.cpu().float()  # (cells, genes)
     rows_per_pass = max(1, MAX_ELEMENTS // max(1, module.n_genes))
     out = torch.empty(len(draws.rho), x.shape[0])
     for a, counts in enumerate(x):
@@ -159,10 +179,14 @@ def importance_weights(
         marginal_ll(module, cells, indices, n_mc_samples, batch_size, n_mc_samples_per_pass)
     ).double()  # (A,)
     log_qz, log_px_z = [], []
-    for mb in cells.iter_minibatches(indices, batch_size, module.device):
+    for mb in cells.iter_minibatches(indices, batch_size, module.device, sparse=True):
         posterior = module.encode(mb.x)
         log_qz.append(_normal_log_density(draws.z, posterior["z_loc"].cpu(), posterior["z_var"].cpu()))
-        log_px_z.append(count_log_likelihoods(module, draws, mb.x).double())
+        if not _table_applies(module, draws):
+            log_px_z.append(count_log_likelihoods(module, draws, mb.x).double())
+    if _table_applies(module, draws):  # every anchor at once: the dense part is shared by all
+        x = cells.rows_tensor(indices, "cpu", sparse=True)
+        log_px_z = [nb_log_likelihood_table(draws.rho, draws.theta, x.crow_indices(), x.col_indices(), x.values())]
     log_w = (
         draws.log_prior_z.double()
         + torch.logsumexp(torch.cat(log_px_z, dim=1) - log_px, dim=1)

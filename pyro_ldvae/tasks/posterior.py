@@ -29,6 +29,7 @@ from ..data.minibatch import Minibatch
 from ..models.ldvae import LDVAE
 from ..models.likelihoods import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
 from ..models.trace import log_weight, replayed_traces
+from .draws import EncodedCells, has_fast_path, repeated_rows
 
 # At most this many (cell x sample) rows times genes are materialized at once: small enough for the
 # (rows, genes) temporaries of one pass to stay in cache (figures in benchmarks/README.md).
@@ -98,30 +99,47 @@ def normalized_expression(
     library_size: float | str = 1.0,
     n_samples: int = 1,
     batch_size: int = 128,
+    return_mean: bool = False,
 ) -> np.ndarray:
     """Denoised expression ``(n_samples, cells, genes_selected)``, averaged over ``batch_codes``.
 
     ``library_size='latent'`` returns the expected counts ``exp(library) * rho`` (the NB mean);
-    a number scales ``rho`` (which sums to one per cell) to that library size.
+    a number scales ``rho`` (which sums to one per cell) to that library size. ``return_mean``
+    returns the mean over the samples, ``(1, cells, genes_selected)``, summed pass by pass.
     """
     module.eval()
-    out = []
-    for mb in cells.iter_minibatches(indices, batch_size, module.device):
-        per_chunk = []
+    fast = has_fast_path(module)
+    n_out = 1 if return_mean else n_samples
+    scale = 1.0 if library_size == "latent" else float(library_size)
+    out = np.empty((n_out, len(indices), _n_selected(module, gene_mask)), dtype=np.float32)
+    start = 0
+    for mb in cells.iter_minibatches(indices, batch_size, module.device, sparse=fast):
+        mean, done = 0.0, 0
+        encoded = [EncodedCells(module, mb, code) for code in batch_codes] if fast else None
         for n in chunks(n_samples, samples_per_chunk(module, mb.n_cells, n_samples)):
             total = 0.0
-            for code in batch_codes:
-                _, trace = posterior_traces(module, mb, n, code)
-                if library_size == "latent":
-                    value = likelihood_of(trace).mu
+            for i, code in enumerate(batch_codes):
+                if fast:
+                    draws = encoded[i].sample(n)
+                    value = encoded[i].likelihood(draws).mu if library_size == "latent" else encoded[i].rho(draws)
                 else:
-                    value = trace.nodes["rho"]["value"] * float(library_size)
-                total = total + value.reshape(n, mb.n_cells, -1)[..., gene_mask]
-            per_chunk.append((total / len(batch_codes)).cpu())
-        out.append(torch.cat(per_chunk, dim=0))
-    if not out:
-        return np.zeros((n_samples, 0, module.n_genes), dtype=np.float32)
-    return torch.cat(out, dim=1).numpy()
+                    _, trace = posterior_traces(module, mb, n, code)
+                    value = likelihood_of(trace).mu if library_size == "latent" else trace.nodes["rho"]["value"]
+                value = value.reshape(n, mb.n_cells, -1)[..., gene_mask]
+                total = value if i == 0 else total + value
+            if return_mean:  # summed here, scaled once at the end
+                mean = total.sum(0) if done == 0 else mean.add_(total.sum(0) if n > 1 else total[0])
+            else:
+                out[done : done + n, start : start + mb.n_cells] = (total * (scale / len(batch_codes))).cpu().numpy()
+            done += n
+        if return_mean:
+            out[0, start : start + mb.n_cells] = (mean * (scale / (len(batch_codes) * n_samples))).cpu().numpy()
+        start += mb.n_cells
+    return out
+
+
+def _n_selected(module: LDVAE, gene_mask: np.ndarray | slice) -> int:
+    return len(np.arange(module.n_genes)[gene_mask])
 
 
 @torch.no_grad()
@@ -140,14 +158,19 @@ def posterior_predictive(
     the draws are averaged over them, as scvi-tools does, and are then no longer integers.
     """
     module.eval()
+    fast = has_fast_path(module)
     out = []
-    for mb in cells.iter_minibatches(indices, batch_size, module.device):
+    for mb in cells.iter_minibatches(indices, batch_size, module.device, sparse=fast):
         per_code = []
         for code in batch_codes:
             parts = []
+            encoded = EncodedCells(module, mb, code) if fast else None
             for n in chunks(n_samples, samples_per_chunk(module, mb.n_cells, n_samples)):
-                _, trace = posterior_traces(module, mb, n, code, sample_x=True)
-                parts.append(trace.nodes["x"]["value"].reshape(n, mb.n_cells, -1)[..., gene_mask].cpu())
+                if fast:
+                    draw = encoded.likelihood(encoded.sample(n)).sample()
+                else:
+                    draw = posterior_traces(module, mb, n, code, sample_x=True)[1].nodes["x"]["value"]
+                parts.append(draw.reshape(n, mb.n_cells, -1)[..., gene_mask].cpu())
             per_code.append(torch.cat(parts, dim=0))
         out.append(per_code[0] if len(per_code) == 1 else torch.stack(per_code).mean(0))
     return torch.cat(out, dim=1).numpy()
@@ -207,12 +230,19 @@ def marginal_ll(
     in ``MAX_ELEMENTS``).
     """
     module.eval()
+    fast = has_fast_path(module)
     out = []
-    for mb in cells.iter_minibatches(indices, batch_size, module.device):
+    for mb in cells.iter_minibatches(indices, batch_size, module.device, sparse=fast):
         per_pass = samples_per_chunk(module, mb.n_cells, n_mc_samples)
         if n_mc_samples_per_pass is not None:
             per_pass = max(1, min(per_pass, n_mc_samples_per_pass))
-        weights = [log_weights(module, mb, n) for n in chunks(n_mc_samples, per_pass)]
+        if fast:  # the encoders run once; the likelihood works on the non-zeros
+            encoded, stacked = EncodedCells(module, mb), {}
+            for n in set(chunks(n_mc_samples, per_pass)):
+                stacked[n] = repeated_rows(mb.x, n)
+            weights = [encoded.log_weights(n, stacked[n]) for n in chunks(n_mc_samples, per_pass)]
+        else:
+            weights = [log_weights(module, mb, n) for n in chunks(n_mc_samples, per_pass)]
         out.append((torch.logsumexp(torch.cat(weights), dim=0) - math.log(n_mc_samples)).cpu())
     return torch.cat(out).numpy()
 
