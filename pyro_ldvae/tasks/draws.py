@@ -57,8 +57,10 @@ class EncodedCells:
 
     def __init__(self, module: LDVAE, mb: Minibatch, batch_code: int | None = None):
         self.module, self.mb, self.batch_code = module, mb, batch_code
-        self.q = module.encode(mb.x)  # z_loc, z_var (cells, n_latent); l_loc, l_var (cells,)
-        self.observed_library = torch.log(total_counts(mb.x)) if module.use_observed_lib_size else None
+        self.q = module.encode(mb)  # z_loc, z_var (cells, n_latent); l_loc, l_var (cells,); minified: the stored
+        stored = mb.library  # minified data: the stored log library size (cells,), and no counts
+        observed = stored if stored is not None else (torch.log(total_counts(mb.x)) if mb.x is not None else None)
+        self.observed_library = observed if module.use_observed_lib_size else None
         self.weight_t, self.bias = folded_decoder(module)
 
     def z_posterior(self) -> Normal:
