@@ -9,10 +9,19 @@ from other processes hits both alike. The table gives medians over repeats: trai
 throughput (training cells / median epoch's time in training steps), the ratio, and the held-out
 negative ELBO of each library after the last epoch.
 
+With ``--steps``, a cheaper measurement for a busy machine: one process per density builds both
+libraries' models on the first 2,560 cells and times their training steps alone (process CPU
+time; the models take turns, a block of steps each): ours is ``train``'s replayed step and Adam
+on minibatches cut as ``train`` cuts them; scvi-tools' is its module's forward and loss (KL
+weight 0.5), ``backward`` and its training plan's Adam, on minibatches from its own data loader.
+The Lightning loop's per-step work (logging, metrics) is left out of scvi-tools' time, so the
+step ratio understates what whole epochs give.
+
 Examples
 --------
 python benchmarks/density_sweep.py --epochs 20 --repeats 2 --threads 2
-python benchmarks/density_sweep.py --densities 18,25 --epochs 3 --repeats 1
+python benchmarks/density_sweep.py --epochs 3 --repeats 1 --threads 1 --traced-step on
+python benchmarks/density_sweep.py --steps --threads 1
 """
 
 from __future__ import annotations
@@ -62,7 +71,7 @@ def table(runs: list[dict], densities: dict[int, float], args) -> str:
     med = lambda xs: float(np.median(xs))  # noqa: E731
     lines = [
         f"{args.n_cells} cells x {args.n_genes} genes (simulated), {args.epochs} epochs, batch {args.batch_size}, "
-        f"{args.threads} threads, {args.repeats} repeat(s), medians",
+        f"{args.threads} threads, ours: traced_step {args.traced_step}, {args.repeats} repeat(s), medians",
         "| non-zero | pyro_ldvae cells/s | scvi-tools cells/s | ours / scvi | held-out -ELBO ours | "
         "held-out -ELBO scvi | (ours - scvi) / scvi | CPU ms/step ours, scvi | CPU-time ratio |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -87,6 +96,60 @@ def table(runs: list[dict], densities: dict[int, float], args) -> str:
     return "\n".join(lines)
 
 
+def scvi_step(adata, batch_size: int, n_steps: int):
+    """scvi-tools' training step on its own minibatches: forward and loss, backward, Adam."""
+    import scvi
+    from scvi.train import TrainingPlan
+
+    scvi.settings.seed = 0
+    scvi.settings.dl_num_workers = 0
+    scvi.model.LinearSCVI.setup_anndata(adata)
+    model = scvi.model.LinearSCVI(adata, n_latent=10)
+    model.module.train()
+    optimizer = TrainingPlan(model.module).configure_optimizers()["optimizer"]
+    loader = model._make_data_loader(adata=adata, batch_size=batch_size, shuffle=True, drop_last=True)
+    minibatches = []
+    while len(minibatches) < n_steps:
+        minibatches += list(loader)
+
+    def step(tensors) -> None:
+        optimizer.zero_grad()
+        _, _, loss = model.module(tensors, loss_kwargs={"kl_weight": 0.5})
+        loss.loss.backward()
+        optimizer.step()
+
+    return step, minibatches[:n_steps]
+
+
+def step_times(percent: int, args) -> dict:
+    """CPU ms per training step of both libraries at one density, in this process."""
+    import time
+
+    import anndata
+    import torch
+
+    from pyro_ldvae import LinearSCVI
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(HERE))
+    import prior_step  # noqa: PLC0415 - our replayed step, built as prior_step.py builds it
+
+    adata = anndata.read_h5ad(dataset_path(percent, args.n_cells, args.n_genes))[:2560].copy()
+    LinearSCVI.setup_anndata(adata)
+    ours = prior_step.build(adata, "none", 10, args.batch_size, 20)
+    theirs = scvi_step(adata.copy(), args.batch_size, 20)
+    for mb in theirs[1][:3]:  # warm-up
+        theirs[0](mb)
+    times = {"ours": [], "scvi": []}
+    for _ in range(7):
+        for lib, (step, minibatches) in (("ours", ours), ("scvi", theirs)):
+            start = time.process_time()
+            for mb in minibatches:
+                step(mb)
+            times[lib].append(1e3 * (time.process_time() - start) / len(minibatches))
+    return {lib: float(np.median(t)) for lib, t in times.items()} | {"all": times}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--densities", default="4,8,13,18,25", help=f"per cent, of {sorted(LIBRARY_LOG_MEAN)}")
@@ -97,6 +160,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", action="store_true", help="time the training steps alone, in one process")
+    parser.add_argument(
+        "--traced-step",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="ours: as benchmark_train.py's option (auto replays runs of 1,000+ full minibatches)",
+    )
     args = parser.parse_args()
     percents = [int(p) for p in args.densities.split(",")]
     unknown = sorted(set(percents) - set(LIBRARY_LOG_MEAN))
@@ -104,6 +174,21 @@ def main() -> None:
         parser.error(f"--densities {unknown} not calibrated; choose from {sorted(LIBRARY_LOG_MEAN)}")
     paths = {p: dataset_path(p, args.n_cells, args.n_genes) for p in percents}
     densities = {p: density(path) for p, path in paths.items()}
+    if args.steps:
+        rows = []
+        for percent in percents:
+            times = step_times(percent, args)
+            print(f"{percent}%: {json.dumps(times)}", flush=True)
+            rows.append(
+                f"| {100 * densities[percent]:.1f}% | {times['ours']:.2f} | {times['scvi']:.2f} | "
+                f"**{times['scvi'] / times['ours']:.2f}** |"
+            )
+        print(
+            f"\ntraining steps alone, batch {args.batch_size}, {args.threads} thread(s), 7 blocks of 20 steps, medians"
+        )
+        print("| non-zero | pyro_ldvae CPU ms/step | scvi-tools CPU ms/step | scvi / ours |\n|---|---|---|---|")
+        print("\n".join(rows))
+        return
     runs = []
     for repeat in range(args.repeats):
         for percent, path in paths.items():
@@ -115,6 +200,7 @@ def main() -> None:
                         f"--threads={args.threads}",
                         f"--batch-size={args.batch_size}",
                         f"--seed={args.seed}",
+                        f"--traced-step={args.traced_step}",
                     ]
                 )
                 run = benchmark_train.spawn(library, worker_args)
