@@ -67,6 +67,7 @@ class RuleScan(TorchDispatchMode):
         self.found: dict[str, set[str]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        """Note the rule that ``func`` breaks, if any, then run it."""
         name = func._schema.name
         rule = _RULE_OF_OP.get(name)
         if rule == HOST_NUMBERS and args and isinstance(args[0], torch.Tensor) and args[0].numel() == 0:
@@ -87,13 +88,13 @@ def capturable(prior: object | None) -> bool:
 
 
 def prior_hazards(module: object, replay: Replay) -> list[str]:
-    """The capture rules that the priors of ``module`` (an ``LDVAE``) break for a ``replay`` on
-    'cpu' (a recorded graph) or 'cuda' (a CUDA graph), each as a message naming the rule.
+    """List the capture rules that the priors of ``module`` (an ``LDVAE``) break.
 
-    Built-in priors are known to follow them. A prior of the user's own is run (its sample sites
-    drawn and scored) twice from one seed under ``RuleScan``, with the global random state
-    restored afterwards; the results must be equal (the same at every step). On CPU, tensors made
-    from Python numbers are recorded as constants and break nothing.
+    For a ``replay`` on 'cpu' (a recorded graph) or 'cuda' (a CUDA graph), each as a message
+    naming the rule. Built-in priors are known to follow them. A prior of the user's own is run
+    (its sample sites drawn and scored) twice from one seed under ``RuleScan``, with the global
+    random state restored afterwards; the results must be equal (the same at every step). On
+    CPU, tensors made from Python numbers are recorded as constants and break nothing.
     """
     loadings_prior, z_prior = getattr(module, "loadings_prior", None), getattr(module, "z_prior", None)
     if capturable(loadings_prior) and capturable(z_prior):
@@ -113,7 +114,7 @@ def prior_hazards(module: object, replay: Replay) -> list[str]:
 
 
 def _run_priors(module, scan: RuleScan) -> list[torch.Tensor]:
-    """The priors' sample sites and their log-densities (and a z drawn from z's prior), from seed 0."""
+    """Run the priors from seed 0: their sample sites, log-densities and a z drawn from z's prior."""
     # Argument checks off, as in a training step (each would read a value back to the host).
     with torch.random.fork_rng(devices=[]), torch.no_grad(), pyro.poutine.block(), pyro.validation_enabled(False):
         torch.manual_seed(0)
@@ -133,6 +134,8 @@ def _run_priors(module, scan: RuleScan) -> list[torch.Tensor]:
 
 
 def eager_reasons(module: object, replay: Replay = "cuda") -> list[str]:
-    """Why the training step of ``module`` (an ``LDVAE``) must run eagerly for a ``replay`` on
-    'cpu' or 'cuda'; empty when it may be replayed."""
+    """List why the training step of ``module`` (an ``LDVAE``) must run eagerly; empty when it may be replayed.
+
+    ``replay`` is 'cpu' (the recorded step) or 'cuda' (a CUDA graph).
+    """
     return prior_hazards(module, replay)
