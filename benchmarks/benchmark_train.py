@@ -64,10 +64,11 @@ def simulated_path(n_cells: int = 100_000, n_genes: int = 2000) -> Path:
     return path
 
 
-def load(dataset: str):
+def load(dataset: str, data: str | None = None):
+    """The AnnData of ``dataset``, or of the file ``data`` when given."""
     import anndata
 
-    path = simulated_path() if dataset == "sim100k" else DATASETS[dataset]
+    path = data if data else simulated_path() if dataset == "sim100k" else DATASETS[dataset]
     adata = anndata.read_h5ad(path)
     adata.obs_names_make_unique()
     return adata
@@ -172,7 +173,7 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    adata = load(args.dataset)
+    adata = load(args.dataset, args.data)
     result = (run_ours if args.worker == "ours" else run_scvi)(adata, args)
     result.update(library=args.worker, n_cells=adata.n_obs, n_genes=adata.n_vars, peak_rss_mb=peak_rss_mb())
     if args.accelerator == "gpu":
@@ -227,7 +228,7 @@ def summarise(runs: list[dict], args) -> str:
         }
     names = ["pyro_ldvae" if k == "ours" else "scvi-tools" for k in rows]
     lines = [
-        f"{args.dataset}: {runs[0]['n_cells']} cells x {runs[0]['n_genes']} genes, {args.epochs} epochs, "
+        f"{args.data or args.dataset}: {runs[0]['n_cells']} cells x {runs[0]['n_genes']} genes, {args.epochs} epochs, "
         f"batch {args.batch_size}, {args.threads} threads, {args.accelerator}"
         f"{', ours: traced_step ' + args.traced_step if args.accelerator == 'cpu' else ''}"
         f"{'' if args.accelerator == 'cpu' else ' (' + runs[0].get('device', '?') + ', ours: cuda_graphs ' + args.cuda_graphs + ')'}, "
@@ -251,6 +252,7 @@ def summarise(runs: list[dict], args) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="cbmc")
+    parser.add_argument("--data", default="", help="an .h5ad file of raw counts to use instead of --dataset")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)

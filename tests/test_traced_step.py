@@ -89,8 +89,14 @@ def _train(model_kwargs: dict, traced: bool, epochs: int = 3, batch_key: str | N
     return model.module.state_dict(), history
 
 
+def students_t(n_genes, n_latent):
+    """A prior of the user's own that follows the CPU capture rules (numbers become recorded constants)."""
+    return pyro.sample("loadings", dist.StudentT(3.0, 0.0, 0.3).expand([n_genes, n_latent]).to_event(2))
+
+
 # Functions, so that each training gets its own prior objects (a prior module's weights train).
 MODELS = {
+    "user-prior": lambda: {"loadings_prior": students_t},
     "nb": lambda: {},
     "zinb-gene-cell": lambda: {"gene_likelihood": "zinb", "dispersion": "gene-cell"},
     "poisson-ln-observed-library": lambda: {
@@ -232,15 +238,51 @@ def test_when_the_step_is_traced(counting):
     with pytest.raises(ValueError, match="distributed training runs eagerly"):
         use(True, model.module, cpu, object(), many)
 
-    def students_t(n_genes, n_latent):
-        return pyro.sample("loadings", dist.StudentT(3.0, 0.0, 0.3).expand([n_genes, n_latent]).to_event(2))
-
-    custom = LinearSCVI(adata, n_latent=2, loadings_prior=students_t)
-    assert not use(None, custom.module, cpu, None, many)
-    with pytest.raises(ValueError, match="a prior other than the built-in ones"):
-        custom.train(max_epochs=1, traced_step=True, progress_bar=False)
+    custom = LinearSCVI(adata, n_latent=2, loadings_prior=students_t)  # the user's prior, replayable on CPU
+    assert use(None, custom.module, cpu, None, many)
     model.train(max_epochs=2, batch_size=32, progress_bar=False)  # 10 full steps: eager by default
     assert counting == []
+
+
+def host_read_prior(n_genes, n_latent):
+    scale = pyro.sample("scale", dist.HalfNormal(torch.ones(())))
+    return pyro.sample("loadings", dist.Normal(0.0, float(scale.detach())).expand([n_genes, n_latent]).to_event(2))
+
+
+def numpy_draw_prior(n_genes, n_latent):
+    scale = torch.tensor(np.random.uniform(0.5, 1.0), dtype=torch.float32)  # frozen by a replay
+    return pyro.sample("loadings", dist.Normal(torch.zeros(()), scale).expand([n_genes, n_latent]).to_event(2))
+
+
+def masking_prior(n_genes, n_latent):
+    loadings = pyro.sample(
+        "loadings", dist.Laplace(torch.zeros(()), torch.ones(())).expand([n_genes, n_latent]).to_event(2)
+    )
+    return loadings[loadings.abs() > 0.1].sum() * 0 + loadings  # a value-dependent shape
+
+
+@pytest.mark.parametrize(
+    "prior, rule",
+    [
+        (host_read_prior, "read no value back"),
+        (numpy_draw_prior, "do the same at every step"),
+        (masking_prior, "no shape that depends on values"),
+    ],
+    ids=["host-read", "numpy-draw", "mask"],
+)
+def test_a_user_prior_that_breaks_a_capture_rule_trains_eagerly_and_the_warning_names_the_rule(counting, prior, rule):
+    adata = simulate(n_cells=200, n_genes=30, seed=0)
+    LinearSCVI.setup_anndata(adata)
+    model = LinearSCVI(adata, n_latent=2, seed=0, loadings_prior=prior)
+    cpu, many = torch.device("cpu"), policy.TRACED_STEP_MIN_STEPS
+    state = torch.random.get_rng_state()
+    with pytest.warns(RuntimeWarning, match=f"runs eagerly.*{rule}.*traced_step=False"):
+        assert policy.choose_step(None, None, model.module, cpu, None, False, many) == "eager"
+    assert torch.equal(torch.random.get_rng_state(), state)  # the scan leaves the user's random state alone
+    with pytest.raises(ValueError, match=f"traced_step=True cannot be met.*{rule}"):
+        model.train(max_epochs=1, traced_step=True, progress_bar=False)
+    model.train(max_epochs=2, batch_size=32, progress_bar=False)  # by default: eager steps, no recording
+    assert counting == [] and np.isfinite(model.history["elbo_validation"].to_numpy()).all()
 
 
 def test_only_kinds_of_steps_that_repay_a_recording_are_recorded():

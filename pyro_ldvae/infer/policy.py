@@ -8,6 +8,7 @@ the minibatch form it consumes (``steps.STEPS[kind].form``), from which the sour
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -24,16 +25,31 @@ StepKind = Literal["eager", "traced", "cuda_graph"]
 TRACED_STEP_MIN_STEPS = 1000
 
 
-def _eager_only(module: LDVAE, ddp: object | None) -> list[str]:
-    """Why a step could not be replayed from a graph on any device (CUDA graph or traced CPU step)."""
-    return eager_reasons(module) + (["distributed training runs eagerly"] if ddp is not None else [])
+def _replay_wanted(
+    option: str, value: bool | None, reasons: list[str], module: LDVAE, replay: Literal["cpu", "cuda"], due: bool
+) -> bool:
+    """``value`` of the option ``option`` against the ``reasons`` it cannot be met; ``True`` unmet is an error.
 
-
-def _replay_wanted(option: str, value: bool | None, reasons: list[str]) -> bool:
-    """``value`` of the option ``option`` against the ``reasons`` it cannot be met; ``True`` unmet is an error."""
+    The model's own reasons (``models.capture``: a prior that breaks a capture rule) are looked
+    for only when nothing else rules the replay out; when the replay is ``due`` by default, they
+    are warned about (naming the rule) and the run takes eager steps.
+    """
+    if value is not False and not reasons:
+        reasons = eager_reasons(module, replay)
+        if reasons and value is None and due:
+            warnings.warn(
+                f"The training step runs eagerly, not replayed ({option}): {'; '.join(reasons)}. "
+                f"Pass {option}=False to silence this.",
+                RuntimeWarning,
+                stacklevel=5,
+            )
     if value and reasons:
         raise ValueError(f"{option}=True cannot be met: {'; '.join(reasons)}. Pass {option}=None or False.")
     return value is not False and not reasons
+
+
+def _distributed(ddp: object | None) -> list[str]:
+    return ["distributed training runs eagerly"] if ddp is not None else []
 
 
 def use_cuda_graphs(
@@ -50,7 +66,7 @@ def use_cuda_graphs(
         reasons.append("it needs a CUDA device")
     if not resident:
         reasons.append("it needs the counts resident on the GPU (data_on_device; in-memory data that fit)")
-    return _replay_wanted("cuda_graphs", cuda_graphs, reasons + _eager_only(module, ddp))
+    return _replay_wanted("cuda_graphs", cuda_graphs, reasons + _distributed(ddp), module, "cuda", True)
 
 
 def use_traced_step(
@@ -61,8 +77,9 @@ def use_traced_step(
     By default only for runs of at least ``TRACED_STEP_MIN_STEPS`` minibatches, which repay the recording.
     """
     reasons = [] if device.type == "cpu" else ["it runs on CPU (on CUDA the step is a CUDA graph, see cuda_graphs)"]
-    wanted = _replay_wanted("traced_step", traced_step, reasons + _eager_only(module, ddp))
-    return wanted and (traced_step is not None or planned_steps >= TRACED_STEP_MIN_STEPS)
+    due = planned_steps >= TRACED_STEP_MIN_STEPS
+    wanted = _replay_wanted("traced_step", traced_step, reasons + _distributed(ddp), module, "cpu", due)
+    return wanted and (traced_step is not None or due)
 
 
 def choose_step(
