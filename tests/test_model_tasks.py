@@ -72,6 +72,7 @@ def test_normalized_expression_shapes_and_scaling(model):
 
 
 def test_latent_library_size_expression_matches_likelihood_mean(model):
+    store_before = set(pyro.get_param_store().keys())
     pyro.set_rng_seed(2)
     expected = model.get_normalized_expression(library_size="latent", return_numpy=True, indices=np.arange(20))
     pyro.set_rng_seed(2)
@@ -82,6 +83,7 @@ def test_latent_library_size_expression_matches_likelihood_mean(model):
     assert ((params["dropout"] > 0) & (params["dropout"] < 1)).all()
     many = model.get_likelihood_parameters(indices=np.arange(20), n_samples=3)
     assert many["mean"].shape == (3, 20, 60)
+    assert set(pyro.get_param_store().keys()) == store_before  # the ZINB gate's params stay module-local
 
 
 def test_transform_batch(model):

@@ -295,7 +295,7 @@ class LDVAE(PyroModule):
             pyro.deterministic("rho", rho, event_dim=1)
             mu = torch.exp(library).unsqueeze(-1) * rho
             theta = self.inverse_dispersion(decoder_input, mb)
-            gate_logits = self.decoder.px_dropout_decoder(decoder_input) if self.gene_likelihood == "zinb" else None
+            gate_logits = self.gate_logits(decoder_input)
             px = count_likelihood(self.gene_likelihood, mu, theta, gate_logits)  # per entry, (cells, genes)
             pyro.sample("x", CellCounts(px, kernel=count_kernel(mb.x, px)), obs=mb.x)
 
@@ -332,6 +332,11 @@ class LDVAE(PyroModule):
             loadings = None if self.loadings_prior is None else self.loadings_prior(self.n_genes, self.n_latent)
             z_prior = None if self.z_prior is None else self.z_prior(self.n_latent)
         return loadings, z_prior
+
+    @_pyro_method  # called by tasks too: the decoder's params stay module-local
+    def gate_logits(self, decoder_input: torch.Tensor) -> torch.Tensor | None:
+        """The ZINB gate's logits ``(cells, genes)``; None for other likelihoods."""
+        return self.decoder.px_dropout_decoder(decoder_input) if self.gene_likelihood == "zinb" else None
 
     @_pyro_method  # called by tasks too: the decoder's params stay module-local
     def factor_logits(self, decoder_input: torch.Tensor, loadings: torch.Tensor | None) -> torch.Tensor:

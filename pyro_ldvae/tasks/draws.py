@@ -93,8 +93,7 @@ class EncodedCells:
         rho = self.rho(draws) if rho is None else rho
         mu = torch.exp(draws.library).unsqueeze(-1) * rho
         theta = module.inverse_dispersion(draws.decoder_input, draws.cells)
-        gate = module.decoder.px_dropout_decoder(draws.decoder_input) if module.gene_likelihood == "zinb" else None
-        return count_likelihood(module.gene_likelihood, mu, theta, gate)
+        return count_likelihood(module.gene_likelihood, mu, theta, module.gate_logits(draws.decoder_input))
 
     def log_weights(self, n: int, counts: torch.Tensor) -> torch.Tensor:
         """Importance log-weights ``log p(x, z, l) - log q(z, l | x)`` of ``n`` draws, ``(n, cells)``.
