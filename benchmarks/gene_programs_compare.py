@@ -93,7 +93,8 @@ def fit_ours(adata, seed: int, epochs: int | None):
     adata = adata.copy()
     pyro_ldvae.LinearSCVI.setup_anndata(adata)
     model = pyro_ldvae.LinearSCVI(adata, gene_programs="programs", n_unannotated=2)
-    model.train(max_epochs=epochs, seed=seed) if epochs else model.train(seed=seed)
+    options = {"seed": seed, "progress_bar": False}
+    model.train(max_epochs=epochs, **options) if epochs else model.train(**options)
     membership = model.get_program_membership().to_numpy()  # (genes, programs)
     activity = model.get_program_activity().to_numpy()  # (cells, programs)
     return membership, activity, time.perf_counter() - start
