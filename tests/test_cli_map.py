@@ -12,13 +12,19 @@ from pyro_ldvae.api.cli import main
 from .test_query import N_LATENT, _query, _split
 
 
-def test_map_writes_query_results(tmp_path, capsys):
+def _saved_reference(tmp_path):
+    """A small reference, trained and saved to ``tmp_path / 'ref'``, and the query cells."""
     torch.set_num_threads(1)
     ref_adata, query_adata = _split(n_cells=300)
     LinearSCVI.setup_anndata(ref_adata, batch_key="batch")
     reference = LinearSCVI(ref_adata, n_latent=N_LATENT, n_hidden=8)
     reference.train(max_epochs=2, progress_bar=False, batch_size=64)
     reference.save(tmp_path / "ref")
+    return reference, query_adata
+
+
+def test_map_writes_query_results(tmp_path, capsys):
+    reference, query_adata = _saved_reference(tmp_path)
     query = _query(query_adata)[:, ::-1].copy()
     query.obs["sample"] = query.obs.pop("batch")
     query.write_h5ad(tmp_path / "query.h5ad")
@@ -39,12 +45,7 @@ def test_map_reports_a_missing_reference(tmp_path, capsys):
 
 
 def test_map_with_new_factors_writes_novelty(tmp_path, capsys):
-    torch.set_num_threads(1)
-    ref_adata, query_adata = _split(n_cells=300)
-    LinearSCVI.setup_anndata(ref_adata, batch_key="batch")
-    reference = LinearSCVI(ref_adata, n_latent=N_LATENT, n_hidden=8)
-    reference.train(max_epochs=2, progress_bar=False, batch_size=64)
-    reference.save(tmp_path / "ref")
+    reference, query_adata = _saved_reference(tmp_path)
     _query(query_adata).write_h5ad(tmp_path / "query.h5ad")
     argv = ["map", str(tmp_path / "ref"), str(tmp_path / "query.h5ad"), "-o", str(tmp_path / "out.h5ad")]
     argv += ["--n-new-factors", "2", "--max-epochs", "2", "--batch-size", "64", "--save-model", str(tmp_path / "q")]

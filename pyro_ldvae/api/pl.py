@@ -223,36 +223,17 @@ def factor_embedding(
 
     The colour scale is centred on zero.
     """
-    import matplotlib.pyplot as plt
-
     rep = f"X_{key}"
     if rep not in adata.obsm:
         raise ValueError(f"adata.obsm[{rep!r}] is missing; store results with model.to_adata(adata).")
-    coords_key = basis if basis in adata.obsm else f"X_{basis}"
-    if coords_key not in adata.obsm:
-        raise ValueError(f"adata.obsm has no {basis!r} embedding; compute it first (e.g. sc.tl.umap(adata)).")
+    coords = _embedding(adata, basis)
     latent = np.asarray(adata.obsm[rep])
     names = list(adata.uns.get(key, {}).get("factor_names", [f"Z_{k}" for k in range(latent.shape[1])]))
     column = int(factor) if isinstance(factor, (int, np.integer)) else names.index(factor) if factor in names else -1
     if not 0 <= column < latent.shape[1]:
         raise ValueError(f"Unknown factor {factor!r}; factors are {names}.")
-    values = latent[:, column]
-    coords = np.asarray(adata.obsm[coords_key])[:, :2]
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(4.5, 4))
-    fig = ax.figure
-    limit = float(np.abs(values).max()) or 1.0
-    order = np.argsort(np.abs(values))  # strongest values drawn on top
-    size = point_size or max(1.0, 120000 / max(len(values), 1) ** 1.3)
-    points = ax.scatter(coords[order, 0], coords[order, 1], c=values[order], cmap=cmap, vmin=-limit, vmax=limit,
-                        s=size, linewidths=0)  # fmt: skip
-    fig.colorbar(points, ax=ax, shrink=0.8)
-    ax.set_title(f"{names[column]} on {basis}")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_xlabel(f"{basis}1")
-    ax.set_ylabel(f"{basis}2")
-    return _finish(fig, ax, f"ldvae_{names[column]}_{basis}", show, save)
+    ax = _centred_scatter(ax, coords, latent[:, column], basis, cmap, point_size, f"{names[column]} on {basis}")
+    return _finish(ax.figure, ax, f"ldvae_{names[column]}_{basis}", show, save)
 
 
 def program_activity(
@@ -288,32 +269,14 @@ def program_activity(
     matplotlib.axes.Axes or None
         The Axes (None with ``show=True``).
     """
-    import matplotlib.pyplot as plt
-
     adata = model.adata if adata is None else adata
-    coords_key = basis if basis in adata.obsm else f"X_{basis}"
-    if coords_key not in adata.obsm:
-        raise ValueError(f"adata.obsm has no {basis!r} embedding; compute it first (e.g. sc.tl.umap(adata)).")
+    coords = _embedding(adata, basis)
     activity = model.get_program_activity(adata)
     if program not in activity.columns:
         raise ValueError(f"Unknown program {program!r}; the model's programs are {list(activity.columns)}.")
     values = activity[program].to_numpy()
-    coords = np.asarray(adata.obsm[coords_key])[:, :2]
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(4.5, 4))
-    fig = ax.figure
-    limit = float(np.abs(values).max()) or 1.0
-    order = np.argsort(np.abs(values))  # strongest values drawn on top
-    size = point_size or max(1.0, 120000 / max(len(values), 1) ** 1.3)
-    points = ax.scatter(coords[order, 0], coords[order, 1], c=values[order], cmap=cmap, vmin=-limit, vmax=limit,
-                        s=size, linewidths=0)  # fmt: skip
-    fig.colorbar(points, ax=ax, shrink=0.8, label="activity")
-    ax.set_title(f"{program} activity")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_xlabel(f"{basis}1")
-    ax.set_ylabel(f"{basis}2")
-    return _finish(fig, ax, f"ldvae_program_{program}_{basis}", show, save)
+    ax = _centred_scatter(ax, coords, values, basis, cmap, point_size, f"{program} activity", label="activity")
+    return _finish(ax.figure, ax, f"ldvae_program_{program}_{basis}", show, save)
 
 
 def program_members(
@@ -378,3 +341,31 @@ def program_members(
 
     ax.legend(handles=[Patch(color=c, label=s) for s, c in colors.items()], frameon=False, fontsize="small")
     return _finish(fig, ax, f"ldvae_program_{program}_members", show, save)
+
+
+def _embedding(adata: AnnData, basis: str) -> np.ndarray:
+    """The first two coordinates of ``adata.obsm[basis]`` (or ``'X_<basis>'``), ``(cells, 2)``."""
+    key = basis if basis in adata.obsm else f"X_{basis}"
+    if key not in adata.obsm:
+        raise ValueError(f"adata.obsm has no {basis!r} embedding; compute it first (e.g. sc.tl.umap(adata)).")
+    return np.asarray(adata.obsm[key])[:, :2]
+
+
+def _centred_scatter(ax, coords, values, basis: str, cmap: str, point_size, title: str, label: str | None = None):
+    """``values`` per cell coloured on ``coords``, on a colour scale centred on zero; returns the Axes."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.5, 4))
+    limit = float(np.abs(values).max()) or 1.0
+    order = np.argsort(np.abs(values))  # strongest values drawn on top
+    size = point_size or max(1.0, 120000 / max(len(values), 1) ** 1.3)
+    points = ax.scatter(coords[order, 0], coords[order, 1], c=values[order], cmap=cmap, vmin=-limit, vmax=limit,
+                        s=size, linewidths=0)  # fmt: skip
+    ax.figure.colorbar(points, ax=ax, shrink=0.8, label=label)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel(f"{basis}1")
+    ax.set_ylabel(f"{basis}2")
+    return ax
