@@ -10,7 +10,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 import pyro_ldvae
-from pyro_ldvae.tasks.de import bayes_factors, fdr_de_prediction
+from pyro_ldvae.tasks.de import bayes_factors, estimate_delta, fdr_de_prediction
 
 from .shared_models import pancreas_model, pbmc4k_model, shared_data
 
@@ -117,6 +117,28 @@ def test_bayes_factors_known_answers():
     assert np.allclose(change["lfc_mean"], [1.0, 0.0, -2.0], atol=1e-6)
     assert np.allclose(change["proba_de"], [1.0, 0.0, 1.0])
     assert np.allclose(change["proba_not_de"], [0.0, 1.0, 0.0])
+
+
+@pytest.mark.parametrize("delta", [None, 0.3])
+def test_change_mode_in_gene_blocks_equals_the_whole_array(delta):
+    rng = np.random.default_rng(1)
+    s2 = rng.dirichlet(np.full(2500, 0.5), size=1200).astype(np.float32)  # 3 gene blocks of 873
+    s1 = (s2 * rng.lognormal(0.0, 0.5, size=s2.shape)).astype(np.float32)
+    got = bayes_factors(s1, s2, "change", delta, 1e-5, "two")
+    lfc = np.log2(s1 + 1e-5) - np.log2(s2 + 1e-5)
+    expected_delta = got["delta"][0] if delta is None else delta
+    assert np.allclose(got["proba_de"], np.mean(lfc >= expected_delta, 0) + np.mean(lfc < -expected_delta, 0))
+    small = np.log2(s1 + 1e-8) - np.log2(s2 + 1e-8)
+    for name, statistic in (
+        ("mean", np.mean),
+        ("median", np.median),
+        ("std", np.std),
+        ("min", np.min),
+        ("max", np.max),
+    ):
+        np.testing.assert_allclose(got[f"lfc_{name}"], statistic(small, 0), rtol=1e-5, atol=1e-5)
+    if delta is None:  # estimated from the whole array's mean LFCs
+        assert got["delta"][0] == pytest.approx(estimate_delta(lfc.mean(0)), rel=1e-5)
 
 
 def test_fdr_prediction_known_answer():

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import pyro_ldvae
+from pyro_ldvae.tasks import posterior
+from pyro_ldvae.tasks.expression import gene_mask
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +124,35 @@ def test_posterior_predictive_sample_type_and_several_batches(model):
     assert both.shape == (8, 30, 2)
     values = both.todense()
     assert (values >= 0).all() and not np.allclose(values, np.round(values))  # averaged over the two batches
+
+
+@pytest.mark.parametrize(
+    ("indices", "n_samples", "gene_list"),
+    [
+        (np.arange(150), 4, None),  # samples are the shortest axis; three blocks of 64 cells
+        (np.arange(150), 1, None),  # (cells, genes): genes the shortest
+        (np.arange(3), 5, None),  # cells the shortest
+        (np.arange(140), 50, ["gene_1", "gene_4"]),  # genes the shortest of three
+    ],
+)
+def test_posterior_predictive_sample_equals_gcxs_of_the_dense_draws(model, indices, n_samples, gene_list):
+    sparse = pytest.importorskip("sparse")
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        built = model.posterior_predictive_sample(
+            indices=indices, n_samples=n_samples, gene_list=gene_list, batch_size=64
+        )
+        torch.manual_seed(3)
+        cells, mask = model.get_cells(None), gene_mask(model.var_names, gene_list)
+        dense = posterior.posterior_predictive(model.module, cells, indices, n_samples, mask, 64)
+    dense = dense[0] if n_samples == 1 else np.moveaxis(dense, 0, -1)
+    reference = sparse.GCXS.from_numpy(np.ascontiguousarray(dense))
+    assert built.shape == reference.shape and built.compressed_axes == reference.compressed_axes
+    assert built.nnz == reference.nnz > 0
+    for mine, theirs in zip(
+        (built.data, built.indices, built.indptr), (reference.data, reference.indices, reference.indptr)
+    ):
+        np.testing.assert_array_equal(mine, theirs)
 
 
 # 3. Module keyword arguments of scvi-tools' LDVAE / VAE -----------------------------------------

@@ -19,6 +19,7 @@ from anndata import AnnData
 from ..data import minified
 from ..data.registry import SETUP_KEY
 from ..infer.evaluate import evaluate_elbo
+from ..kernels.compressed import CompressedBlocks
 from ..tasks import posterior as tasks
 from ..tasks.expression import feature_correlation, gene_mask
 from . import io
@@ -250,13 +251,17 @@ def posterior_predictive_sample(
     cells = model.get_cells(adata)
     codes = model.registry.batch_codes(transform_batch)
     idx, mask = _indices(cells, indices), gene_mask(model.var_names, gene_list)
-    draws = tasks.posterior_predictive(model.module, cells, idx, n_samples, mask, batch_size or 128, codes)
-    draws = draws[0] if n_samples == 1 else np.moveaxis(draws, 0, -1)  # draws: (n_samples, cells, genes)
+    blocks = tasks.posterior_predictive_blocks(model.module, cells, idx, n_samples, mask, batch_size or 128, codes)
+    shape = (len(idx), len(model.var_names[mask])) + ((n_samples,) if n_samples > 1 else ())
     try:
         import sparse
     except ImportError:  # pragma: no cover - sparse comes with scvi-tools
-        return draws
-    return sparse.GCXS.from_numpy(np.ascontiguousarray(draws))
+        return np.concatenate([block.reshape(-1, *shape[1:]).numpy() for block in blocks])
+    built = CompressedBlocks(shape)  # scvi-tools' GCXS, built block by block instead of from a dense array
+    for block in blocks:
+        built.add(block.reshape(-1, *shape[1:]))
+    data, indices, indptr, axis = built.arrays()
+    return sparse.GCXS((data, indices, indptr), shape=shape, compressed_axes=(axis,))
 
 
 def get_feature_correlation_matrix(

@@ -194,24 +194,45 @@ def bayes_factors(
             "proba_m2": proba_m2,
             "bayes_factor": np.log(proba_m1 + EPS) - np.log(proba_m2 + EPS),
         }
-    lfc = np.log2(scales1 + pseudocounts) - np.log2(scales2 + pseudocounts)
-    delta = estimate_delta(lfc.mean(0)) if delta is None else delta
-    up, down = np.mean(lfc >= delta, axis=0), np.mean(lfc < -delta, axis=0)
-    proba_de = up + down if test_mode == "two" else np.maximum(up, down)
+    blocks = _gene_blocks(scales1.shape)
+
+    def lfc(block: slice, pseudocount: float) -> np.ndarray:  # (n_pairs, genes in block)
+        one, two = scales1[:, block] + pseudocount, scales2[:, block] + pseudocount
+        return np.log2(one, out=one) - np.log2(two, out=two)
+
+    if delta is None:
+        delta = estimate_delta(np.concatenate([lfc(block, pseudocounts).mean(0) for block in blocks]))
+    n_genes = scales1.shape[1]
+    up, down = np.empty(n_genes), np.empty(n_genes)
     # LFC summaries with a thousand times smaller pseudocount, as scvi-tools reports them.
-    lfc_small = np.log2(scales1 + 1e-3 * pseudocounts) - np.log2(scales2 + 1e-3 * pseudocounts)
+    summaries = {name: np.empty(n_genes, np.float32) for name in ("mean", "median", "std", "min", "max")}
+    for block in blocks:  # about a million pairs at a time: nothing (pairs, genes) is built
+        change = lfc(block, pseudocounts)
+        up[block], down[block] = np.mean(change >= delta, axis=0), np.mean(change < -delta, axis=0)
+        small = lfc(block, 1e-3 * pseudocounts)
+        for name, statistic in (
+            ("mean", np.mean),
+            ("median", np.median),
+            ("std", np.std),
+            ("min", np.min),
+            ("max", np.max),
+        ):
+            summaries[name][block] = statistic(small, axis=0)
+    proba_de = up + down if test_mode == "two" else np.maximum(up, down)
     return {
         "proba_de": proba_de,
         "proba_not_de": 1.0 - proba_de,
         "bayes_factor": np.log(proba_de + EPS) - np.log(1.0 - proba_de + EPS),
-        "pseudocounts": np.full(scales1.shape[1], pseudocounts),
-        "delta": np.full(scales1.shape[1], delta),
-        "lfc_mean": lfc_small.mean(0),
-        "lfc_median": np.median(lfc_small, 0),
-        "lfc_std": lfc_small.std(0),
-        "lfc_min": lfc_small.min(0),
-        "lfc_max": lfc_small.max(0),
+        "pseudocounts": np.full(n_genes, pseudocounts),
+        "delta": np.full(n_genes, delta),
+        **{f"lfc_{name}": values for name, values in summaries.items()},
     }
+
+
+def _gene_blocks(shape: tuple[int, int], entries: int = 1 << 20) -> list[slice]:
+    """Slices of genes of about ``entries`` paired samples each, ``shape`` ``(n_pairs, genes)``."""
+    step = max(1, entries // max(1, shape[0]))
+    return [slice(start, min(start + step, shape[1])) for start in range(0, shape[1], step)]
 
 
 def raw_counts_properties(counts, mask1: np.ndarray, mask2: np.ndarray) -> dict[str, np.ndarray]:

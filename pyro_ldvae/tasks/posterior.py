@@ -17,7 +17,7 @@ interact); results are reshaped to ``(n_samples, cells, ...)``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -143,7 +143,7 @@ def _n_selected(module: LDVAE, gene_mask: np.ndarray | slice) -> int:
 
 
 @torch.no_grad()
-def posterior_predictive(
+def posterior_predictive_blocks(
     module: LDVAE,
     cells: CellData,
     indices: np.ndarray,
@@ -151,15 +151,14 @@ def posterior_predictive(
     gene_mask: np.ndarray | slice = slice(None),
     batch_size: int = 128,
     batch_codes: Sequence[int | None] = (None,),
-) -> np.ndarray:
-    """Counts drawn from the posterior predictive, ``(n_samples, cells, genes_selected)``.
+) -> Iterator[torch.Tensor]:
+    """Counts drawn from the posterior predictive, one minibatch of cells at a time, each ``(cells, genes_selected, n_samples)``.
 
     Every cell is decoded into each of ``batch_codes`` (None: its own batch); with several codes
     the draws are averaged over them, as scvi-tools does, and are then no longer integers.
     """
     module.eval()
     fast = has_fast_path(module)
-    out = []
     for mb in cells.iter_minibatches(indices, batch_size, module.device, sparse=fast):
         per_code = []
         for code in batch_codes:
@@ -172,8 +171,22 @@ def posterior_predictive(
                     draw = posterior_traces(module, mb, n, code, sample_x=True)[1].nodes["x"]["value"]
                 parts.append(draw.reshape(n, mb.n_cells, -1)[..., gene_mask].cpu())
             per_code.append(torch.cat(parts, dim=0))
-        out.append(per_code[0] if len(per_code) == 1 else torch.stack(per_code).mean(0))
-    return torch.cat(out, dim=1).numpy()
+        draws = per_code[0] if len(per_code) == 1 else torch.stack(per_code).mean(0)
+        yield draws.permute(1, 2, 0)
+
+
+def posterior_predictive(
+    module: LDVAE,
+    cells: CellData,
+    indices: np.ndarray,
+    n_samples: int = 1,
+    gene_mask: np.ndarray | slice = slice(None),
+    batch_size: int = 128,
+    batch_codes: Sequence[int | None] = (None,),
+) -> np.ndarray:
+    """Counts drawn from the posterior predictive, ``(n_samples, cells, genes_selected)``, dense."""
+    blocks = posterior_predictive_blocks(module, cells, indices, n_samples, gene_mask, batch_size, batch_codes)
+    return torch.cat(list(blocks), dim=0).permute(2, 0, 1).numpy()
 
 
 @torch.no_grad()
