@@ -19,7 +19,6 @@ from pyro.distributions import Independent, TorchDistribution, constraints
 from torch.distributions.utils import broadcast_all
 
 from ..kernels.count_terms import (
-    EPS,
     MAX_RATE,
     log_nb,
     log_poisson,
@@ -27,6 +26,7 @@ from ..kernels.count_terms import (
     log_zinb_at_zero,
     poisson_zero_term,
 )
+from ..kernels.nb_sampling import sample_nb
 from ..kernels.sparse import SparseCounts, is_sparse_counts
 from ..kernels.sparse_density import (
     per_gene,
@@ -50,11 +50,9 @@ def _broadcastable(param: torch.Tensor, batch_shape) -> torch.Tensor:
     return param
 
 
-def _sample_gamma_poisson(mu: torch.Tensor, theta: torch.Tensor, sample_shape: torch.Size) -> torch.Tensor:
+def _sample_nb(mu: torch.Tensor, theta: torch.Tensor, sample_shape: torch.Size) -> torch.Tensor:
     mu, theta = broadcast_all(mu, theta)
-    shape = sample_shape + mu.shape
-    gamma = torch.distributions.Gamma(theta, theta / mu.clamp_min(EPS)).sample(sample_shape)
-    return torch.poisson(gamma.clamp(max=MAX_RATE)).reshape(shape)
+    return sample_nb(mu.expand(sample_shape + mu.shape), theta)
 
 
 class _CountDistribution(TorchDistribution):
@@ -114,7 +112,7 @@ class NegativeBinomial(_MeanAndScale):
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
         """Counts drawn from the distribution, without gradient."""
         with torch.no_grad():
-            return _sample_gamma_poisson(self.mu, self.theta, torch.Size(sample_shape))
+            return _sample_nb(self.mu, self.theta, torch.Size(sample_shape))
 
 
 class ZeroInflatedNegativeBinomial(_CountDistribution):
@@ -151,7 +149,7 @@ class ZeroInflatedNegativeBinomial(_CountDistribution):
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
         """Counts drawn from the distribution, without gradient."""
         with torch.no_grad():
-            counts = _sample_gamma_poisson(self.mu, self.theta, torch.Size(sample_shape))
+            counts = _sample_nb(self.mu, self.theta, torch.Size(sample_shape))
             dropout = torch.bernoulli(torch.sigmoid(self.gate_logits).expand(counts.shape))
             return counts * (1 - dropout)
 

@@ -24,6 +24,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import torch
 
 from ..data.cells import CellData
 from ..data.registry import Registry
@@ -140,19 +141,34 @@ def sample_scales(
                 importance_resample(module, cells, positions, per_cell, per_code, rng, code, batch_size, **options)
             )
         else:
+            # rows of (per_cell, cells) draws, picked first: only the cells picked are decoded
+            draw, cell = np.divmod(rng.choice(per_cell * len(positions), size=per_code, replace=True), len(positions))
+            picked, rank = np.unique(cell, return_inverse=True)
             draws = normalized_expression(
-                module, cells, positions, [code], n_samples=per_cell, batch_size=batch_size
+                module, cells, positions[picked], [code], n_samples=per_cell, batch_size=batch_size
             ).reshape(-1, cells.n_vars)
-            scales.append(draws[rng.choice(len(draws), size=per_code, replace=True)])
+            scales.append(take_rows(draws, draw * len(picked) + rank))
         codes.append(np.full(per_code, -1 if code is None else code))
-    return np.concatenate(scales), np.concatenate(codes)
+    return stack_rows(scales), np.concatenate(codes)
 
 
 def _pairs(a: np.ndarray, b: np.ndarray, use_permutation: bool, m: int, rng: np.random.Generator):
     if not use_permutation:
         n = min(len(a), len(b))
         return a[:n], b[:n]
-    return a[rng.choice(len(a), size=m)], b[rng.choice(len(b), size=m)]
+    return take_rows(a, rng.choice(len(a), size=m)), take_rows(b, rng.choice(len(b), size=m))
+
+
+# Large samples are allocated by torch: numpy asks for huge pages above 4 MiB, and their first touch
+# can stall on compaction for longer than the arithmetic takes.
+def take_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]``, in memory allocated by torch."""
+    return torch.from_numpy(array).index_select(0, torch.from_numpy(rows)).numpy()
+
+
+def stack_rows(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """``np.concatenate(arrays)``, in memory allocated by torch."""
+    return torch.cat([torch.from_numpy(a) for a in arrays]).numpy()
 
 
 def estimate_pseudocounts(
@@ -206,7 +222,7 @@ def bayes_factors(
     up, down = np.empty(n_genes), np.empty(n_genes)
     # LFC summaries with a thousand times smaller pseudocount, as scvi-tools reports them.
     summaries = {name: np.empty(n_genes, np.float32) for name in ("mean", "median", "std", "min", "max")}
-    for block in blocks:  # about a million pairs at a time: nothing (pairs, genes) is built
+    for block in blocks:  # half a million pairs at a time (2 MiB, in cache): nothing (pairs, genes) is built
         change = lfc(block, pseudocounts)
         up[block], down[block] = np.mean(change >= delta, axis=0), np.mean(change < -delta, axis=0)
         small = lfc(block, 1e-3 * pseudocounts)
@@ -229,7 +245,7 @@ def bayes_factors(
     }
 
 
-def _gene_blocks(shape: tuple[int, int], entries: int = 1 << 20) -> list[slice]:
+def _gene_blocks(shape: tuple[int, int], entries: int = 1 << 19) -> list[slice]:
     """Slices of genes of about ``entries`` paired samples each, ``shape`` ``(n_pairs, genes)``."""
     step = max(1, entries // max(1, shape[0]))
     return [slice(start, min(start + step, shape[1])) for start in range(0, shape[1], step)]
@@ -390,7 +406,7 @@ def differential_expression(
             # Pair samples decoded into the same batch, so the batch effect cancels.
             per_batch = m_permutation // len(codes1)
             pairs = [_pairs(s1[b1 == c], s2[b2 == c], use_permutation, per_batch, rng) for c in codes1]
-            s1, s2 = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+            s1, s2 = stack_rows([p[0] for p in pairs]), stack_rows([p[1] for p in pairs])
         else:
             if batch_correction and set(codes1) & set(codes2):
                 warnings.warn(

@@ -111,7 +111,8 @@ def normalized_expression(
     fast = has_fast_path(module)
     n_out = 1 if return_mean else n_samples
     scale = 1.0 if library_size == "latent" else float(library_size)
-    out = np.empty((n_out, len(indices), _n_selected(module, gene_mask)), dtype=np.float32)
+    # torch's allocation, not numpy's: numpy asks for huge pages above 4 MiB, whose first touch can stall
+    out = torch.empty((n_out, len(indices), _n_selected(module, gene_mask)), dtype=torch.float32)
     start = 0
     for mb in cells.iter_minibatches(indices, batch_size, module.device, sparse=fast):
         mean, done = 0.0, 0
@@ -130,12 +131,12 @@ def normalized_expression(
             if return_mean:  # summed here, scaled once at the end
                 mean = total.sum(0) if done == 0 else mean.add_(total.sum(0) if n > 1 else total[0])
             else:
-                out[done : done + n, start : start + mb.n_cells] = (total * (scale / len(batch_codes))).cpu().numpy()
+                out[done : done + n, start : start + mb.n_cells] = (total * (scale / len(batch_codes))).cpu()
             done += n
         if return_mean:
-            out[0, start : start + mb.n_cells] = (mean * (scale / (len(batch_codes) * n_samples))).cpu().numpy()
+            out[0, start : start + mb.n_cells] = (mean * (scale / (len(batch_codes) * n_samples))).cpu()
         start += mb.n_cells
-    return out
+    return out.numpy()
 
 
 def _n_selected(module: LDVAE, gene_mask: np.ndarray | slice) -> int:
