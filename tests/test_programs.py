@@ -114,7 +114,11 @@ def test_prior_local_scales_follow_the_mask_and_confidence():
     expected_scale = np.hstack([np.where(mask, 1.0, 0.1), np.ones((6, 1))])
     np.testing.assert_allclose(scale.numpy(), expected_scale, rtol=1e-6)
     assert trace.nodes["loadings"]["value"].shape == (6, 3)
+    global_scale = trace.nodes["loadings_global_scale"]["fn"].base_dist.scale  # free factors: 0.1 x the programs'
+    np.testing.assert_allclose(global_scale.numpy(), [0.1, 0.1, 0.01], rtol=1e-6)
     assert capture.capturable(prior)
+    with pytest.raises(ValueError, match="unannotated_scale"):
+        ProgramPrior(mask, n_unannotated=1, unannotated_scale=0.0)
     with pytest.raises(ValueError, match="\\(6, 3\\)"):
         prior(6, 4)
     for confidence in (1.0, -0.1):

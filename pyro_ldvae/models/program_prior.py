@@ -24,7 +24,7 @@ class ProgramPrior(nn.Module):
     every gene in the ``n_unannotated`` free factors) and ``c`` the ``confidence``::
 
         s_gk       = m_gk + (1 - m_gk) (1 - c)                      prior local scale
-        tau_k      ~ HalfCauchy(global_scale)                       'loadings_global_scale' (n_latent,)
+        tau_k      ~ HalfCauchy(global_scale r_k)                   'loadings_global_scale' (n_latent,)
         lambda_gk  ~ HalfCauchy(s_gk)                               'loadings_local_scale'  (genes, n_latent)
         c2_k       ~ InverseGamma(slab_df / 2, slab_df * slab_scale**2 / 2)   'loadings_slab'   (n_latent,)
         w_gk       ~ Normal(0, 1)                                   'loadings_raw'          (genes, n_latent)
@@ -34,6 +34,13 @@ class ProgramPrior(nn.Module):
     times harder, yet the Cauchy tails let a gene escape where the data insist. ``tau_k`` shrinks
     a whole factor, so a program the data do not support switches off; the slab ``c2_k`` caps
     the loadings that escape. ``confidence = 0`` makes every factor a plain horseshoe.
+
+    ``r_k`` is 1 for a program and ``unannotated_scale`` for a free factor: a free factor reaches
+    every gene at no extra cost, so with equal global scales it can take a program's signal
+    (on Kang PBMC with four free factors the interferon program then lost the stimulation
+    response in three of five cell types; see benchmarks/README.md). A smaller global scale gives
+    the programs the first claim on what their genes carry, and leaves the free factors what no
+    program explains.
 
     Parameters
     ----------
@@ -45,6 +52,8 @@ class ProgramPrior(nn.Module):
         ``c`` in ``[0, 1)``: how hard genes outside a program are shrunk.
     global_scale, slab_scale, slab_df
         As in :class:`pyro_ldvae.priors.Horseshoe`.
+    unannotated_scale
+        ``r_k`` of the free factors: their global scale relative to the programs'.
     """
 
     def __init__(
@@ -55,6 +64,7 @@ class ProgramPrior(nn.Module):
         global_scale: float = 0.1,
         slab_scale: float = 1.0,
         slab_df: float = 4.0,
+        unannotated_scale: float = 0.1,
     ):
         super().__init__()
         mask = np.asarray(mask)
@@ -66,15 +76,21 @@ class ProgramPrior(nn.Module):
             raise ValueError(f"n_unannotated must be a non-negative integer, got {n_unannotated!r}.")
         if not 0.0 <= confidence < 1.0:
             raise ValueError(f"program_confidence must be in [0, 1), got {confidence!r} (1 would forbid any change).")
-        for name, value in (("global_scale", global_scale), ("slab_scale", slab_scale), ("slab_df", slab_df)):
+        positive = {"global_scale": global_scale, "slab_scale": slab_scale, "slab_df": slab_df}
+        for name, value in {**positive, "unannotated_scale": unannotated_scale}.items():
             if not value > 0:
                 raise ValueError(f"The program prior needs {name} > 0, got {value!r}.")
         self.n_programs, self.n_unannotated, self.confidence = mask.shape[1], int(n_unannotated), float(confidence)
         self.global_scale, self.slab_scale, self.slab_df = float(global_scale), float(slab_scale), float(slab_df)
+        self.unannotated_scale = float(unannotated_scale)
         member = np.hstack([mask, np.ones((mask.shape[0], self.n_unannotated), dtype=bool)])
         # s_gk, (genes, n_latent): a buffer, so it moves with the module to its device.
         local_prior = np.where(member, 1.0, 1.0 - self.confidence).astype(np.float32)
         self.register_buffer("local_prior_scale", torch.from_numpy(local_prior), persistent=False)
+        global_prior = np.r_[np.ones(self.n_programs), np.full(self.n_unannotated, self.unannotated_scale)]
+        self.register_buffer(
+            "global_prior_scale", torch.tensor(self.global_scale * global_prior, dtype=torch.float32), persistent=False
+        )
 
     def forward(self, n_genes: int, n_latent: int) -> torch.Tensor:
         """Sample the loadings ``(genes, n_latent)`` and their scales (see the class docstring)."""
@@ -85,7 +101,7 @@ class ProgramPrior(nn.Module):
             )
         s = self.local_prior_scale
         ones = torch.ones_like(s[0])  # (n_latent,)
-        tau = pyro.sample("loadings_global_scale", TensorHalfCauchy(self.global_scale * ones).to_event(1))
+        tau = pyro.sample("loadings_global_scale", TensorHalfCauchy(self.global_prior_scale).to_event(1))
         lam = pyro.sample("loadings_local_scale", TensorHalfCauchy(s).to_event(2))  # (genes, n_latent)
         half_df = 0.5 * self.slab_df
         c2 = pyro.sample(
@@ -112,5 +128,6 @@ class ProgramPrior(nn.Module):
         """The settings, for ``repr``."""
         return (
             f"n_programs={self.n_programs}, n_unannotated={self.n_unannotated}, confidence={self.confidence}, "
-            f"global_scale={self.global_scale}, slab_scale={self.slab_scale}, slab_df={self.slab_df}"
+            f"global_scale={self.global_scale}, slab_scale={self.slab_scale}, slab_df={self.slab_df}, "
+            f"unannotated_scale={self.unannotated_scale}"
         )
