@@ -68,7 +68,8 @@ def test_recovers_true_loadings():
     adata = pyro_ldvae.simulate(n_cells=5000, n_genes=1000, n_latent=5, seed=1)
     LinearSCVI.setup_anndata(adata)
     model = LinearSCVI(adata, n_latent=5)
-    model.train(max_epochs=20, plan_kwargs={"lr": 1e-2, "n_epochs_kl_warmup": 10}, progress_bar=False)
+    # 40 epochs: at 20, some draws of the same simulation (seeds 1-4) still have two factors mixed
+    model.train(max_epochs=40, plan_kwargs={"lr": 1e-2, "n_epochs_kl_warmup": 10}, progress_bar=False)
     score = mean_principal_cosine(adata.varm["true_loadings"], model.get_loadings().to_numpy())
     assert score >= 0.95, score
     # the untrained model does not: the test can fail

@@ -91,7 +91,8 @@ def horseshoe_fit(sparse_data):
 @pytest.mark.slow
 def test_horseshoe_selects_factors_and_finds_sparse_loadings(horseshoe_fit, sparse_data):
     mean, std = horseshoe_fit.get_loadings(return_std=True)
-    assert active_factors(mean.values) <= 6
+    # principal axes of the factor logits: a column-by-column norm counts a signal split over two columns twice
+    assert abs(len(horseshoe_fit.get_active_factors()) - 5) <= 1
     assert (std.values > 0).all()
     truth = sparse_data.varm["true_loadings"]
     score = auroc(truth.ravel() != 0, np.abs(matched(mean.values, truth)).ravel())
