@@ -251,7 +251,7 @@ def test_new_factors_keep_the_reference_bit_identical(novel_reference):
     new = out[["new_0", "new_1"]].to_numpy()
     assert np.abs(basis.T @ new).max() < 1e-4 * np.abs(new).max()  # new directions only
     trainable = {n.split(".")[0] for n, p in qm.module.named_parameters() if p.requires_grad}
-    assert trainable == {"decoder", "z_encoder", "global_guide"}
+    assert trainable == {"decoder", "z_encoder", "l_encoder", "global_guide"}
     assert qm.get_novelty().shape == (query_adata.n_obs,)
     assert qm.get_novelty(per_factor=True).shape == (query_adata.n_obs, 2)
 

@@ -212,9 +212,11 @@ def load_query_data(
         Factors to add for programs the reference lacks (needs ``freeze_loadings=True``). Their
         loadings ``W_new`` ``(genes, n_new_factors)`` have a per-factor shrinkage prior (a
         factor the data do not support can shrink towards zero; the factors also absorb the
-        reference's own misfit, see the reference-mapping guide); they are the last columns of
+        misfit of a reference that has not converged, see the reference-mapping guide); they are the last columns of
         ``get_loadings()`` (``new_0``, ...), read with ``get_new_factor_activity()`` and
-        ``get_novelty()``. The reference's factors stay fixed.
+        ``get_novelty()``. The reference's factors stay fixed; the query model's copy of the
+        library encoder trains, and the new batches' columns learn at the plan's ``global_lr``
+        (the library is not part of the reference's outputs; see the reference-mapping guide).
     new_factor_prior, new_factor_prior_kwargs
         The prior of ``W_new``: 'ard' (:class:`~pyro_ldvae.priors.ARD`, default) or 'horseshoe'
         (:class:`~pyro_ldvae.priors.Horseshoe`), with the class's keyword arguments.

@@ -128,6 +128,19 @@ class TrainingPlan:
         return [f"optimizer={self.optimizer!r} is not captured (Adam and AdamW are)"]
 
 
+def global_rate_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that learn at ``plan.global_lr``: the global guide's, and any the module names.
+
+    A module may list more with a ``global_rate_parameters()`` method (a query model with new
+    factors names its new batches' decoder columns, which must keep pace with the new factors).
+    """
+    named = getattr(module, "global_rate_parameters", None)
+    if named is not None:
+        return list(named())
+    global_guide = getattr(module, "global_guide", None)
+    return [] if global_guide is None else list(global_guide.parameters())
+
+
 def make_optimizer(module: torch.nn.Module, plan: TrainingPlan, capturable: bool = False) -> torch.optim.Optimizer:
     """The plan's optimizer with scvi-tools' settings; Adam(W) as one fused kernel where torch has one.
 
@@ -144,11 +157,11 @@ def make_optimizer(module: torch.nn.Module, plan: TrainingPlan, capturable: bool
     def rate(value: float) -> float | torch.Tensor:
         return torch.tensor(value, device=device) if tensor_lr else value
 
-    global_guide = getattr(module, "global_guide", None)
-    global_ids = set() if global_guide is None else {id(p) for p in global_guide.parameters()}
+    global_params = global_rate_parameters(module)
+    global_ids = {id(p) for p in global_params}
     params = [{"params": [p for p in module.parameters() if id(p) not in global_ids], "lr": rate(plan.lr)}]
     if global_ids:  # the posterior of loadings and their shrinkage scales: see LDVAE.plan_defaults
-        params.append({"params": list(global_guide.parameters()), "lr": rate(plan.global_lr)})
+        params.append({"params": global_params, "lr": rate(plan.global_lr)})
     if plan.optimizer == "SGD":
         return torch.optim.SGD(params, lr=plan.lr, weight_decay=plan.weight_decay)
     cls = torch.optim.Adam if plan.optimizer == "Adam" else torch.optim.AdamW

@@ -14,6 +14,15 @@ mode) decoder batch norm, so its entries are in the units of the reference's fol
 (natural-log expression). The encoder keeps the reference's outputs bit for bit and gets ``K``
 new output units (:class:`NewFactorEncoder`).
 
+Two things the reference leaves unexplained in every query cell would otherwise switch new
+factors on in a query with nothing new (measured in ``benchmarks/README.md``, "Reference
+mapping"): the frozen library encoder's error, which varies from cell to cell (under the negative
+binomial a misjudged library size is partly undone by shifting expression between genes, one
+direction times a per-cell amount: a factor); and a per-gene offset of the query, which a new
+factor with the same ``z`` in every cell can absorb. So the query model's copy of the library
+encoder trains (the library is not part of the reference's outputs), and the new batches' decoder
+columns learn at the rate of ``W_new`` (:meth:`NewFactorsMixin.global_rate_parameters`).
+
 The class of the module changes (:func:`with_new_factors`), its state dict keeps plain keys, so
 a saved query model is rebuilt by running the same steps before loading the weights.
 """
@@ -28,7 +37,7 @@ from torch import nn
 from .ldvae import LDVAE, _local_params, _pyro_method
 from .nn import VAR_EPS, Encoder
 from .priors import ARD, GlobalNormalGuide, Horseshoe
-from .query import HEADS, ExtendedLinear
+from .query import HEADS, ExtendedLinear, eval_unlocked
 
 NewFactorPrior = Literal["ard", "horseshoe"]
 NewFactorEncoderKind = Literal["heads", "separate"]
@@ -113,6 +122,16 @@ class NewFactorsMixin:
             loadings = torch.as_tensor(self.get_loadings(), device=decoder_input.device)
         return logits + decoder_input[:, n_ref : n_ref + n_new] @ loadings[:, n_ref:].T
 
+    def global_rate_parameters(self) -> list[nn.Parameter]:
+        """Parameters that learn at the plan's ``global_lr``: the guide of ``W_new`` and the new batches' columns.
+
+        The new batches' decoder columns hold the query's per-gene offset; learning more slowly
+        than ``W_new``, they would leave that offset for a new factor to absorb (a factor whose
+        ``z`` is the same in every cell, on in every query).
+        """
+        columns = [head.linear.new for name in HEADS if (head := getattr(self.decoder, name, None)) is not None]
+        return list(self.global_guide.parameters()) + columns
+
     @torch.no_grad()
     def get_loadings(self, return_std: bool = False, num_samples: int = 500):
         """``(genes, n_ref + K)``: the reference's loadings (fixed, std 0) and the posterior mean of ``W_new``."""
@@ -183,6 +202,9 @@ def add_new_factors(
             linear.fixed = torch.cat([linear.fixed[:, :n_ref], zeros, linear.fixed[:, n_ref:]], dim=1)
             linear.start, linear.stop = linear.start + n_new, linear.stop + n_new
     module.z_encoder = NewFactorEncoder(module.z_encoder, n_new, encoder)
+    library_encoder = getattr(module, "l_encoder", None)
+    if library_encoder is not None:  # the query's own copy adapts: see the module docstring
+        eval_unlocked(library_encoder).requires_grad_(True)
     module.reference_has_prior = module.loadings_prior is not None
     module.register_buffer("reference_loadings", reference_loadings)
     ones = torch.ones_like(reference_loadings[:, :1])

@@ -208,6 +208,14 @@ def eval_locked(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
+def eval_unlocked(module: nn.Module) -> nn.Module:
+    """``module`` (changed in place) with :func:`eval_locked` undone: ``train()`` works again."""
+    cls = type(module)
+    if cls in _EVAL_LOCKED.values():
+        module.__class__ = cls.__mro__[1]
+    return module
+
+
 def freeze_reference(module: LDVAE, n_ref_batch: int, n_new_batch: int, train_encoder: bool = False) -> LDVAE:
     """Fix everything the reference learned; only the new batches' decoder columns and theta rows train.
 
