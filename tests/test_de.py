@@ -139,6 +139,13 @@ def test_change_mode_in_gene_blocks_equals_the_whole_array(delta):
         np.testing.assert_allclose(got[f"lfc_{name}"], statistic(small, 0), rtol=1e-5, atol=1e-5)
     if delta is None:  # estimated from the whole array's mean LFCs
         assert got["delta"][0] == pytest.approx(estimate_delta(lfc.mean(0)), rel=1e-5)
+    # paired rows given as indices: the same as the paired arrays
+    rows1, rows2 = rng.integers(0, 1200, 900), rng.integers(0, 1200, 900)
+    for mode in ("vanilla", "change"):
+        by_rows = bayes_factors(s1, s2, mode, 0.3, 1e-5, "two", pairs=(rows1, rows2))
+        by_arrays = bayes_factors(s1[rows1], s2[rows2], mode, 0.3, 1e-5, "two")
+        for name, values in by_arrays.items():
+            np.testing.assert_array_equal(by_rows[name], values, err_msg=name)
 
 
 def test_fdr_prediction_known_answer():

@@ -153,10 +153,11 @@ def sample_scales(
 
 
 def _pairs(a: np.ndarray, b: np.ndarray, use_permutation: bool, m: int, rng: np.random.Generator):
+    """Paired rows of two groups' samples, from the candidate rows ``a`` and ``b`` (indices)."""
     if not use_permutation:
         n = min(len(a), len(b))
         return a[:n], b[:n]
-    return take_rows(a, rng.choice(len(a), size=m)), take_rows(b, rng.choice(len(b), size=m))
+    return a[rng.choice(len(a), size=m)], b[rng.choice(len(b), size=m)]
 
 
 # Large samples are allocated by torch: numpy asks for huge pages above 4 MiB, and their first touch
@@ -172,16 +173,22 @@ def stack_rows(arrays: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def estimate_pseudocounts(
-    scales1: np.ndarray, scales2: np.ndarray, zero1: np.ndarray, zero2: np.ndarray, quantile: float = 0.9
+    scales1: np.ndarray,
+    scales2: np.ndarray,
+    zero1: np.ndarray,
+    zero2: np.ndarray,
+    quantile: float = 0.9,
+    pairs: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> float:
     """scvi-tools' pseudocount rule.
 
     A high quantile of the largest sampled scale among genes with (almost) no observed counts in a group, divided by the
-    number of genes; at least 1e-10.
+    number of genes; at least 1e-10. ``pairs``: the rows of each group's samples that were paired (None: all).
     """
     offsets = []
-    for scales, zero in ((scales1, zero1), (scales2, zero2)):
-        offsets.append(np.quantile(scales.max(0)[zero], quantile) if zero.any() else 1e-10)
+    for scales, zero, rows in zip((scales1, scales2), (zero1, zero2), pairs or (None, None)):
+        used = scales if rows is None else scales[np.unique(rows)]
+        offsets.append(np.quantile(used.max(0)[zero], quantile) if zero.any() else 1e-10)
     return float(max(1e-10, max(offsets) / scales1.shape[1]))
 
 
@@ -200,20 +207,31 @@ def bayes_factors(
     delta: float | None,
     pseudocounts: float,
     test_mode: TestMode = "three",
+    pairs: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per-gene DE statistics from paired posterior samples ``(n_pairs, genes)`` of both groups."""
+    """Per-gene DE statistics from paired posterior samples of both groups.
+
+    ``scales1`` and ``scales2`` are ``(samples, genes)``; ``pairs`` the rows of each that are paired
+    (equal lengths); None pairs row i with row i. The pairs are gathered a block of genes at a time,
+    so no ``(pairs, genes)`` array is built.
+    """
+    rows1, rows2 = pairs if pairs is not None else (np.arange(len(scales1)), np.arange(len(scales2)))
+    blocks = _gene_blocks((len(rows1), scales1.shape[1]))
+
+    def paired(block: slice) -> tuple[np.ndarray, np.ndarray]:  # (n_pairs, genes in block) each
+        return scales1[rows1, block], scales2[rows2, block]
+
     if mode == "vanilla":
-        proba_m1 = np.mean(scales1 > scales2, axis=0)
+        proba_m1 = np.concatenate([np.mean(one > two, axis=0) for one, two in map(paired, blocks)])
         proba_m2 = 1.0 - proba_m1
         return {
             "proba_m1": proba_m1,
             "proba_m2": proba_m2,
             "bayes_factor": np.log(proba_m1 + EPS) - np.log(proba_m2 + EPS),
         }
-    blocks = _gene_blocks(scales1.shape)
 
     def lfc(block: slice, pseudocount: float) -> np.ndarray:  # (n_pairs, genes in block)
-        one, two = scales1[:, block] + pseudocount, scales2[:, block] + pseudocount
+        one, two = (samples + pseudocount for samples in paired(block))
         return np.log2(one, out=one) - np.log2(two, out=two)
 
     if delta is None:
@@ -405,24 +423,28 @@ def differential_expression(
         if batch_correction and set(codes1) == set(codes2):
             # Pair samples decoded into the same batch, so the batch effect cancels.
             per_batch = m_permutation // len(codes1)
-            pairs = [_pairs(s1[b1 == c], s2[b2 == c], use_permutation, per_batch, rng) for c in codes1]
-            s1, s2 = stack_rows([p[0] for p in pairs]), stack_rows([p[1] for p in pairs])
+            per_code = [
+                _pairs(np.flatnonzero(b1 == c), np.flatnonzero(b2 == c), use_permutation, per_batch, rng)
+                for c in codes1
+            ]
+            pairs = (np.concatenate([p[0] for p in per_code]), np.concatenate([p[1] for p in per_code]))
         else:
             if batch_correction and set(codes1) & set(codes2):
                 warnings.warn(
                     "batchid1 and batchid2 differ but overlap; batch correction is not trustworthy.", stacklevel=2
                 )
-            s1, s2 = _pairs(s1, s2, use_permutation, m_permutation, rng)
+            pairs = _pairs(np.arange(len(s1)), np.arange(len(s2)), use_permutation, m_permutation, rng)
         if mode == "change" and pseudocounts is None:
             pc = estimate_pseudocounts(
                 s1,
                 s2,
                 np.asarray(cells.X[pos1].mean(0)).ravel() < threshold_counts,
                 np.asarray(cells.X[pos2].mean(0)).ravel() < threshold_counts,
+                pairs=pairs,
             )
         else:
             pc = pseudocounts or 0.0
-        stats = bayes_factors(s1, s2, mode, delta, pc, test_mode)
+        stats = bayes_factors(s1, s2, mode, delta, pc, test_mode, pairs)
         columns = dict(list(stats.items())[:3])
         columns.update(scale1=scale1, scale2=scale2)
         columns.update(dict(list(stats.items())[3:]))
