@@ -168,8 +168,8 @@ def take_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 def stack_rows(arrays: Sequence[np.ndarray]) -> np.ndarray:
-    """``np.concatenate(arrays)``, in memory allocated by torch."""
-    return torch.cat([torch.from_numpy(a) for a in arrays]).numpy()
+    """``np.concatenate(arrays)``, in memory allocated by torch (one array: itself, not a copy)."""
+    return arrays[0] if len(arrays) == 1 else torch.cat([torch.from_numpy(a) for a in arrays]).numpy()
 
 
 def estimate_pseudocounts(
