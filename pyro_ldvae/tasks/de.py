@@ -216,10 +216,12 @@ def bayes_factors(
     so no ``(pairs, genes)`` array is built.
     """
     rows1, rows2 = pairs if pairs is not None else (np.arange(len(scales1)), np.arange(len(scales2)))
+    rows1, rows2 = torch.as_tensor(rows1, dtype=torch.long), torch.as_tensor(rows2, dtype=torch.long)
+    samples1, samples2 = torch.as_tensor(scales1), torch.as_tensor(scales2)
     blocks = _gene_blocks((len(rows1), scales1.shape[1]))
 
     def paired(block: slice) -> tuple[np.ndarray, np.ndarray]:  # (n_pairs, genes in block) each
-        return scales1[rows1, block], scales2[rows2, block]
+        return samples1[:, block].index_select(0, rows1).numpy(), samples2[:, block].index_select(0, rows2).numpy()
 
     if mode == "vanilla":
         proba_m1 = np.concatenate([np.mean(one > two, axis=0) for one, two in map(paired, blocks)])
@@ -230,20 +232,21 @@ def bayes_factors(
             "bayes_factor": np.log(proba_m1 + EPS) - np.log(proba_m2 + EPS),
         }
 
-    def lfc(block: slice, pseudocount: float) -> np.ndarray:  # (n_pairs, genes in block)
-        one, two = (samples + pseudocount for samples in paired(block))
+    def lfc(one: np.ndarray, two: np.ndarray, pseudocount: float) -> np.ndarray:  # (n_pairs, genes in block)
+        one, two = one + pseudocount, two + pseudocount
         return np.log2(one, out=one) - np.log2(two, out=two)
 
     if delta is None:
-        delta = estimate_delta(np.concatenate([lfc(block, pseudocounts).mean(0) for block in blocks]))
+        delta = estimate_delta(np.concatenate([lfc(*paired(block), pseudocounts).mean(0) for block in blocks]))
     n_genes = scales1.shape[1]
     up, down = np.empty(n_genes), np.empty(n_genes)
     # LFC summaries with a thousand times smaller pseudocount, as scvi-tools reports them.
     summaries = {name: np.empty(n_genes, np.float32) for name in ("mean", "median", "std", "min", "max")}
-    for block in blocks:  # half a million pairs at a time (2 MiB, in cache): nothing (pairs, genes) is built
-        change = lfc(block, pseudocounts)
+    for block in blocks:  # half a million pairs at a time (2 MiB): nothing (pairs, genes) is built
+        one, two = paired(block)
+        change = lfc(one, two, pseudocounts)
         up[block], down[block] = np.mean(change >= delta, axis=0), np.mean(change < -delta, axis=0)
-        small = lfc(block, 1e-3 * pseudocounts)
+        small = lfc(one, two, 1e-3 * pseudocounts)
         for name, statistic in (
             ("mean", np.mean),
             ("median", np.median),
