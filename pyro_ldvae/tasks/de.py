@@ -187,8 +187,14 @@ def estimate_pseudocounts(
     """
     offsets = []
     for scales, zero, rows in zip((scales1, scales2), (zero1, zero2), pairs or (None, None)):
-        used = scales if rows is None else scales[np.unique(rows)]
-        offsets.append(np.quantile(used.max(0)[zero], quantile) if zero.any() else 1e-10)
+        samples = torch.as_tensor(scales)
+        if rows is None:
+            largest = samples.amax(0)
+        else:  # over the paired rows, a block of genes at a time (no (rows, genes) copy)
+            used = torch.as_tensor(np.unique(rows))
+            blocks = _gene_blocks((len(used), samples.shape[1]))
+            largest = torch.cat([samples[:, block].index_select(0, used).amax(0) for block in blocks])
+        offsets.append(np.quantile(largest.numpy()[zero], quantile) if zero.any() else 1e-10)
     return float(max(1e-10, max(offsets) / scales1.shape[1]))
 
 
