@@ -144,8 +144,9 @@ def test_posterior_predictive_sample_equals_gcxs_of_the_dense_draws(model, indic
         )
         torch.manual_seed(3)
         cells, mask = model.get_cells(None), gene_mask(model.var_names, gene_list)
-        dense = posterior.posterior_predictive(model.module, cells, indices, n_samples, mask, 64)
-    dense = dense[0] if n_samples == 1 else np.moveaxis(dense, 0, -1)
+        blocks = posterior.posterior_predictive_blocks(model.module, cells, indices, n_samples, mask, 64)
+        dense = torch.cat(list(blocks)).numpy()  # (cells, genes, n_samples)
+    dense = dense[..., 0] if n_samples == 1 else dense
     reference = sparse.GCXS.from_numpy(np.ascontiguousarray(dense))
     assert built.shape == reference.shape and built.compressed_axes == reference.compressed_axes
     assert built.nnz == reference.nnz > 0

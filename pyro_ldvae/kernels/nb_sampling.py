@@ -23,8 +23,8 @@ def sample_nb(mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """One draw of ``NB(mu, theta)`` per entry of ``broadcast(mu, theta)``, as floats (no gradient).
 
     Every entry is 0 when a uniform ``u <= P(0)``; the others, usually few, are drawn from NB given
-    ``X >= 1``: up the CDF from ``u`` where ``q <= 1/2``, by gamma-Poisson draws until one is not 0
-    elsewhere (entries that stay 0 for a few rounds walk the CDF too).
+    ``X >= 1``: up the CDF from ``u`` where ``q <= 1/2``, as the first non-zero of gamma-Poisson
+    tries elsewhere.
     """
     mu, theta = (t.detach().contiguous() for t in torch.broadcast_tensors(mu, theta))
     u = torch.rand(mu.shape, dtype=mu.dtype, device=mu.device)
@@ -33,9 +33,9 @@ def sample_nb(mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     at = torch.nonzero((u > zero).view(-1)).squeeze(1)  # the entries whose draw is not 0
     mu_at, theta_at, u_at = mu.view(-1)[at], theta.view(-1)[at], u.view(-1)[at].double()
     counts = torch.zeros_like(mu_at)
-    short = torch.nonzero(mu_at <= theta_at * (SHORT_TAIL / (1.0 - SHORT_TAIL))).squeeze(1)
+    is_short = mu_at <= theta_at * (SHORT_TAIL / (1.0 - SHORT_TAIL))  # q <= SHORT_TAIL
+    short, long = torch.nonzero(is_short).squeeze(1), torch.nonzero(~is_short).squeeze(1)
     counts[short] = _walk_cdf(u_at[short], mu_at[short].double(), theta_at[short].double()).to(mu.dtype)
-    long = torch.nonzero(mu_at > theta_at * (SHORT_TAIL / (1.0 - SHORT_TAIL))).squeeze(1)
     counts[long] = _not_zero(mu_at[long], theta_at[long])
     out.view(-1)[at] = counts
     return out

@@ -76,8 +76,8 @@ class ProgramPrior(nn.Module):
             raise ValueError(f"n_unannotated must be a non-negative integer, got {n_unannotated!r}.")
         if not 0.0 <= confidence < 1.0:
             raise ValueError(f"program_confidence must be in [0, 1), got {confidence!r} (1 would forbid any change).")
-        positive = {"global_scale": global_scale, "slab_scale": slab_scale, "slab_df": slab_df}
-        for name, value in {**positive, "unannotated_scale": unannotated_scale}.items():
+        scales = {"global_scale": global_scale, "slab_scale": slab_scale, "slab_df": slab_df}
+        for name, value in {**scales, "unannotated_scale": unannotated_scale}.items():
             if not value > 0:
                 raise ValueError(f"The program prior needs {name} > 0, got {value!r}.")
         self.n_programs, self.n_unannotated, self.confidence = mask.shape[1], int(n_unannotated), float(confidence)

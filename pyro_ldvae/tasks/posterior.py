@@ -153,7 +153,7 @@ def posterior_predictive_blocks(
     batch_size: int = 128,
     batch_codes: Sequence[int | None] = (None,),
 ) -> Iterator[torch.Tensor]:
-    """Counts drawn from the posterior predictive, one minibatch of cells at a time, each ``(cells, genes_selected, n_samples)``.
+    """Counts drawn from the posterior predictive, a minibatch of cells at a time: ``(cells, genes_selected, n_samples)``.
 
     Every cell is decoded into each of ``batch_codes`` (None: its own batch); with several codes
     the draws are averaged over them, as scvi-tools does, and are then no longer integers.
@@ -174,20 +174,6 @@ def posterior_predictive_blocks(
             per_code.append(torch.cat(parts, dim=0))
         draws = per_code[0] if len(per_code) == 1 else torch.stack(per_code).mean(0)
         yield draws.permute(1, 2, 0)
-
-
-def posterior_predictive(
-    module: LDVAE,
-    cells: CellData,
-    indices: np.ndarray,
-    n_samples: int = 1,
-    gene_mask: np.ndarray | slice = slice(None),
-    batch_size: int = 128,
-    batch_codes: Sequence[int | None] = (None,),
-) -> np.ndarray:
-    """Counts drawn from the posterior predictive, ``(n_samples, cells, genes_selected)``, dense."""
-    blocks = posterior_predictive_blocks(module, cells, indices, n_samples, gene_mask, batch_size, batch_codes)
-    return torch.cat(list(blocks), dim=0).permute(2, 0, 1).numpy()
 
 
 @torch.no_grad()
