@@ -10,8 +10,19 @@ from pyro_ldvae.kernels.nb_sampling import sample_nb
 
 N = 200_000
 # (mu, theta): short tails walked up the CDF (q <= 1/2), long tails by gamma-Poisson tries, the
-# boundary q = 1/2, a nearly Poisson law, rare non-zeros of a heavy tail, and mu = 0.
-CASES = [(0.5, 1.0), (1.0, 1.0), (3.0, 100.0), (1e-3, 5.0), (0.3, 0.05), (5.0, 0.3), (60.0, 2.0), (0.0, 1.0)]
+# boundary q = 1/2, a nearly Poisson law, rare non-zeros of a heavy tail, mu = 0, and a large
+# nearly Poisson mean (q < 1/2, P(0) underflows).
+CASES = [
+    (0.5, 1.0),
+    (1.0, 1.0),
+    (3.0, 100.0),
+    (1e-3, 5.0),
+    (0.3, 0.05),
+    (5.0, 0.3),
+    (60.0, 2.0),
+    (0.0, 1.0),
+    (3000.0, 1e4),
+]
 
 
 def nb_cdf(k_max: int, mu: float, theta: float) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 ``NB(mu, theta)`` has ``P(0) = (theta / (theta + mu))^theta`` and
 ``P(k + 1) = P(k) (k + theta) / (k + 1) q`` with ``q = mu / (theta + mu)``. Where ``q <= 1/2``
-(most entries of single-cell data: small means) the draw is the first ``k`` whose CDF reaches a
+and ``mu <= 16`` (most entries of single-cell data: small means) the draw is the first ``k`` whose CDF reaches a
 uniform ``u``: one ``log1p`` and one ``exp`` per entry, and a short walk up the CDF for the few
 entries that are not zero, since the probabilities fall at least geometrically (ratio ``q``).
 Elsewhere the draw is a Poisson of a gamma, as in ``torch.distributions`` (a gamma draw costs
@@ -16,6 +16,7 @@ import torch
 from .count_terms import EPS, MAX_RATE
 
 SHORT_TAIL = 0.5  # q at or below which a non-zero draw walks the CDF: P(X > k) <= q^k
+WALK_MEAN = 16.0  # and mu at most this: the walk is short, and P(0) >= exp(-mu) stays far from underflow
 MAX_STEPS = 2000  # the CDF walk's bound; at q <= 1/2 the probabilities underflow long before
 
 
@@ -33,9 +34,10 @@ def sample_nb(mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     at = torch.nonzero((u > zero).view(-1)).squeeze(1)  # the entries whose draw is not 0
     mu_at, theta_at, u_at = mu.view(-1)[at], theta.view(-1)[at], u.view(-1)[at].double()
     counts = torch.zeros_like(mu_at)
-    is_short = mu_at <= theta_at * (SHORT_TAIL / (1.0 - SHORT_TAIL))  # q <= SHORT_TAIL
-    short, long = torch.nonzero(is_short).squeeze(1), torch.nonzero(~is_short).squeeze(1)
+    is_short = (mu_at <= theta_at * (SHORT_TAIL / (1.0 - SHORT_TAIL))) & (mu_at <= WALK_MEAN)
+    short = torch.nonzero(is_short).squeeze(1)
     counts[short] = _walk_cdf(u_at[short], mu_at[short].double(), theta_at[short].double()).to(mu.dtype)
+    long = torch.cat([torch.nonzero(~is_short).squeeze(1), short[counts[short] < 1]])  # walks past MAX_STEPS too
     counts[long] = _not_zero(mu_at[long], theta_at[long])
     out.view(-1)[at] = counts
     return out
