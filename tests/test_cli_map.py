@@ -49,6 +49,7 @@ def test_map_with_new_factors_writes_novelty(tmp_path, capsys):
     _query(query_adata).write_h5ad(tmp_path / "query.h5ad")
     argv = ["map", str(tmp_path / "ref"), str(tmp_path / "query.h5ad"), "-o", str(tmp_path / "out.h5ad")]
     argv += ["--n-new-factors", "2", "--max-epochs", "2", "--batch-size", "64", "--save-model", str(tmp_path / "q")]
+    argv += ["--seed", "3"]
     assert main(argv) == 0, capsys.readouterr().err
     out = anndata.read_h5ad(tmp_path / "out.h5ad")
     assert out.obsm["X_ldvae"].shape == (query_adata.n_obs, N_LATENT + 2)
@@ -56,4 +57,5 @@ def test_map_with_new_factors_writes_novelty(tmp_path, capsys):
     np.testing.assert_array_equal(out.varm["ldvae_loadings"][:, :N_LATENT], reference.get_loadings().to_numpy())
     assert (out.obs["novelty"] >= 0).all()
     loaded = LinearSCVI.load(tmp_path / "q", out)
+    assert loaded.seed == 3
     np.testing.assert_array_equal(loaded.get_novelty(), out.obs["novelty"].to_numpy())

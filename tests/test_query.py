@@ -256,6 +256,23 @@ def test_new_factors_keep_the_reference_bit_identical(novel_reference):
     assert qm.get_novelty(per_factor=True).shape == (query_adata.n_obs, 2)
 
 
+def test_new_factors_initial_weights_follow_the_seed_and_leave_torch_alone(novel_reference):
+    model, query_adata = novel_reference
+
+    def initial(**kwargs):
+        qm = LinearSCVI.load_query_data(_query(query_adata), model, n_new_factors=2, **kwargs)
+        return qm.seed, {k: v.clone() for k, v in qm.module.state_dict().items()}
+
+    state = torch.random.get_rng_state()
+    (seed, first), (_, again) = initial(), initial()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert seed == model.seed
+    assert all(torch.equal(value, again[key]) for key, value in first.items())
+    other_seed, other = initial(seed=model.seed + 1)
+    assert other_seed == model.seed + 1
+    assert any(not torch.equal(value, other[key]) for key, value in first.items())
+
+
 def test_new_factors_save_load_round_trip(novel_reference, tmp_path):
     model, query_adata = novel_reference
     query = _query(query_adata)

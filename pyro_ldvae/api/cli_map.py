@@ -34,6 +34,8 @@ def add_subcommand(sub, cli: ModuleType) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file or model directory")
     training = parser.add_argument_group("training")
     cli._add_training_options(training)
+    training.add_argument("--seed", type=int, default=None,
+                          help="seed of the new factors' initial weights and of training (default: the reference's)")  # fmt: skip
     parser.set_defaults(run=functools.partial(run_map, cli=cli))
 
 
@@ -58,7 +60,7 @@ def run_map(args: argparse.Namespace, cli: ModuleType) -> int:
     LinearSCVI.prepare_query_anndata(adata, args.reference_dir, max_missing_fraction=args.max_missing_fraction)
     if args.n_new_factors < 0:
         raise cli.UserError(f"--n-new-factors must be >= 0, got {args.n_new_factors}")
-    model = LinearSCVI.load_query_data(adata, args.reference_dir, n_new_factors=args.n_new_factors)
+    model = LinearSCVI.load_query_data(adata, args.reference_dir, n_new_factors=args.n_new_factors, seed=args.seed)
     start = time.perf_counter()
     names = [name for name in TrainOptions.names() if hasattr(args, name)]
     model.train(

@@ -183,6 +183,7 @@ def load_query_data(
     new_factor_prior: NewFactorPrior = "ard",
     new_factor_prior_kwargs: dict | None = None,
     new_factor_encoder: NewFactorEncoderKind = "separate",
+    seed: int | None = None,
 ):
     """A ``cls`` model on the query ``adata``, extended to its new batches, ready to ``train()``.
 
@@ -224,6 +225,10 @@ def load_query_data(
         How the encoder gives the new factors: 'separate' (default: an encoder of their own,
         the reference's depth and width) or 'heads' (new output units on the reference
         encoder's fixed hidden layer). Either way the reference's encoder outputs are unchanged.
+    seed
+        The query model's seed: the new factors' initial weights, and by default ``train()``'s
+        split and minibatch order. Default: the reference's seed. Torch's global random state
+        is left as it was.
 
     Returns
     -------
@@ -258,7 +263,7 @@ def load_query_data(
     logger.info("Query batches new to the reference: %d %s", n_new, new_batches[:10])
     extended = dataclasses.replace(registry, batch_categories=registry.batch_categories + new_batches)
     adata.uns[SETUP_KEY] = extended.to_json()
-    model = cls(adata, seed=ref.seed, **ref.settings)
+    model = cls(adata, seed=ref.seed if seed is None else int(seed), **ref.settings)
     library = {}
     if not ref.settings.get("use_observed_lib_size", False):  # the query's own prior for its new batches
         library = dict(
@@ -282,7 +287,9 @@ def load_query_data(
 
 def _add_new_factors(model, spec: dict) -> None:
     """Give a frozen query ``model`` the new factors described by ``spec`` (kept in its settings)."""
-    add_new_factors(model.module, spec["n_new_factors"], spec["prior"], spec["prior_kwargs"], spec["encoder"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(model.seed)  # the new factors' initial weights depend on the seed only
+        add_new_factors(model.module, spec["n_new_factors"], spec["prior"], spec["prior_kwargs"], spec["encoder"])
     model.n_latent = model.module.n_latent
     model.init_params_["new_factors"] = spec
 

@@ -14,8 +14,9 @@ step's loss, gradients and batch-norm statistics bit for bit (``tests/test_trace
 on simulated data and on cbmc's counts).
 
 What the graph takes:
-- the parameters and the buffers; batch norm's running statistics are updated in place by the
-  graph, as by the eager step;
+- the trainable parameters, and the fixed tensors: the buffers and the frozen parameters
+  (``requires_grad=False``, as a query model's reference parts); batch norm's running statistics
+  are updated in place by the graph, as by the eager step;
 - the minibatch as plain tensors, its counts as ``SparseCounts`` (CSR and its transpose);
 - the KL warm-up weight, as a 0-dim float64 tensor (a weight of 0 has graphs of its own,
   which take None instead, see ``TracedTrainingStep``).
@@ -81,8 +82,9 @@ class TracedTrainingStep:
         self.module, self.n_obs, self.planned_steps = module, n_obs, planned_steps
         named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
         self.param_names, self.params = [n for n, _ in named], [p for _, p in named]
-        self.buffer_names = [name for name, _ in module.named_buffers()]
-        self.buffers = [b for _, b in module.named_buffers()]
+        # Inputs the graph reads but does not differentiate: buffers and frozen parameters.
+        fixed = list(module.named_buffers()) + [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
+        self.buffer_names, self.buffers = [n for n, _ in fixed], [b for _, b in fixed]
         self.elbo = _Elbo(module)
         # by (number of cells, z terms masked out: KL weight 0)
         self.graphs: dict[tuple[int, bool], torch.fx.GraphModule] = {}
@@ -122,7 +124,7 @@ class TracedTrainingStep:
         with torch.no_grad():
             loss, elbo_sum, grads = replay(self.params, self.buffers, data)
         for param, grad in zip(self.params, grads):
-            param.grad = grad
+            param.grad = _in_layout_of(param, grad)
         return loss, elbo_sum
 
     def _worth_recording(self, key: tuple[int, bool]) -> bool:
@@ -167,6 +169,18 @@ class TracedTrainingStep:
             replay.interpreter,
         )
         return replay
+
+
+def _in_layout_of(param: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor | None:
+    """``grad`` with ``param``'s strides, as autograd's accumulation gives it to the eager step.
+
+    Why: the graph's gradient of a parameter that is a slice of a larger weight (a query model's
+    new batch columns) can be a strided view; the fused Adam step reads it as if it had the
+    parameter's layout and takes a wrong step.
+    """
+    if grad is None or grad.stride() == param.stride():
+        return grad
+    return torch.empty_like(param).copy_(grad)
 
 
 def record(fn, params: list, buffers: list, data: tuple, counts: SparseCounts) -> torch.fx.GraphModule:
