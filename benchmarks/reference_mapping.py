@@ -5,9 +5,13 @@ Parts (``--parts``, default all):
 - ``real``: per dataset, a reference is trained on its reference cells, the query is mapped onto
   it (``load_query_data``, frozen reference) and, for comparison, a model is trained on reference
   plus query together. A kNN classifier (k=15) fitted on the reference cells' latent
-  representation labels the query cells; accuracy is reported for the mapped query and for the
-  joint model, with both training times (same epochs), and whether the reference's loadings and
-  latent representation are bit-identical after mapping.
+  representation labels the query cells; accuracy is reported for the mapped query, for a
+  mapped query whose encoders adapt too (``train_encoder=True``; the classifier is then fitted
+  on that model's representation of the reference cells) and for the joint model, with their
+  most frequent confusions. Also: the training times of mapping and joint model (same epochs),
+  the epoch from which each one's validation ELBO (averaged over 5 epochs) stays within 1% of
+  its final level (the mean of its last 10 epochs), the time the mapping had taken by then, and
+  whether the reference's loadings and latent representation are bit-identical after mapping.
   ``pancreas``: Baron et al., four donors, 2,000 highly variable genes of the reference;
   reference on three donors, query the fourth (``--pancreas-donors``).
   ``kang``: Kang et al. PBMC, reference on the control samples, query the stimulated ones.
@@ -16,8 +20,10 @@ Parts (``--parts``, default all):
   lacks, mapped with ``n_new_factors=3`` (active new factors, AUPRC of the program's genes
   against the active factor's |loadings|, novelty AUROC of the cells that express it), and a
   query with nothing new (active new factors).
-- ``kang-novelty``: Kang mapped with ``n_new_factors=3``: novelty AUROC of stimulated against
-  control cells within each cell type, the top genes of the strongest new factor.
+- ``kang-novelty``: Kang mapped with ``n_new_factors=3`` onto a reference trained on the control
+  cells for ``--epochs`` epochs (KL warm-up: the default, or ``--kang-ref-warmup`` epochs):
+  novelty AUROC of stimulated against control cells within each cell type, the top genes of the
+  strongest new factor.
 
 Results are appended to ``--out`` (JSON lines) as each one is measured.
 
@@ -27,6 +33,7 @@ Results are appended to ``--out`` (JSON lines) as each one is measured.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import time
 
@@ -49,15 +56,46 @@ def record(args, **row) -> None:
         handle.write(json.dumps(row) + "\n")
 
 
-def timed_train(model, epochs: int, args) -> float:
+class EpochClock:
+    """A training callback: the wall-clock time at the end of each epoch."""
+
+    def __init__(self):
+        self.start, self.ends = time.perf_counter(), []
+
+    def on_epoch_end(self, module, epoch, history) -> None:
+        self.ends.append(time.perf_counter() - self.start)
+
+
+def timed_train(model, epochs: int, args, clock: EpochClock | None = None) -> float:
     start = time.perf_counter()
-    model.train(max_epochs=epochs, batch_size=128, progress_bar=False, plan_kwargs=args.plan_kwargs)
+    if clock is not None:
+        clock.start = start
+    model.train(max_epochs=epochs, batch_size=128, progress_bar=False, plan_kwargs=args.plan_kwargs,
+                callbacks=[clock] if clock is not None else None)  # fmt: skip
     return time.perf_counter() - start
 
 
-def knn_accuracy(ref_latent, ref_labels, query_latent, query_labels) -> float:
-    knn = KNeighborsClassifier(n_neighbors=15).fit(ref_latent, ref_labels)
-    return float((knn.predict(query_latent) == np.asarray(query_labels)).mean())
+def settled(model, clock: EpochClock, tolerance: float = 0.01, window: int = 5) -> tuple[int | None, float | None]:
+    """The epoch (1-based) from which the validation ELBO, averaged over the last ``window`` epochs
+    (a query's few validation cells make single epochs noisy), stays within ``tolerance`` of its
+    final level (the mean of the last 10 epochs), and the seconds training had taken by the end of
+    that epoch; None if even the last epoch is further away."""
+    elbo = model.history["elbo_validation"].to_numpy().ravel()
+    smooth = np.array([elbo[max(0, i + 1 - window) : i + 1].mean() for i in range(len(elbo))])
+    final = elbo[-10:].mean()
+    within = np.abs(smooth - final) <= tolerance * abs(final)
+    epoch = next((i for i in range(len(elbo)) if within[i:].all()), None)
+    return (None, None) if epoch is None else (epoch + 1, clock.ends[epoch])
+
+
+def knn_labels(ref_latent, ref_labels, query_latent) -> np.ndarray:
+    return KNeighborsClassifier(n_neighbors=15).fit(ref_latent, ref_labels).predict(query_latent)
+
+
+def confusions(true, predicted, n: int = 4) -> list[str]:
+    """The ``n`` most frequent wrong labels, as 'true > predicted: count'."""
+    wrong = collections.Counter((t, p) for t, p in zip(np.asarray(true), predicted) if t != p)
+    return [f"{t} > {p}: {count}" for (t, p), count in wrong.most_common(n)]
 
 
 def map_and_compare(name: str, ref: anndata.AnnData, query: anndata.AnnData, batch_key: str, label_key: str, args):
@@ -67,24 +105,42 @@ def map_and_compare(name: str, ref: anndata.AnnData, query: anndata.AnnData, bat
     ref_seconds = timed_train(reference, args.epochs, args)
     loadings, latent = reference.get_loadings(), reference.get_latent_representation()
     mapped = LinearSCVI.load_query_data(query, reference)
-    map_seconds = timed_train(mapped, args.epochs, args)
+    map_clock = EpochClock()
+    map_seconds = timed_train(mapped, args.epochs, args, map_clock)
     identical = bool(
         mapped.get_loadings().equals(loadings) and np.array_equal(mapped.get_latent_representation(ref), latent)
     )
-    acc_map = knn_accuracy(latent, ref.obs[label_key], mapped.get_latent_representation(), query.obs[label_key])
+    labels_map = knn_labels(latent, ref.obs[label_key], mapped.get_latent_representation())
+    # the encoders adapt too: the reference cells' factors move, so the classifier is fitted on
+    # the query model's representation of them
+    adapted = LinearSCVI.load_query_data(query.copy(), reference, train_encoder=True)
+    timed_train(adapted, args.epochs, args)
+    labels_adapted = knn_labels(
+        adapted.get_latent_representation(ref), ref.obs[label_key], adapted.get_latent_representation()
+    )
     both = anndata.concat([ref, query])
     both.uns.pop("_pyro_ldvae_setup", None)
     LinearSCVI.setup_anndata(both, batch_key=batch_key)
     joint = LinearSCVI(both, n_latent=args.n_latent, seed=0)
-    joint_seconds = timed_train(joint, args.epochs, args)
+    joint_clock = EpochClock()
+    joint_seconds = timed_train(joint, args.epochs, args, joint_clock)
     joint_latent = joint.get_latent_representation()
     is_ref = np.r_[np.ones(ref.n_obs, bool), np.zeros(query.n_obs, bool)]
-    acc_joint = knn_accuracy(joint_latent[is_ref], ref.obs[label_key], joint_latent[~is_ref], query.obs[label_key])
+    labels_joint = knn_labels(joint_latent[is_ref], ref.obs[label_key], joint_latent[~is_ref])
+    truth = query.obs[label_key].to_numpy()
+    map_settled, map_settled_seconds = settled(mapped, map_clock)
+    joint_settled, _ = settled(joint, joint_clock)
     record(
         args, part="real", dataset=name, n_ref=ref.n_obs, n_query=query.n_obs, epochs=args.epochs,
-        accuracy_mapped=round(acc_map, 4), accuracy_joint=round(acc_joint, 4),
+        accuracy_mapped=round(float((labels_map == truth).mean()), 4),
+        accuracy_joint=round(float((labels_joint == truth).mean()), 4),
+        accuracy_mapped_train_encoder=round(float((labels_adapted == truth).mean()), 4),
+        confusions_mapped=confusions(truth, labels_map), confusions_joint=confusions(truth, labels_joint),
+        confusions_mapped_train_encoder=confusions(truth, labels_adapted),
         seconds_reference=round(ref_seconds, 1), seconds_map=round(map_seconds, 1),
         seconds_joint=round(joint_seconds, 1), speedup=round(joint_seconds / map_seconds, 2),
+        map_settled_epoch=map_settled, seconds_map_settled=round(map_settled_seconds, 1),
+        joint_settled_epoch=joint_settled, speedup_settled=round(joint_seconds / map_settled_seconds, 2) if map_settled_seconds else None,
         reference_bit_identical=identical,
     )  # fmt: skip
 
@@ -156,7 +212,9 @@ def part_discovery(args) -> None:
 
 def part_kang_novelty(args) -> None:
     adata = kang()
-    _, mapped = fit_new_factors(adata[adata.obs["group_id"] == "ctrl"].copy(), adata, "sample_id", args)
+    ref_epochs = None if args.kang_ref_warmup is None else args.epochs  # None: timed, the default warm-up
+    _, mapped = fit_new_factors(adata[adata.obs["group_id"] == "ctrl"].copy(), adata, "sample_id", args,
+                                ref_epochs=ref_epochs, ref_warmup=args.kang_ref_warmup)  # fmt: skip
     novelty = mapped.get_novelty()
     activity = mapped.get_new_factor_activity()
     strongest = activity["relative"].idxmax()
@@ -165,7 +223,7 @@ def part_kang_novelty(args) -> None:
         rows = adata.obs_names.get_indexer(frame.index)
         aurocs[cell_type] = round(float(roc_auc_score(frame["group_id"] == "stim", novelty[rows])), 4)
     top = mapped.get_loadings()[strongest].sort_values(ascending=False)
-    record(args, part="kang-novelty", relative=activity["relative"].round(3).tolist(), auroc_by_type=aurocs,
+    record(args, part="kang-novelty", ref_epochs=args.epochs, ref_warmup=args.kang_ref_warmup, relative=activity["relative"].round(3).tolist(), auroc_by_type=aurocs,
            top_genes=list(top.index[:15]))  # fmt: skip
 
 
@@ -182,6 +240,8 @@ def main(argv=None) -> None:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--sim-ref-epochs", type=int, default=300, help="epochs of the simulated reference")
     parser.add_argument("--sim-ref-warmup", type=int, default=150, help="its KL warm-up epochs (0: none)")
+    parser.add_argument("--kang-ref-warmup", type=int, default=None,
+                        help="KL warm-up epochs of the Kang reference (0: none; default: the model's default)")  # fmt: skip
     parser.add_argument("--encoder", default="separate", choices=["heads", "separate"])
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)

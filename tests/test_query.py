@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pyro_ldvae import LinearSCVI, simulate
+from pyro_ldvae.infer.plan import TrainingPlan, global_rate_parameters, make_optimizer
 
 N_LATENT = 3
 
@@ -85,6 +86,11 @@ def test_new_batch_columns_and_library_prior(reference):
     assert means[2].item() == pytest.approx(log_totals[in_b2].mean(), rel=1e-5)
     trainable = sorted(n for n, p in qm.module.named_parameters() if p.requires_grad)
     assert trainable == ["decoder.factor_regressor.linear.new", "theta_parts.new"]
+    # per-gene parameters of the new batches: they learn at the plan's global_lr
+    fast = {id(p) for p in global_rate_parameters(qm.module)}
+    assert fast == {id(qm.module.decoder.factor_regressor.linear.new), id(qm.module.theta_parts.new)}
+    groups = make_optimizer(qm.module, TrainingPlan()).param_groups
+    assert [group["lr"] for group in groups if {id(p) for p in group["params"]} == fast] == [TrainingPlan().global_lr]
 
 
 def test_training_keeps_reference_bit_identical(reference):

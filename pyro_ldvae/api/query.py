@@ -200,7 +200,9 @@ def load_query_data(
     freeze_loadings
         Fix everything the reference learned (loadings, reference batch columns and theta rows,
         encoders, batch-norm statistics, library prior of reference batches); only the new
-        batches' decoder columns (and 'gene-batch' theta rows) train. ``False`` trains all.
+        batches' decoder columns (and 'gene-batch' theta rows) train, at the plan's
+        ``global_lr`` (``plan_kwargs={"global_lr": ...}``; they are per-gene parameters shared by
+        a batch's cells). ``False`` trains all.
     new_batch_init
         'mean' (default): a new batch's decoder columns start at the mean of the reference's batch
         columns, which without a decoder bias hold the genes' intercepts; 'zero' starts them at 0.
@@ -216,8 +218,7 @@ def load_query_data(
         misfit of a reference that has not converged, see the reference-mapping guide); they are the last columns of
         ``get_loadings()`` (``new_0``, ...), read with ``get_new_factor_activity()`` and
         ``get_novelty()``. The reference's factors stay fixed; the query model's copy of the
-        library encoder trains, and the new batches' columns learn at the plan's ``global_lr``
-        (the library is not part of the reference's outputs; see the reference-mapping guide).
+        library encoder trains (the library is not part of the reference's outputs; see the reference-mapping guide).
     new_factor_prior, new_factor_prior_kwargs
         The prior of ``W_new``: 'ard' (:class:`~pyro_ldvae.priors.ARD`, default) or 'horseshoe'
         (:class:`~pyro_ldvae.priors.Horseshoe`), with the class's keyword arguments.

@@ -131,8 +131,8 @@ class TrainingPlan:
 def global_rate_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters that learn at ``plan.global_lr``: the global guide's, and any the module names.
 
-    A module may list more with a ``global_rate_parameters()`` method (a query model with new
-    factors names its new batches' decoder columns, which must keep pace with the new factors).
+    A module may list more with a ``global_rate_parameters()`` method (a query model names its
+    new batches' decoder columns and theta rows, per-gene parameters like the loadings).
     """
     named = getattr(module, "global_rate_parameters", None)
     if named is not None:

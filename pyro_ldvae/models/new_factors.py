@@ -123,14 +123,13 @@ class NewFactorsMixin:
         return logits + decoder_input[:, n_ref : n_ref + n_new] @ loadings[:, n_ref:].T
 
     def global_rate_parameters(self) -> list[nn.Parameter]:
-        """Parameters that learn at the plan's ``global_lr``: the guide of ``W_new`` and the new batches' columns.
+        """Parameters that learn at the plan's ``global_lr``: the guide of ``W_new``, the new batches' columns and theta rows.
 
         The new batches' decoder columns hold the query's per-gene offset; learning more slowly
         than ``W_new``, they would leave that offset for a new factor to absorb (a factor whose
         ``z`` is the same in every cell, on in every query).
         """
-        columns = [head.linear.new for name in HEADS if (head := getattr(self.decoder, name, None)) is not None]
-        return list(self.global_guide.parameters()) + columns
+        return list(self.global_guide.parameters()) + super().global_rate_parameters()
 
     @torch.no_grad()
     def get_loadings(self, return_std: bool = False, num_samples: int = 500):

@@ -161,8 +161,24 @@ class ExtendedTheta(nn.Module):
         pass  # loaded by the owning QueryLDVAE
 
 
-class QueryLDVAE(LDVAE):
-    """An :class:`LDVAE` whose 'gene-batch' theta has fixed reference rows (see :class:`ExtendedTheta`)."""
+class FrozenReferenceMixin:
+    """What a module changed by :func:`freeze_reference` adds: its parameters that learn faster."""
+
+    def global_rate_parameters(self) -> list[nn.Parameter]:
+        """Parameters that learn at the plan's ``global_lr``: the new batches' decoder columns and theta rows.
+
+        They are per-gene offsets and dispersions shared by all of a batch's cells, global
+        parameters; at the encoder's rate (1e-3) they were still moving after 400 epochs on a
+        pancreas donor, at ``global_lr`` they settle within 50 (``benchmarks/README.md``,
+        "Reference mapping").
+        """
+        columns = [head.linear.new for name in HEADS if (head := getattr(self.decoder, name, None)) is not None]
+        theta = getattr(self, "theta_parts", None)
+        return columns + ([theta.new] if theta is not None else [])
+
+
+class QueryLDVAE(FrozenReferenceMixin, LDVAE):
+    """A frozen query :class:`LDVAE` whose 'gene-batch' theta has fixed reference rows (see :class:`ExtendedTheta`)."""
 
     @property
     def theta(self) -> torch.Tensor:
@@ -186,6 +202,18 @@ class QueryLDVAE(LDVAE):
         with torch.no_grad():
             self.theta_parts.fixed.copy_(value[:n_ref])
             self.theta_parts.new.copy_(value[n_ref:])
+
+
+_FROZEN: dict[type, type] = {}
+
+
+def _with_frozen_reference(module: LDVAE) -> None:
+    """``module`` with :class:`FrozenReferenceMixin` mixed into its class (changed in place)."""
+    cls = type(module)
+    if not isinstance(module, FrozenReferenceMixin):
+        if cls not in _FROZEN:
+            _FROZEN[cls] = type(f"FrozenReference{cls.__name__}", (FrozenReferenceMixin, cls), {})
+        module.__class__ = _FROZEN[cls]
 
 
 _EVAL_LOCKED: dict[type, type] = {}
@@ -228,6 +256,8 @@ def freeze_reference(module: LDVAE, n_ref_batch: int, n_new_batch: int, train_en
     scale the model is evaluated on (a minibatch's own mean would cancel a batch's constant
     offset), and the loadings and the encoders' outputs stay the reference's.
     ``train_encoder=True`` lets the encoders (weights and batch-norm statistics) adapt.
+    The new columns and theta rows learn at the plan's ``global_lr``
+    (:meth:`FrozenReferenceMixin.global_rate_parameters`).
     """
     if module.z_prior is not None:
         raise ValueError("Query mapping supports models without a z_prior.")
@@ -244,6 +274,7 @@ def freeze_reference(module: LDVAE, n_ref_batch: int, n_new_batch: int, train_en
         del module.theta
         module.__class__ = QueryLDVAE
         module.theta_parts = ExtendedTheta(unconstrained, n_ref_batch)
+    _with_frozen_reference(module)
     for layer in module.decoder.modules():
         if isinstance(layer, nn.BatchNorm1d):
             eval_locked(layer)
