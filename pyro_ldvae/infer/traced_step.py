@@ -124,7 +124,7 @@ class TracedTrainingStep:
         with torch.no_grad():
             loss, elbo_sum, grads = replay(self.params, self.buffers, data)
         for param, grad in zip(self.params, grads):
-            param.grad = _in_layout_of(param, grad)
+            param.grad = grad
         return loss, elbo_sum
 
     def _worth_recording(self, key: tuple[int, bool]) -> bool:
@@ -146,7 +146,7 @@ class TracedTrainingStep:
         # None for a parameter the step does not use (theta under a Poisson likelihood), as
         # backward() leaves its .grad: Adam then skips it, weight decay included.
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        return loss.detach(), per_cell.detach().sum(), grads
+        return loss.detach(), per_cell.detach().sum(), [_in_layout_of(p, g) for p, g in zip(params, grads)]
 
     def _record(self, counts: SparseCounts, data: tuple, key: tuple[int, bool]) -> Callable | None:
         try:
@@ -174,9 +174,10 @@ class TracedTrainingStep:
 def _in_layout_of(param: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor | None:
     """``grad`` with ``param``'s strides, as autograd's accumulation gives it to the eager step.
 
-    Why: the graph's gradient of a parameter that is a slice of a larger weight (a query model's
-    new batch columns) can be a strided view; the fused Adam step reads it as if it had the
-    parameter's layout and takes a wrong step.
+    Why: the gradient of a parameter that is a slice of a larger weight (a query model's new
+    batch columns) can be a strided view; the fused Adam step reads it as if it had the
+    parameter's layout and takes a wrong step. Called while recording, so the copy, where one
+    is needed, is an op of the graph and the replay pays nothing for the check.
     """
     if grad is None or grad.stride() == param.stride():
         return grad

@@ -37,7 +37,7 @@ from torch import nn
 from .ldvae import LDVAE, _local_params, _pyro_method
 from .nn import VAR_EPS, Encoder
 from .priors import ARD, GlobalNormalGuide, Horseshoe
-from .query import HEADS, ExtendedLinear, eval_unlocked
+from .query import HEADS, ExtendedLinear, eval_unlocked, mix_into
 
 NewFactorPrior = Literal["ard", "horseshoe"]
 NewFactorEncoderKind = Literal["heads", "separate"]
@@ -145,16 +145,9 @@ class NewFactorsMixin:
         return mean, std
 
 
-_CLASSES: dict[type, type] = {}
-
-
 def with_new_factors(module: LDVAE) -> LDVAE:
     """``module`` with :class:`NewFactorsMixin` mixed into its class (changed in place)."""
-    cls = type(module)
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"NewFactors{cls.__name__}", (NewFactorsMixin, cls), {})
-    module.__class__ = _CLASSES[cls]
-    return module
+    return mix_into(module, NewFactorsMixin)
 
 
 def resolve_new_factor_prior(prior: NewFactorPrior, kwargs: dict | None = None):

@@ -169,7 +169,7 @@ class FrozenReferenceMixin:
 
         They are per-gene offsets and dispersions shared by all of a batch's cells, global
         parameters; at the encoder's rate (1e-3) they were still moving after 400 epochs on a
-        pancreas donor, at ``global_lr`` they settle within 50 (``benchmarks/README.md``,
+        pancreas donor, at ``global_lr`` they settle within 14-25 (``benchmarks/README.md``,
         "Reference mapping").
         """
         columns = [head.linear.new for name in HEADS if (head := getattr(self.decoder, name, None)) is not None]
@@ -204,16 +204,20 @@ class QueryLDVAE(FrozenReferenceMixin, LDVAE):
             self.theta_parts.new.copy_(value[n_ref:])
 
 
-_FROZEN: dict[type, type] = {}
+_MIXED: dict[tuple[type, type], type] = {}
 
 
-def _with_frozen_reference(module: LDVAE) -> None:
-    """``module`` with :class:`FrozenReferenceMixin` mixed into its class (changed in place)."""
+def mix_into(module: nn.Module, mixin: type) -> nn.Module:
+    """``module`` (changed in place) with ``mixin`` put before its class; the state dict does not change.
+
+    One class per (mixin, class) pair, named after both, so that modules changed alike share it.
+    """
     cls = type(module)
-    if not isinstance(module, FrozenReferenceMixin):
-        if cls not in _FROZEN:
-            _FROZEN[cls] = type(f"FrozenReference{cls.__name__}", (FrozenReferenceMixin, cls), {})
-        module.__class__ = _FROZEN[cls]
+    if not isinstance(module, mixin):
+        if (mixin, cls) not in _MIXED:
+            _MIXED[mixin, cls] = type(f"{mixin.__name__.removesuffix('Mixin')}{cls.__name__}", (mixin, cls), {})
+        module.__class__ = _MIXED[mixin, cls]
+    return module
 
 
 _EVAL_LOCKED: dict[type, type] = {}
@@ -274,7 +278,7 @@ def freeze_reference(module: LDVAE, n_ref_batch: int, n_new_batch: int, train_en
         del module.theta
         module.__class__ = QueryLDVAE
         module.theta_parts = ExtendedTheta(unconstrained, n_ref_batch)
-    _with_frozen_reference(module)
+    mix_into(module, FrozenReferenceMixin)
     for layer in module.decoder.modules():
         if isinstance(layer, nn.BatchNorm1d):
             eval_locked(layer)
